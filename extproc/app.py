@@ -1,0 +1,96 @@
+"""Wiring: build the store, the engine and the gRPC server; run the reaper and
+the policy reloader. The only module (with cli.py) that picks a concrete store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
+
+from .engine.budget import Engine
+from .policy.loader import PolicyHolder
+from .server.ext_proc import ExternalProcessor
+from .server.session import Services
+from .stores.base import Store
+from .tokenizers import get_encoding
+
+log = logging.getLogger("extproc")
+
+DEFAULT_STORE = "sqlite:///var/lib/extproc/budget.db"
+
+
+def open_store(url: str) -> Store:
+    """`sqlite:///abs/path.db`, `sqlite:relative.db`, `redis://…`, `redis+cluster://…`."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .stores.redis_store import RedisStore
+
+        return RedisStore(url)
+    if url.startswith("redis+cluster://"):
+        from .stores.redis_store import RedisStore
+
+        return RedisStore("redis://" + url[len("redis+cluster://"):], cluster=True)
+    if url.startswith("sqlite:"):
+        from .stores.embedded import EmbeddedStore
+
+        path = url[len("sqlite:"):]
+        if path.startswith("///"):
+            path = path[2:]
+        return EmbeddedStore(path)
+    raise ValueError(f"unknown store URL {url!r}: use sqlite:PATH, redis://HOST:PORT or redis+cluster://HOST:PORT")
+
+
+async def _reaper(engine: Engine, interval: float) -> None:
+    """Expire reservations whose owner vanished (DESIGN.md lifecycle step 6)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            n = await engine.expire()
+            if n:
+                log.warning("expired %d reservation(s) past their TTL at the reserved amount", n)
+        except Exception as e:  # the store may be down; try again next tick
+            log.error("reaper: %s", e)
+
+
+async def _watch_policy(holder: PolicyHolder, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        if holder.changed_on_disk():
+            holder.reload()
+
+
+async def serve(policy_path: str | Path, store_url: str, grpc_addr: str, *, reap_interval: float = 1.0) -> None:
+    holder = PolicyHolder.from_file(policy_path)
+    for enc in {m.encoding for m in holder.current.prices.models.values()}:
+        get_encoding(enc)  # load BPE ranks now, not on the first request
+    store = open_store(store_url)
+    engine = Engine(store)
+    services = Services(holder, engine)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    epg.add_ExternalProcessorServicer_to_server(ExternalProcessor(services), server)
+    bound = server.add_insecure_port(grpc_addr)
+    if not grpc_addr.startswith("unix:") and bound == 0:
+        raise OSError(f"cannot bind gRPC address {grpc_addr}")
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, holder.reload)
+    tasks = [
+        asyncio.create_task(_reaper(engine, reap_interval)),
+        asyncio.create_task(_watch_policy(holder, 1.0)),
+    ]
+    log.info("extproc serving ext_proc on %s (store %s, policy %s)", grpc_addr, store_url, policy_path)
+    print(f"extproc listening {grpc_addr}", flush=True)
+    await stop.wait()
+    await server.stop(grace=5)
+    for t in tasks:
+        t.cancel()
+    if services.background:
+        await asyncio.wait(services.background, timeout=5)
+    await store.close()

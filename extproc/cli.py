@@ -1,0 +1,137 @@
+"""Command line: `extproc serve | stack | mock-backend | policy check`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+
+DEFAULT_STORE = "sqlite:var/budget.db"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import serve
+
+    try:
+        import uvloop  # type: ignore[import-not-found]
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(args.policy, args.store, args.grpc))
+    return 0
+
+
+def _mock_backend(args: argparse.Namespace) -> int:
+    from .mock_backend import MockConfig, run
+
+    run(args.host, args.port, MockConfig(token_delay_ms=args.token_delay_ms, name=args.name, gpus=args.gpus, tdp_watts=args.tdp_watts))
+    return 0
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from .stack import Stack
+
+    stack = Stack(policy=args.policy, port=args.port, store=args.store, token_delay_ms=args.token_delay_ms, quiet=not args.verbose)
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    stack.start()
+    print(f"ready {stack.url}", flush=True)
+    try:
+        while not stop:
+            for name, proc in stack.procs:
+                if proc.poll() is not None:
+                    print(f"{name} exited with {proc.returncode}; stopping (logs in {stack.workdir})", file=sys.stderr)
+                    stop = True
+            time.sleep(0.2)
+    finally:
+        stack.stop()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.policy)
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from .errors import PolicyError
+    from .policy.loader import load_policy
+
+    status = 0
+    for path in args.files:
+        try:
+            p = load_policy(path)
+        except PolicyError as e:
+            print(e, file=sys.stderr)
+            status = 1
+        else:
+            print(f"{path}: ok ({len(p.prices.models)} models, {len(p.keys)} keys, {len(p.budgets)} budgets)")
+    return status
+
+
+def _policy_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from .policy.model import Policy
+
+    print(json.dumps(Policy.model_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="extproc", description="Budget enforcement for LLM traffic behind Envoy ext_proc.")
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the ext_proc gRPC service")
+    s.add_argument("--policy", required=True, help="policy YAML file")
+    s.add_argument("--store", default=DEFAULT_STORE, help="sqlite:PATH (default %(default)s), redis://HOST:PORT, redis+cluster://HOST:PORT")
+    s.add_argument("--grpc", default="127.0.0.1:50051", help="host:port or unix:/path (default %(default)s)")
+    s.set_defaults(fn=_serve)
+
+    m = sub.add_parser("mock-backend", help="run the mock GPU inference backend (OpenAI + Anthropic APIs)")
+    m.add_argument("--port", type=int, default=8000)
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--name", default="mock")
+    m.add_argument("--token-delay-ms", type=float, default=0.0)
+    m.add_argument("--gpus", type=int, default=1)
+    m.add_argument("--tdp-watts", type=float, default=700.0)
+    m.set_defaults(fn=_mock_backend)
+
+    st = sub.add_parser("stack", help="run mock backend + service + Envoy locally until SIGINT/SIGTERM")
+    st.add_argument("--policy", required=True)
+    st.add_argument("--port", type=int, default=10000)
+    st.add_argument("--store", default=None, help="default: a fresh sqlite file in a temp dir")
+    st.add_argument("--token-delay-ms", type=float, default=5.0)
+    st.add_argument("--verbose", action="store_true", help="show the children's logs")
+    st.set_defaults(fn=_stack)
+
+    d = sub.add_parser("demo", help="start the local stack and narrate a budget scenario")
+    d.add_argument("--policy", default="policies/demo.yaml")
+    d.set_defaults(fn=_demo)
+
+    pol = sub.add_parser("policy", help="policy tools")
+    psub = pol.add_subparsers(dest="policy_command", required=True)
+    c = psub.add_parser("check", help="validate policy files and print precise errors")
+    c.add_argument("files", nargs="+")
+    c.set_defaults(fn=_policy_check)
+    sc = psub.add_parser("schema", help="print the policy JSON Schema (for editors)")
+    sc.set_defaults(fn=_policy_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return int(args.fn(args) or 0)

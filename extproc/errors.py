@@ -1,0 +1,60 @@
+"""Exception tree. Who was wrong decides the HTTP status and the envelope.
+
+    ExtprocError
+    ├── ClientError            the caller sent something we refuse (4xx)
+    │   ├── BadRequest         malformed JSON, bad fields, oversized body (400/413)
+    │   ├── Unauthenticated    missing or unknown API key (401)
+    │   └── UnknownModel       no price for the model and no override (400)
+    ├── UpstreamError          the backend sent something unparseable (never the client's fault)
+    ├── PolicyError            a policy file is invalid (raised at load, never per request)
+    └── StoreUnavailable       the budget store cannot be reached (503, fail closed)
+"""
+
+from __future__ import annotations
+
+
+class ExtprocError(Exception):
+    """Base of every error extproc raises on purpose."""
+
+
+class ClientError(ExtprocError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class BadRequest(ClientError):
+    pass
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class Unauthenticated(ClientError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class UnknownModel(ClientError):
+    status = 400
+    code = "model_not_priced"
+
+
+class UpstreamError(ExtprocError):
+    """The backend's response could not be parsed (distinct from a bad request)."""
+
+
+class PolicyError(ExtprocError):
+    """A policy file failed validation; the message lists every problem."""
+
+
+class StoreUnavailable(ExtprocError):
+    """The budget store did not answer; callers fail closed unless policy says fail_open."""

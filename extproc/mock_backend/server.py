@@ -1,0 +1,69 @@
+"""Running the mock backend on a real socket: in a loop (``serve``) or as a process (``run``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+
+from aiohttp import web
+
+from ..tokenizers import get_encoding
+from .app import make_app
+from .config import MockConfig
+
+
+async def _start(host: str, port: int, config: MockConfig) -> tuple[web.AppRunner, int]:
+    get_encoding("o200k_base")  # load the BPE ranks before the first request, not during it
+    runner = web.AppRunner(make_app(config), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = port
+    server = getattr(site, "_server", None)
+    if server is not None and server.sockets:
+        bound = server.sockets[0].getsockname()[1]
+    return runner, bound
+
+
+async def serve(
+    host: str, port: int, config: MockConfig, *, started: asyncio.Future[int] | None = None
+) -> None:
+    """Serve until cancelled. ``started``, if given, receives the bound port (useful with port 0)."""
+    runner, bound = await _start(host, port, config)
+    try:
+        if started is not None and not started.done():
+            started.set_result(bound)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def run(host: str, port: int, config: MockConfig) -> None:
+    """Blocking entry point for ``extproc mock-backend``: one log line, clean exit on SIGINT/SIGTERM."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        runner, bound = await _start(host, port, config)
+        try:
+            print(
+                f"mock-backend {config.name!r} listening on http://{host}:{bound} "
+                f"(token_delay_ms={config.token_delay_ms:g}, gpus={config.gpus})",
+                file=sys.stderr,
+                flush=True,
+            )
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

@@ -1,0 +1,189 @@
+"""The policy schema. One validated shape; every field has a named default.
+
+Money is written as decimal strings ("5.00" USD, prices in USD per 1M tokens)
+and converted to integer nano-USD here, once, at load time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from decimal import Decimal
+from functools import cached_property
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..money import Price, usd_to_nano
+from ..stores.base import Mode
+
+MAX_EXACT = 2**53 - 1  # counters stay exact in Redis Lua below this
+Dimension = Literal["cost", "input_tokens", "output_tokens", "total_tokens", "requests", "concurrency", "duration"]
+Encoding = Literal["o200k_base", "cl100k_base"]
+_DECIMAL = re.compile(r"^\d+(\.\d+)?$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _decimal_str(v: object) -> str:
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise ValueError("write money as a decimal string such as \"2.50\" (floats are not exact)")
+    s = str(v)
+    if not _DECIMAL.match(s):
+        raise ValueError(f"{s!r} is not a non-negative decimal number")
+    return s
+
+
+class Capabilities(_Frozen):
+    tools: bool = True
+    vision: bool = False
+    json_mode: bool = True
+
+
+class ModelSpec(_Frozen):
+    """One model's price (USD per 1M tokens) and what it can do."""
+
+    input: str
+    output: str
+    cached_input: str | None = None
+    cache_write: str | None = None
+    output_limit: int = Field(4096, gt=0, le=10_000_000)
+    context_window: int = Field(128_000, gt=0, le=100_000_000)
+    encoding: Encoding = "o200k_base"
+    token_safety_factor: Decimal = Field(Decimal("1.0"), ge=1, le=10, description="multiplies input estimates for non-OpenAI tokenizers")
+    capabilities: Capabilities = Capabilities()
+    downshift_to: tuple[str, ...] = ()
+
+    _money = field_validator("input", "output", "cached_input", "cache_write", mode="before")(
+        lambda cls, v: None if v is None else _decimal_str(v)
+    )
+
+    @cached_property
+    def price(self) -> Price:
+        return Price.per_million(self.input, self.output, self.cached_input, self.cache_write)
+
+
+class PriceTable(_Frozen):
+    version: str = "unversioned"
+    models: dict[str, ModelSpec]
+
+
+class KeySpec(_Frozen):
+    """An API key, stored as the sha256 of the key, never the key itself."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    principal: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._@:-]+$")
+    team: str | None = Field(None, pattern=r"^[A-Za-z0-9._@:-]+$")
+    org: str | None = Field(None, pattern=r"^[A-Za-z0-9._@:-]+$")
+    user: str | None = Field(None, pattern=r"^[A-Za-z0-9._@:-]+$")
+    labels: dict[str, str] = {}
+
+    @staticmethod
+    def hash_key(api_key: str) -> str:
+        return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class LimitSpec(_Frozen):
+    """One limit of a budget. `limit` is USD (decimal string) for cost, an integer otherwise."""
+
+    dimension: Dimension
+    limit: str | int
+    window: Literal["total", "day", "week", "month", "rolling"] = "total"
+    seconds: int | None = Field(None, gt=0, le=366 * 86400, description="rolling window length")
+    timezone: str = "UTC"
+    soft_threshold: Decimal | None = Field(None, gt=0, lt=1)
+    mode: Mode | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "LimitSpec":
+        if self.dimension == "cost":
+            _decimal_str(self.limit)
+        elif isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
+            raise ValueError(f"{self.dimension} limit must be a non-negative integer")
+        if self.value > MAX_EXACT:
+            raise ValueError(f"limit is above the exact counter range ({MAX_EXACT} units)")
+        if (self.window == "rolling") != (self.seconds is not None):
+            raise ValueError("`seconds` is required for a rolling window and only allowed there")
+        if self.dimension in ("concurrency", "duration") and self.window != "total":
+            raise ValueError(f"{self.dimension} limits have no window (use window: total)")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(f"unknown time zone {self.timezone!r}") from e
+        return self
+
+    @cached_property
+    def value(self) -> int:
+        """The limit in internal units: nano-USD for cost, else tokens/requests/seconds."""
+        return usd_to_nano(str(self.limit)) if self.dimension == "cost" else int(self.limit)
+
+
+SCOPES = ("org", "team", "key", "user", "run")
+
+
+class BudgetSpec(_Frozen):
+    """Limits for one scope. Without `id` it applies to every instance of the scope
+    (each key, each team…); with `id`, to that instance only."""
+
+    scope: str = Field(description="org | team | key | user | run | label:<name>")
+    id: str | None = None
+    limits: tuple[LimitSpec, ...] = Field(min_length=1)
+    mode: Mode | None = None
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, v: str) -> str:
+        if v not in SCOPES and not re.match(r"^label:[A-Za-z0-9_.-]+$", v):
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)} or label:<name>")
+        return v
+
+
+class RunsSpec(_Frozen):
+    headers: tuple[str, ...] = ("x-run-id",)
+    ttl_seconds: int = Field(3600, gt=0)
+    max_active_per_principal: int = Field(100, gt=0)
+    limits: tuple[LimitSpec, ...] = ()
+
+    @field_validator("headers")
+    @classmethod
+    def _lower(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in v)
+
+
+class Enforcement(_Frozen):
+    mode: Mode = Mode.HARD_GATE
+    soft_gate_margin: Decimal = Field(Decimal("0.1"), ge=0, le=10)
+
+
+class Policy(_Frozen):
+    version: Literal[1] = 1
+    prices: PriceTable
+    keys: tuple[KeySpec, ...] = ()
+    budgets: tuple[BudgetSpec, ...] = ()
+    runs: RunsSpec = RunsSpec()
+    enforcement: Enforcement = Enforcement()
+    failure_mode: Literal["fail_closed", "fail_open"] = "fail_closed"
+    reservation_ttl_seconds: int = Field(600, gt=0, le=86400)
+    fallback_output_tokens: int = Field(4096, gt=0)
+    image_tokens: int = Field(1105, ge=0, description="input tokens reserved per image part")
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Policy":
+        seen: set[str] = set()
+        for k in self.keys:
+            if k.sha256 in seen:
+                raise ValueError(f"duplicate API key sha256 {k.sha256[:12]}…")
+            seen.add(k.sha256)
+        for name, m in self.prices.models.items():
+            for target in m.downshift_to:
+                if target not in self.prices.models:
+                    raise ValueError(f"model {name!r} downshifts to {target!r}, which has no price")
+        return self
+
+    @cached_property
+    def keys_by_hash(self) -> dict[str, KeySpec]:
+        return {k.sha256: k for k in self.keys}

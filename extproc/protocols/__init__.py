@@ -1,0 +1,51 @@
+"""Sans-IO parsing of the inference APIs: bytes in, frozen facts out.
+
+No sockets, no gRPC, no tokenizer: token counting is injected as a callable.
+Client faults raise `BadRequest`/`BodyTooLarge`; backend faults raise (or, in
+a stream, record) `UpstreamError`.
+
+    schema = schema_for_path(":path value")          # None: not metered
+    facts = schema.parse_request(body)                # RequestFacts
+    body = schema.rewrite_request(facts, model=..., include_usage=True, max_output=...)
+    usage = schema.usage_from_body(response_body)     # buffered JSON response
+    reader = schema.stream_reader(strip_usage_chunk=..., count_tokens=...)
+    forward = reader.feed(chunk) ... reader.finish(); reader.usage, reader.counted_output_tokens
+"""
+
+from extproc.protocols.request import MAX_OUTPUT_TOKENS_LIMIT, RequestFacts
+from extproc.protocols.schemas import (
+    ANTHROPIC_MESSAGES,
+    DEFAULT_MAX_REQUEST_BYTES,
+    OPENAI_CHAT,
+    OPENAI_COMPLETIONS,
+    OPENAI_EMBEDDINGS,
+    OPENAI_RESPONSES,
+    SCHEMAS,
+    Schema,
+    schema_by_name,
+    schema_for_path,
+)
+from extproc.protocols.sse import DEFAULT_MAX_EVENT_BYTES, EventTooLarge, SSEEvent, SSEParser
+from extproc.protocols.stream import StreamReader
+from extproc.protocols.usage import Usage
+
+__all__ = [
+    "ANTHROPIC_MESSAGES",
+    "DEFAULT_MAX_EVENT_BYTES",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "MAX_OUTPUT_TOKENS_LIMIT",
+    "OPENAI_CHAT",
+    "OPENAI_COMPLETIONS",
+    "OPENAI_EMBEDDINGS",
+    "OPENAI_RESPONSES",
+    "SCHEMAS",
+    "EventTooLarge",
+    "RequestFacts",
+    "SSEEvent",
+    "SSEParser",
+    "Schema",
+    "StreamReader",
+    "Usage",
+    "schema_by_name",
+    "schema_for_path",
+]

@@ -1,0 +1,246 @@
+"""OpenAI's four metered APIs: how to read their requests and stream events.
+
+Only the parts that differ between schemas live here: where the countable
+text is in a request (`read_*`) and what one streamed event says
+(`observe_*`). The common fields (model, stream, max output, n) are read by
+`Schema` from its declarative description in `schemas.py`.
+
+Segments are canonical strings, one per message/item: the role, then the
+text of each part and each tool call, joined by newlines. Image parts are
+counted, not put in text (a base64 payload is not tokens); audio and file
+parts are not estimated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.errors import BadRequest
+from extproc.protocols.request import (
+    Content,
+    add_prompt_items,
+    add_tools,
+    expect_object,
+    expect_str,
+    kind_of,
+)
+from extproc.protocols.stream import NOTHING, Observation
+from extproc.protocols.usage import openai_usage, responses_usage
+
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
+_IMAGE_PARTS = frozenset({"image_url", "input_image"})
+_JSON_FORMATS = frozenset({"json_object", "json_schema"})
+
+
+def _json_format(fmt: Any) -> bool:
+    return isinstance(fmt, dict) and kind_of(fmt) in _JSON_FORMATS
+
+
+def _content(value: Any, where: str, parts: list[str], c: Content) -> None:
+    """A message's `content`: a string, null, or an array of typed parts."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        parts.append(value)
+        return
+    if not isinstance(value, list):
+        raise BadRequest(f"`{where}` must be a string or an array of content parts", param=where)
+    for j, part in enumerate(value):
+        p = expect_object(part, f"{where}[{j}]")
+        kind = kind_of(p)
+        if kind in _TEXT_PARTS:
+            parts.append(expect_str(p.get("text"), f"{where}[{j}].text"))
+        elif kind in _IMAGE_PARTS:
+            c.images += 1
+        elif kind == "refusal":
+            refusal = p.get("refusal")
+            if isinstance(refusal, str):
+                parts.append(refusal)
+        # input_audio, file, input_file…: not estimated from text
+
+
+def _function_call(fn: Any, parts: list[str]) -> None:
+    if isinstance(fn, dict):
+        name = fn.get("name")
+        args = fn.get("arguments", fn.get("input"))
+        parts.append(f"{name if isinstance(name, str) else ''} {args if isinstance(args, str) else ''}")
+
+
+def _chat_message(m: Any, where: str, c: Content) -> str:
+    msg = expect_object(m, where)
+    role = expect_str(msg.get("role"), f"{where}.role")
+    name = msg.get("name")
+    parts = [f"{role} {name}" if isinstance(name, str) and name else role]
+    _content(msg.get("content"), f"{where}.content", parts, c)
+    calls = msg.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise BadRequest(f"`{where}.tool_calls` must be an array", param=f"{where}.tool_calls")
+        for j, call in enumerate(calls):
+            tc = expect_object(call, f"{where}.tool_calls[{j}]")
+            _function_call(tc.get("function") or tc.get("custom"), parts)
+    _function_call(msg.get("function_call"), parts)
+    return "\n".join(parts)
+
+
+def read_chat(obj: dict[str, Any]) -> Content:
+    c = Content()
+    add_tools(c, obj, "tools", "functions")
+    c.json_mode = _json_format(obj.get("response_format"))
+    messages = obj.get("messages")
+    if not isinstance(messages, list):
+        raise BadRequest("`messages` must be an array of message objects", param="messages")
+    c.segments.extend(_chat_message(m, f"messages[{i}]", c) for i, m in enumerate(messages))
+    return c
+
+
+def read_completions(obj: dict[str, Any]) -> Content:
+    c = Content()
+    prompt = obj.get("prompt")
+    if prompt is not None:
+        add_prompt_items(c, prompt, "prompt")
+    suffix = obj.get("suffix")
+    if isinstance(suffix, str) and suffix:
+        c.segments.append(suffix)
+    c.json_mode = _json_format(obj.get("response_format"))  # vLLM extension
+    return c
+
+
+def read_embeddings(obj: dict[str, Any]) -> Content:
+    c = Content()
+    if "input" not in obj:
+        raise BadRequest("`input` is required", param="input")
+    add_prompt_items(c, obj["input"], "input")
+    return c
+
+
+def _responses_item(item: Any, where: str, c: Content) -> str:
+    it = expect_object(item, where)
+    kind = kind_of(it)
+    if kind is None and it.get("type") is not None:
+        raise BadRequest(f"`{where}.type` must be a string", param=f"{where}.type")
+    parts: list[str]
+    if kind is None or kind == "message":
+        parts = [expect_str(it.get("role"), f"{where}.role")]
+        _content(it.get("content"), f"{where}.content", parts, c)
+    elif kind in ("function_call", "custom_tool_call"):
+        parts = [kind]
+        _function_call(it, parts)
+    elif kind == "reasoning":
+        parts = [kind]
+        for key in ("summary", "content"):
+            blocks = it.get(key)
+            if isinstance(blocks, list):
+                parts.extend(
+                    b["text"] for b in blocks if isinstance(b, dict) and isinstance(b.get("text"), str)
+                )
+    else:
+        # *_call_output and other items: their text fields, never image payloads
+        parts = [kind]
+        output = it.get("output")
+        if isinstance(output, str):
+            parts.append(output)
+        elif isinstance(output, list):
+            _content(output, f"{where}.output", parts, c)
+        for key in ("text", "arguments", "input", "code"):
+            value = it.get(key)
+            if isinstance(value, str):
+                parts.append(value)
+    return "\n".join(parts)
+
+
+def read_responses(obj: dict[str, Any]) -> Content:
+    c = Content()
+    instructions = obj.get("instructions")
+    if instructions is not None:
+        c.segments.append("system\n" + expect_str(instructions, "instructions"))
+    add_tools(c, obj, "tools")
+    text = obj.get("text")
+    c.json_mode = isinstance(text, dict) and _json_format(text.get("format"))
+    items = obj.get("input")
+    if isinstance(items, str):
+        c.segments.append("user\n" + items)
+    elif isinstance(items, list):
+        c.segments.extend(_responses_item(it, f"input[{i}]", c) for i, it in enumerate(items))
+    elif items is not None:
+        raise BadRequest("`input` must be a string or an array of input items", param="input")
+    return c
+
+
+# --- streamed events -------------------------------------------------------------
+
+
+def _choices(obj: dict[str, Any]) -> tuple[list[Any] | None, bool]:
+    """(choices as a list or None, whether the chunk has no choices at all)."""
+    choices = obj.get("choices")
+    if isinstance(choices, list):
+        return choices, not choices
+    return None, choices is None
+
+
+def observe_chat(event: str | None, obj: dict[str, Any]) -> Observation:
+    usage = openai_usage(obj.get("usage"))
+    choices, empty = _choices(obj)
+    texts: list[str] = []
+    for choice in choices or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            texts.append(content)
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            texts.append(reasoning)
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            texts.append(refusal)
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                texts.extend(v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str) and v)
+        fn = delta.get("function_call")
+        if isinstance(fn, dict):
+            texts.extend(v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str) and v)
+    if usage is None and not texts:
+        return NOTHING
+    return Observation(tuple(texts), usage, False, usage is not None and empty)
+
+
+def observe_completions(event: str | None, obj: dict[str, Any]) -> Observation:
+    usage = openai_usage(obj.get("usage"))
+    choices, empty = _choices(obj)
+    texts = tuple(
+        c["text"] for c in choices or () if isinstance(c, dict) and isinstance(c.get("text"), str) and c["text"]
+    )
+    if usage is None and not texts:
+        return NOTHING
+    return Observation(texts, usage, False, usage is not None and empty)
+
+
+_RESPONSES_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.code_interpreter_call_code.delta",
+    }
+)
+_RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def observe_responses(event: str | None, obj: dict[str, Any]) -> Observation:
+    kind = kind_of(obj) or event
+    if kind in _RESPONSES_DELTAS:
+        delta = obj.get("delta")
+        return Observation((delta,)) if isinstance(delta, str) and delta else NOTHING
+    response = obj.get("response")
+    usage = responses_usage(response.get("usage")) if isinstance(response, dict) else None
+    done = kind in _RESPONSES_TERMINAL
+    if usage is None and not done:
+        return NOTHING
+    return Observation((), usage, done)

@@ -1,0 +1,308 @@
+"""The metered API schemas: one small description object each.
+
+A `Schema` says declaratively what every API has in some form (its path, its
+error envelope, whether it streams, which fields cap the output, which
+fields multiply it, whether it knows `stream_options`) and points at the
+three schema-specific readers (request content, usage object, stream event)
+kept in `openai.py` and `anthropic.py`. Everything else (JSON decoding, size
+and type checks, rewriting, stream framing) is written once, in `Schema`
+and `StreamReader`, so there are no provider branches scattered around.
+
+The server picks a schema from `:path` on the first headers
+(`schema_for_path`) and keeps it for the whole exchange.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from extproc.errors import BadRequest, BodyTooLarge, UpstreamError
+from extproc.protocols import anthropic, openai
+from extproc.protocols.request import (
+    MAX_N,
+    MAX_OUTPUT_TOKENS_LIMIT,
+    Content,
+    RequestFacts,
+    positive_int,
+)
+from extproc.protocols.sse import DEFAULT_MAX_EVENT_BYTES
+from extproc.protocols.stream import Observer, StreamReader
+from extproc.protocols.usage import Usage, anthropic_usage, openai_usage, responses_usage
+
+DEFAULT_MAX_REQUEST_BYTES = 8 << 20
+
+Envelope = Literal["openai", "anthropic"]
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# NaN/Infinity are not JSON; a body with them is refused rather than forwarded.
+_decode_request = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape: keep it escaped
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Schema:
+    """One API schema. Instances are module constants; compare them by identity."""
+
+    name: str
+    path: str
+    envelope: Envelope
+    streams: bool
+    max_output_fields: tuple[str, ...]
+    """Fields capping output per choice, preferred first; the first is also
+    the one set when the client gave none. Empty: the API generates no output."""
+    n_fields: tuple[str, ...]
+    """Fields multiplying the output (the largest wins); empty: always 1."""
+    include_usage_option: bool
+    """Streams report usage only when asked via `stream_options.include_usage`."""
+    read_content: Callable[[dict[str, Any]], Content] = field(repr=False)
+    read_usage: Callable[[Any], Usage | None] = field(repr=False)
+    observe: Observer | None = field(repr=False)
+
+    # --- request -------------------------------------------------------------------
+
+    def parse_request(
+        self, body: bytes, *, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    ) -> RequestFacts:
+        """Validate a request body and extract its facts.
+
+        Raises BodyTooLarge above `max_bytes`, BadRequest (with `param`) for
+        anything else the client got wrong; never anything else.
+        """
+        if len(body) > max_bytes:
+            raise BodyTooLarge(f"request body is {len(body)} bytes; the limit is {max_bytes}")
+        try:
+            obj = _decode_request(bytes(body).decode("utf-8"))
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN
+            raise BadRequest(f"request body is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise BadRequest("request body must be a JSON object")
+        try:
+            return self._facts(obj)
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply") from None
+
+    def _facts(self, obj: dict[str, Any]) -> RequestFacts:
+        model = obj.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("`model` must be a non-empty string", param="model")
+        stream = False
+        if self.streams:
+            value = obj.get("stream")
+            if value is not None and not isinstance(value, bool):
+                raise BadRequest("`stream` must be a boolean", param="stream")
+            stream = bool(value)
+        include_usage = False
+        if self.include_usage_option:
+            options = obj.get("stream_options")
+            if options is not None:
+                if not isinstance(options, dict):
+                    raise BadRequest("`stream_options` must be an object", param="stream_options")
+                asked = options.get("include_usage")
+                if asked is not None and not isinstance(asked, bool):
+                    raise BadRequest(
+                        "`stream_options.include_usage` must be a boolean",
+                        param="stream_options.include_usage",
+                    )
+                include_usage = asked is True
+        max_output: int | None = None if self.max_output_fields else 0
+        for key in self.max_output_fields:
+            value = obj.get(key)
+            if value is not None:
+                value = positive_int(value, key, MAX_OUTPUT_TOKENS_LIMIT)
+                if max_output is None:
+                    max_output = value
+        n = 1
+        for key in self.n_fields:
+            value = obj.get(key)
+            if value is not None:
+                n = max(n, positive_int(value, key, MAX_N))
+        c = self.read_content(obj)
+        return RequestFacts(
+            model=model,
+            stream=stream,
+            max_output=max_output,
+            n=n,
+            include_usage=include_usage,
+            segments=tuple(c.segments),
+            images=c.images,
+            has_tools=c.has_tools,
+            json_mode=c.json_mode,
+            pretokenized=c.pretokenized,
+            raw=obj,
+        )
+
+    def rewrite_request(
+        self,
+        facts: RequestFacts,
+        *,
+        model: str | None = None,
+        include_usage: bool = False,
+        max_output: int | None = None,
+    ) -> bytes:
+        """New body bytes with `model` replaced, `stream_options.include_usage`
+        injected (streaming chat/completions only) and the output cap set in
+        every cap field the client used, or the schema's first one. Other
+        fields are kept as they were; `facts.raw` is not touched."""
+        new = dict(facts.raw)
+        if model is not None:
+            if not isinstance(model, str) or not model:
+                raise ValueError("model must be a non-empty string")
+            new["model"] = model
+        if include_usage and self.include_usage_option and facts.stream:
+            options = new.get("stream_options")
+            options = dict(options) if isinstance(options, dict) else {}
+            options["include_usage"] = True
+            new["stream_options"] = options
+        if max_output is not None and self.max_output_fields:
+            if type(max_output) is not int or max_output < 1:
+                raise ValueError("max_output must be a positive integer")
+            used = [k for k in self.max_output_fields if new.get(k) is not None]
+            for key in used or self.max_output_fields[:1]:
+                new[key] = max_output
+        try:
+            return _dumps(new)
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply") from None
+
+    # --- response ------------------------------------------------------------------
+
+    def usage_from_body(self, body: bytes) -> Usage | None:
+        """Usage of a buffered (non-streamed) JSON response; None if it has none."""
+        try:
+            obj = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise UpstreamError(f"{self.name} response body is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise UpstreamError(f"{self.name} response body is not a JSON object")
+        return self.read_usage(obj.get("usage"))
+
+    def stream_reader(
+        self,
+        *,
+        strip_usage_chunk: bool,
+        count_tokens: Callable[[str], int] | None,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    ) -> StreamReader:
+        """A reader for one SSE response body of this schema.
+
+        `strip_usage_chunk` only means something where the gateway can inject
+        `include_usage` (OpenAI chat/completions); elsewhere usage is always
+        reported and the flag is ignored.
+        """
+        if self.observe is None:
+            raise ValueError(f"{self.name} responses do not stream")
+        return StreamReader(
+            self.observe,
+            strip_usage_chunk=strip_usage_chunk and self.include_usage_option,
+            count_tokens=count_tokens,
+            max_event_bytes=max_event_bytes,
+        )
+
+
+OPENAI_CHAT = Schema(
+    name="openai.chat",
+    path="/v1/chat/completions",
+    envelope="openai",
+    streams=True,
+    max_output_fields=("max_completion_tokens", "max_tokens"),
+    n_fields=("n",),
+    include_usage_option=True,
+    read_content=openai.read_chat,
+    read_usage=openai_usage,
+    observe=openai.observe_chat,
+)
+
+OPENAI_COMPLETIONS = Schema(
+    name="openai.completions",
+    path="/v1/completions",
+    envelope="openai",
+    streams=True,
+    max_output_fields=("max_tokens",),
+    n_fields=("n", "best_of"),  # best_of candidates are generated (and billed) server-side
+    include_usage_option=True,
+    read_content=openai.read_completions,
+    read_usage=openai_usage,
+    observe=openai.observe_completions,
+)
+
+OPENAI_RESPONSES = Schema(
+    name="openai.responses",
+    path="/v1/responses",
+    envelope="openai",
+    streams=True,
+    max_output_fields=("max_output_tokens",),
+    n_fields=(),
+    include_usage_option=False,
+    read_content=openai.read_responses,
+    read_usage=responses_usage,
+    observe=openai.observe_responses,
+)
+
+OPENAI_EMBEDDINGS = Schema(
+    name="openai.embeddings",
+    path="/v1/embeddings",
+    envelope="openai",
+    streams=False,
+    max_output_fields=(),
+    n_fields=(),
+    include_usage_option=False,
+    read_content=openai.read_embeddings,
+    read_usage=openai_usage,
+    observe=None,
+)
+
+ANTHROPIC_MESSAGES = Schema(
+    name="anthropic.messages",
+    path="/v1/messages",
+    envelope="anthropic",
+    streams=True,
+    max_output_fields=("max_tokens",),
+    n_fields=(),
+    include_usage_option=False,
+    read_content=anthropic.read_messages,
+    read_usage=anthropic_usage,
+    observe=anthropic.observe_messages,
+)
+
+SCHEMAS: tuple[Schema, ...] = (
+    OPENAI_CHAT,
+    OPENAI_COMPLETIONS,
+    OPENAI_RESPONSES,
+    OPENAI_EMBEDDINGS,
+    ANTHROPIC_MESSAGES,
+)
+
+_BY_NAME = {s.name: s for s in SCHEMAS}
+
+
+def schema_by_name(name: str) -> Schema | None:
+    return _BY_NAME.get(name)
+
+
+def schema_for_path(path: str) -> Schema | None:
+    """The schema served at `path`: exact, or under a prefix (`/openai/v1/chat/completions`).
+
+    The query string is ignored. Paths that merely start with a schema path
+    (`/v1/messages/count_tokens`, `/v1/responses/{id}`) are not inference calls
+    and match nothing.
+    """
+    path = path.partition("?")[0].partition("#")[0]
+    for schema in SCHEMAS:
+        if path.endswith(schema.path):
+            return schema
+    return None

@@ -1,0 +1,125 @@
+"""The ext_proc gRPC servicer: protobuf in, `Session` calls, protobuf out.
+
+Thin on purpose: all decisions live in `Session`. One session per stream;
+when the stream ends (normally, or because the client went away) the session
+is closed in a background task so settlement never delays Envoy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from .reply import Reply
+from .session import Services, Session
+
+log = logging.getLogger("extproc.grpc")
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_SKIP_ALL = pm.ProcessingMode(
+    request_body_mode=pm.ProcessingMode.NONE,
+    response_header_mode=pm.ProcessingMode.SKIP,
+    response_body_mode=pm.ProcessingMode.NONE,
+)
+_STREAM_RESPONSE = pm.ProcessingMode(response_body_mode=pm.ProcessingMode.STREAMED)
+_NO_RESPONSE_BODY = pm.ProcessingMode(response_body_mode=pm.ProcessingMode.NONE)
+NAMESPACE = "extproc.budget"
+
+
+def _headers(msg: ep.HttpHeaders) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in msg.headers.headers:
+        out[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return out
+
+
+def _mutation(reply: Reply) -> ep.HeaderMutation | None:
+    if not reply.set_headers and not reply.remove_headers:
+        return None
+    return ep.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
+            for k, v in reply.set_headers
+        ],
+        remove_headers=reply.remove_headers,
+    )
+
+
+def _common(reply: Reply) -> ep.CommonResponse:
+    common = ep.CommonResponse()
+    mutation = _mutation(reply)
+    if mutation is not None:
+        common.header_mutation.CopyFrom(mutation)
+    if reply.body is not None:
+        common.body_mutation.body = reply.body
+    if reply.clear_route_cache:
+        common.clear_route_cache = True
+    return common
+
+
+def to_proto(phase: str, reply: Reply) -> ep.ProcessingResponse:
+    if reply.immediate is not None:
+        imm = reply.immediate
+        return ep.ProcessingResponse(
+            immediate_response=ep.ImmediateResponse(
+                status=http_status_pb2.HttpStatus(code=imm.status),
+                headers=ep.HeaderMutation(
+                    set_headers=[
+                        base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
+                        for k, v in imm.headers
+                    ]
+                ),
+                body=imm.body,
+            )
+        )
+    resp = ep.ProcessingResponse()
+    if phase in ("request_headers", "response_headers"):
+        getattr(resp, phase).response.CopyFrom(_common(reply))
+        if reply.skip_rest:
+            resp.mode_override.CopyFrom(_SKIP_ALL)
+        elif reply.stream_response:
+            resp.mode_override.CopyFrom(_STREAM_RESPONSE)
+        elif reply.skip_response_body:
+            resp.mode_override.CopyFrom(_NO_RESPONSE_BODY)
+    elif phase.endswith("_body"):
+        getattr(resp, phase).response.CopyFrom(_common(reply))
+    else:  # trailers carry only a header mutation
+        getattr(resp, phase).SetInParent()
+    if reply.metadata:
+        md = struct_pb2.Struct()
+        md.update({NAMESPACE: reply.metadata})
+        resp.dynamic_metadata.CopyFrom(md)
+    return resp
+
+
+class ExternalProcessor(epg.ExternalProcessorServicer):
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest], context) -> AsyncIterator[ep.ProcessingResponse]:  # type: ignore[override]
+        session = Session(self.services)
+        try:
+            async for req in request_iterator:
+                phase = req.WhichOneof("request")
+                if phase == "request_headers":
+                    reply = await session.request_headers(_headers(req.request_headers), req.request_headers.end_of_stream)
+                elif phase == "request_body":
+                    reply = await session.request_body(req.request_body.body)
+                elif phase == "response_headers":
+                    reply = await session.response_headers(_headers(req.response_headers))
+                elif phase == "response_body":
+                    reply = await session.response_body(req.response_body.body, req.response_body.end_of_stream)
+                else:  # trailers: nothing to decide
+                    reply = Reply()
+                yield to_proto(phase, reply)
+                if reply.immediate is not None:
+                    return
+        finally:
+            self.services.spawn(session.close())

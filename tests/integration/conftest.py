@@ -1,0 +1,84 @@
+"""Integration fixtures: real Envoy, the real service, the mock backend, real Redis.
+
+`make_stack(policy_text, store=...)` starts an `extproc.stack.Stack` (the same
+code `extproc stack` and `make demo` run) and stops it after the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from extproc.stack import Stack
+from extproc.stores.embedded import EmbeddedStore
+from extproc.stores.redis_store import RedisStore
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path, request):
+    stacks: list[Stack] = []
+
+    def make(policy_text: str, *, store: str = "embedded", **kw) -> Stack:
+        policy = tmp_path / f"policy{len(stacks)}.yaml"
+        policy.write_text(policy_text)
+        if store == "embedded":
+            store_url = f"sqlite:{tmp_path / f'budget{len(stacks)}.db'}"
+        elif store == "redis":
+            server = request.getfixturevalue("redis_server")
+            store_url = server.url
+        else:
+            store_url = store
+        stack = Stack(policy=str(policy), store=store_url, workdir=tmp_path / f"stack{len(stacks)}", **kw)
+        stacks.append(stack)
+        try:
+            stack.start()
+        except Exception:
+            for name in ("extproc", "envoy", "mock-backend"):
+                print(f"--- {name} log ---\n{stack.log(name)[-4000:]}")
+            raise
+        return stack
+
+    yield make
+    for s in stacks:
+        s.stop()
+
+
+def open_store(url: str):
+    if url.startswith("sqlite:"):
+        return EmbeddedStore(url[len("sqlite:"):])
+    return RedisStore(url)
+
+
+async def ledger(stack: Stack, *, expect: int = 1, timeout: float = 5.0):
+    """The stack's ledger, read straight from its store (what chargeback exports).
+
+    Settlement of an aborted stream happens when Envoy closes the ext_proc
+    stream, just after the client sees the end; wait until `expect` entries exist.
+    """
+    store = open_store(stack.store)
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            entries = await store.ledger()
+            if len(entries) >= expect or asyncio.get_running_loop().time() > deadline:
+                return entries
+            await asyncio.sleep(0.05)
+    finally:
+        await store.close()

@@ -1,0 +1,218 @@
+"""Property tests: hostile input never escapes as anything but the errors we mean.
+
+- parse_request: only BadRequest / BodyTooLarge; a parsed request rewrites
+  and re-parses to the same facts.
+- SSE parser and StreamReader: only UpstreamError (oversize) escapes; the
+  result does not depend on where the chunks split; the pending buffer
+  never exceeds its cap; without stripping every byte is forwarded.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from extproc.errors import BadRequest, BodyTooLarge, UpstreamError
+from extproc.protocols import SCHEMAS, Schema, SSEParser, StreamReader
+from tests.protocols.fixtures import RECORDED
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+STREAMING = [s for s in SCHEMAS if s.streams]
+
+KEYS = st.sampled_from(
+    "model messages role content type text image_url tool_calls function arguments name tools "
+    "functions input prompt suffix instructions system max_tokens max_completion_tokens "
+    "max_output_tokens n best_of stream stream_options include_usage response_format format "
+    "output summary source data choices delta usage prompt_tokens completion_tokens "
+    "prompt_tokens_details cached_tokens input_tokens output_tokens input_tokens_details "
+    "cache_read_input_tokens cache_creation_input_tokens message content_block partial_json "
+    "thinking response reasoning_content refusal custom output_format".split()
+)
+WORDS = st.sampled_from(
+    "text image_url input_image input_text output_text image tool_use tool_result search_result "
+    "document message function_call function_call_output reasoning refusal text_delta "
+    "input_json_delta thinking_delta message_start message_delta message_stop content_block_start "
+    "content_block_delta response.completed response.output_text.delta json_object json_schema "
+    "user assistant system tool content".split()
+)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 2**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6)
+    | WORDS
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS | WORDS, inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> dict[str, Any]:
+    obj = draw(st.dictionaries(KEYS, JSON, max_size=8))
+    if draw(st.booleans()):
+        obj["model"] = "m"
+    return obj
+
+
+@FUZZ
+@given(schema=st.sampled_from(SCHEMAS), raw=st.binary(max_size=300))
+def test_parse_random_bytes(schema: Schema, raw: bytes) -> None:
+    try:
+        schema.parse_request(raw, max_bytes=200)
+    except (BadRequest, BodyTooLarge):
+        pass
+
+
+@FUZZ
+@given(schema=st.sampled_from(SCHEMAS), obj=requests())
+def test_parse_adversarial_bodies_and_round_trip(schema: Schema, obj: dict[str, Any]) -> None:
+    raw = json.dumps(obj).encode()
+    try:
+        facts = schema.parse_request(raw)
+    except BadRequest as e:
+        assert e.message
+        return
+    assert facts.raw == obj
+    assert all(isinstance(s, str) for s in facts.segments)
+    assert facts.n >= 1 and facts.images >= 0
+    again = schema.parse_request(schema.rewrite_request(facts))
+    assert again == facts
+    capped = schema.parse_request(schema.rewrite_request(facts, model="x", include_usage=True, max_output=7))
+    assert capped.model == "x"
+    assert capped.max_output == (7 if schema.max_output_fields else 0)
+    assert capped.segments == facts.segments
+    assert facts.raw == obj  # rewriting never mutates
+
+
+# --- SSE -----------------------------------------------------------------------------------
+
+FRAGMENTS = st.sampled_from(
+    [
+        b"data:",
+        b"data: ",
+        b"data",
+        b"event: x",
+        b"event:",
+        b"id: 7",
+        b"id\x00",
+        b"retry: 5",
+        b":",
+        b": c",
+        b"\n",
+        b"\r",
+        b"\r\n",
+        b"\n\n",
+        b"\xef\xbb\xbf",
+        b"\xff\xfe",
+        "é😀".encode(),
+        b'{"a":1}',
+        b"[DONE]",
+    ]
+)
+STREAMS = st.lists(FRAGMENTS | st.binary(max_size=8), max_size=40).map(b"".join)
+
+
+def chunked(data: st.DataObject, stream: bytes) -> list[bytes]:
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    return [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+
+
+def run_parser(chunks: list[bytes], cap: int, include_empty: bool) -> list[Any] | str:
+    p = SSEParser(cap, include_empty=include_empty)
+    events = []
+    try:
+        for c in chunks:
+            events += p.feed(c)
+            assert p.pending <= cap
+        events += p.finish()
+    except UpstreamError:
+        return "too large"
+    return events
+
+
+@FUZZ
+@given(data=st.data(), stream=STREAMS, cap=st.sampled_from([8, 32, 1 << 20]), include_empty=st.booleans())
+def test_sse_split_invariance(data: st.DataObject, stream: bytes, cap: int, include_empty: bool) -> None:
+    whole = run_parser([stream], cap, include_empty)
+    assert run_parser(chunked(data, stream), cap, include_empty) == whole
+    if include_empty and whole != "too large":
+        assert b"".join(e.raw for e in whole) == stream
+
+
+# --- StreamReader ----------------------------------------------------------------------
+
+
+def mutate(data: st.DataObject, body: bytes) -> bytes:
+    for _ in range(data.draw(st.integers(0, 4))):
+        at = data.draw(st.integers(0, len(body)))
+        op = data.draw(st.sampled_from(["flip", "insert", "cut", "truncate"]))
+        if op == "flip" and at < len(body):
+            body = body[:at] + bytes([body[at] ^ data.draw(st.integers(1, 255))]) + body[at + 1 :]
+        elif op == "insert":
+            body = body[:at] + data.draw(FRAGMENTS | st.binary(max_size=4)) + body[at:]
+        elif op == "cut":
+            body = body[:at] + body[at + data.draw(st.integers(1, 40)) :]
+        else:
+            body = body[:at]
+    return body
+
+
+def run_reader(reader: StreamReader, chunks: list[bytes]) -> tuple[Any, ...]:
+    out = []
+    try:
+        for c in chunks:
+            out.append(reader.feed(c))
+            assert reader.pending_bytes <= 4096
+        out.append(reader.finish())
+    except UpstreamError:
+        return ("too large", reader.usage)
+    return (
+        b"".join(out),
+        reader.usage,
+        reader.counted_output_tokens,
+        reader.done,
+        reader.events,
+        reader.malformed_events,
+    )
+
+
+@FUZZ
+@given(data=st.data(), rec=st.sampled_from(RECORDED), strip=st.booleans())
+def test_reader_on_mutated_recordings(data: st.DataObject, rec: Any, strip: bool) -> None:
+    body = mutate(data, rec.body)
+    for schema in {rec.schema, data.draw(st.sampled_from(STREAMING))}:
+
+        def make(schema: Schema = schema) -> StreamReader:
+            return schema.stream_reader(strip_usage_chunk=strip, count_tokens=len, max_event_bytes=4096)
+
+        whole = run_reader(make(), [body])
+        split = run_reader(make(), chunked(data, body))
+        assert split[1:] == whole[1:]
+        if whole[0] != "too large":
+            assert split[0] == whole[0]
+            if not (strip and schema.include_usage_option):
+                assert whole[0] == body
+
+
+@FUZZ
+@given(data=st.data(), objs=st.lists(JSON, min_size=1, max_size=6), schema=st.sampled_from(STREAMING))
+def test_reader_on_arbitrary_event_objects(data: st.DataObject, objs: list[Any], schema: Schema) -> None:
+    names = st.none() | WORDS
+    body = b"".join(
+        (b"event: " + n.encode() + b"\n" if (n := data.draw(names)) else b"")
+        + b"data: "
+        + json.dumps(o).encode()
+        + b"\n\n"
+        for o in objs
+    )
+    result = run_reader(schema.stream_reader(strip_usage_chunk=True, count_tokens=len), [body])
+    assert result[0] != "too large"
+    assert result[4] == len(objs)  # every event seen; bad ones only counted as malformed

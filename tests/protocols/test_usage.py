@@ -1,0 +1,145 @@
+"""Usage normalisation: disjoint buckets whatever the provider, garbage refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from extproc.errors import UpstreamError
+from extproc.protocols import (
+    ANTHROPIC_MESSAGES,
+    OPENAI_CHAT,
+    OPENAI_COMPLETIONS,
+    OPENAI_EMBEDDINGS,
+    OPENAI_RESPONSES,
+    Usage,
+)
+from extproc.protocols.usage import anthropic_usage, merge_usage, openai_usage, responses_usage
+
+
+def test_openai_prompt_tokens_include_cached() -> None:
+    u = openai_usage(
+        {
+            "prompt_tokens": 2006,
+            "completion_tokens": 300,
+            "total_tokens": 2306,
+            "prompt_tokens_details": {"cached_tokens": 1920, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 256},
+        }
+    )
+    assert u == Usage(input_tokens=86, cached_input_tokens=1920, output_tokens=300, reasoning_tokens=256)
+    assert u.total_input == 2006
+    assert u.total == 2306
+
+
+def test_responses_input_tokens_include_cached() -> None:
+    u = responses_usage(
+        {
+            "input_tokens": 100,
+            "input_tokens_details": {"cached_tokens": 64},
+            "output_tokens": 50,
+            "output_tokens_details": {"reasoning_tokens": 40},
+            "total_tokens": 150,
+        }
+    )
+    assert u == Usage(input_tokens=36, cached_input_tokens=64, output_tokens=50, reasoning_tokens=40)
+
+
+def test_anthropic_input_tokens_exclude_cache() -> None:
+    u = anthropic_usage(
+        {
+            "input_tokens": 25,
+            "cache_creation_input_tokens": 1500,
+            "cache_read_input_tokens": 3000,
+            "cache_creation": {"ephemeral_5m_input_tokens": 1500},
+            "output_tokens": 15,
+            "service_tier": "standard",
+        }
+    )
+    assert u == Usage(input_tokens=25, cached_input_tokens=3000, cache_write_tokens=1500, output_tokens=15)
+    assert u.total_input == 4525
+
+
+def test_missing_and_null_fields_are_zero() -> None:
+    assert openai_usage({"prompt_tokens": 8, "total_tokens": 8}) == Usage(input_tokens=8)
+    assert openai_usage({"prompt_tokens": 8, "prompt_tokens_details": None}) == Usage(input_tokens=8)
+    assert anthropic_usage({"output_tokens": 3, "input_tokens": None}) == Usage(output_tokens=3)
+    assert openai_usage(None) is None
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": -1},
+        {"prompt_tokens": True},
+        {"prompt_tokens": 1.0},
+        {"prompt_tokens": "12"},
+        {"completion_tokens": 10**12},
+        {"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 11}},
+        {"prompt_tokens_details": []},
+        [],
+        "usage",
+    ],
+)
+def test_garbage_is_an_upstream_error(usage: object) -> None:
+    with pytest.raises(UpstreamError):
+        openai_usage(usage)
+
+
+@pytest.mark.parametrize(
+    "usage", [{"input_tokens": -5}, {"cache_read_input_tokens": "x"}, {"output_tokens": [1]}]
+)
+def test_anthropic_garbage_is_an_upstream_error(usage: object) -> None:
+    with pytest.raises(UpstreamError):
+        anthropic_usage(usage)
+
+
+def test_merge_is_fieldwise_max() -> None:
+    start = Usage(input_tokens=25, cached_input_tokens=3000, output_tokens=1)
+    delta = Usage(output_tokens=15)
+    assert start.merge(delta) == Usage(input_tokens=25, cached_input_tokens=3000, output_tokens=15)
+    assert start.merge(None) is start
+    assert merge_usage(None, delta) is delta
+    assert merge_usage(start, None) is start
+
+
+def _body(usage: object) -> bytes:
+    return json.dumps({"id": "x", "object": "y", "usage": usage}).encode()
+
+
+@pytest.mark.parametrize(
+    ("schema", "usage", "expected"),
+    [
+        (
+            OPENAI_CHAT,
+            {"prompt_tokens": 19, "completion_tokens": 10, "prompt_tokens_details": {"cached_tokens": 0}},
+            Usage(input_tokens=19, output_tokens=10),
+        ),
+        (OPENAI_COMPLETIONS, {"prompt_tokens": 5, "completion_tokens": 7}, Usage(input_tokens=5, output_tokens=7)),
+        (OPENAI_EMBEDDINGS, {"prompt_tokens": 8, "total_tokens": 8}, Usage(input_tokens=8)),
+        (
+            OPENAI_RESPONSES,
+            {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 87},
+            Usage(input_tokens=36, output_tokens=87),
+        ),
+        (
+            ANTHROPIC_MESSAGES,
+            {"input_tokens": 2095, "output_tokens": 503, "cache_read_input_tokens": 10},
+            Usage(input_tokens=2095, cached_input_tokens=10, output_tokens=503),
+        ),
+    ],
+    ids=lambda v: getattr(v, "name", ""),
+)
+def test_usage_from_body(schema, usage, expected) -> None:  # type: ignore[no-untyped-def]
+    assert schema.usage_from_body(_body(usage)) == expected
+
+
+def test_usage_from_body_without_usage_or_with_bad_json() -> None:
+    assert OPENAI_CHAT.usage_from_body(b'{"id": "x"}') is None
+    assert OPENAI_CHAT.usage_from_body(_body(None)) is None
+    for bad in (b"", b"{", b"[]", b"\xff", b"[" * 100_000):
+        with pytest.raises(UpstreamError):
+            OPENAI_CHAT.usage_from_body(bad)
+    with pytest.raises(UpstreamError):
+        OPENAI_CHAT.usage_from_body(_body({"prompt_tokens": -3}))

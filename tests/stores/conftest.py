@@ -1,0 +1,45 @@
+"""Every test in tests/stores runs against every store: embedded, Redis, Redis Cluster."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from extproc.stores.embedded import EmbeddedStore
+from extproc.stores.redis_store import RedisStore
+from tests.support.redis_server import RedisCluster, RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    cluster = RedisCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["embedded", "redis", "cluster"])
+async def store(request, tmp_path):
+    kind = request.param
+    if kind == "embedded":
+        s = EmbeddedStore(tmp_path / "budget.db")
+    elif kind == "redis":
+        s = RedisStore(request.getfixturevalue("redis_server").url)
+    else:
+        s = RedisStore(request.getfixturevalue("redis_cluster").url, cluster=True)
+    s.kind = kind  # type: ignore[attr-defined]
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def tag():
+    """A fresh budget tree per test, so Redis-backed tests never see each other's counters."""
+    return f"t{uuid.uuid4().hex[:10]}"
