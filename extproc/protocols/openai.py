@@ -178,6 +178,11 @@ def _choices(obj: dict[str, Any]) -> tuple[list[Any] | None, bool]:
     return None, choices is None
 
 
+def _call_delta(fn: Any, texts: list[str]) -> None:
+    if isinstance(fn, dict):
+        texts.extend(v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str) and v)
+
+
 def observe_chat(event: str | None, obj: dict[str, Any]) -> Observation:
     usage = openai_usage(obj.get("usage"))
     choices, empty = _choices(obj)
@@ -197,12 +202,9 @@ def observe_chat(event: str | None, obj: dict[str, Any]) -> Observation:
             texts.append(refusal)
         calls = delta.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict):
-                texts.extend(v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str) and v)
-        fn = delta.get("function_call")
-        if isinstance(fn, dict):
-            texts.extend(v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str) and v)
+            if isinstance(call, dict):
+                _call_delta(call.get("function"), texts)
+        _call_delta(delta.get("function_call"), texts)
     if usage is None and not texts:
         return NOTHING
     return Observation(tuple(texts), usage, False, usage is not None and empty)
@@ -212,7 +214,9 @@ def observe_completions(event: str | None, obj: dict[str, Any]) -> Observation:
     usage = openai_usage(obj.get("usage"))
     choices, empty = _choices(obj)
     texts = tuple(
-        c["text"] for c in choices or () if isinstance(c, dict) and isinstance(c.get("text"), str) and c["text"]
+        text
+        for c in choices or ()
+        if isinstance(c, dict) and isinstance(text := c.get("text"), str) and text
     )
     if usage is None and not texts:
         return NOTHING

@@ -94,10 +94,10 @@ class SSEParser:
         self._include_empty = include_empty
         self._buf = bytearray()  # bytes of the block in progress, nothing older
         self._pos = 0  # start of the first line of _buf not yet interpreted
-        self._data: list[str] = []
+        self._data: list[str] = []  # data lines of the block in progress
         self._event: str | None = None
-        self._id: str | None = None
-        self._first_line = True
+        self._id: str | None = None  # persists across events, as the spec says
+        self._first_line = True  # the BOM may only start the stream
 
     @property
     def pending(self) -> int:
@@ -110,8 +110,7 @@ class SSEParser:
         out: list[SSEEvent] = []
         self._scan(out, final=False)
         if len(self._buf) > self._max:
-            self._buf = bytearray()
-            self._pos = 0
+            self._reset()
             raise EventTooLarge(f"SSE event exceeds {self._max} bytes without ending", out)
         return out
 
@@ -128,13 +127,18 @@ class SSEParser:
                 self._line(buf[pos:])
         if buf:
             self._emit(out, bytes(buf))
+        self._reset()
+        return out
+
+    def _reset(self) -> None:
+        """Forget the stream: after finish(), or after an oversize event (the
+        stream is unusable then, and its bytes must not stay on the heap)."""
         self._buf = bytearray()
         self._pos = 0
         self._data = []
         self._event = None
         self._id = None
         self._first_line = True
-        return out
 
     def _scan(self, out: list[SSEEvent], *, final: bool) -> None:
         buf = self._buf
@@ -154,8 +158,7 @@ class SSEParser:
             if eol == pos:  # blank line: the block ends here
                 size = nxt - start
                 if size > self._max:
-                    self._buf = bytearray()
-                    self._pos = 0
+                    self._reset()
                     raise EventTooLarge(f"SSE event of {size} bytes exceeds {self._max}", out)
                 self._emit(out, bytes(buf[start:nxt]))
                 start = nxt

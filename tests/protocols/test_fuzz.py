@@ -62,6 +62,63 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
     return obj
 
 
+def _opt(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries({}, optional=fields)
+
+
+def mostly(good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any] = SCALARS) -> st.SearchStrategy[Any]:
+    """Valid nine times in ten, so the generated requests get past the first check."""
+    return st.integers(0, 9).flatmap(lambda i: bad if i == 0 else good)
+
+
+TEXTS = mostly(st.text(max_size=6))
+PART = mostly(
+    st.builds(
+        lambda kind, rest: {"type": kind, **rest},
+        WORDS,
+        _opt(text=TEXTS, image_url=JSON, content=JSON, input=JSON, name=TEXTS, source=JSON, thinking=TEXTS, output=JSON),
+    ),
+    JSON,
+)
+CONTENT = mostly(TEXTS | st.lists(PART, max_size=4))
+CALL = mostly(st.fixed_dictionaries({"function": _opt(name=TEXTS, arguments=TEXTS)}), JSON)
+ROLES = st.sampled_from(["user", "assistant", "system", "tool", "developer"])
+MESSAGE = mostly(
+    st.builds(
+        lambda role, rest: {"role": role, **rest},
+        mostly(ROLES),
+        _opt(content=CONTENT, tool_calls=mostly(st.lists(CALL, max_size=3)), type=WORDS, name=TEXTS, output=CONTENT),
+    ),
+    JSON,
+)
+SMALL_INT = mostly(st.integers(1, 20), st.integers(-1, 0) | SCALARS)
+SHAPED = st.builds(
+    lambda required, rest: {**required, **rest},
+    st.fixed_dictionaries(
+        {
+            "model": mostly(st.just("m")),
+            "messages": mostly(st.lists(MESSAGE, max_size=4)),
+            "input": mostly(st.lists(MESSAGE | PART, max_size=4) | CONTENT),
+        }
+    ),
+    _opt(
+        prompt=mostly(CONTENT | st.lists(st.lists(st.integers(0, 9), max_size=3), max_size=3)),
+        system=CONTENT,
+        instructions=TEXTS,
+        tools=mostly(st.lists(JSON, max_size=2)),
+        max_tokens=SMALL_INT,
+        max_completion_tokens=SMALL_INT,
+        max_output_tokens=SMALL_INT,
+        n=SMALL_INT,
+        best_of=SMALL_INT,
+        stream=mostly(st.booleans()),
+        stream_options=mostly(_opt(include_usage=mostly(st.booleans()))),
+        response_format=mostly(_opt(type=WORDS), JSON),
+        text=_opt(format=_opt(type=WORDS)),
+    ),
+)
+
+
 @FUZZ
 @given(schema=st.sampled_from(SCHEMAS), raw=st.binary(max_size=300))
 def test_parse_random_bytes(schema: Schema, raw: bytes) -> None:
@@ -72,7 +129,7 @@ def test_parse_random_bytes(schema: Schema, raw: bytes) -> None:
 
 
 @FUZZ
-@given(schema=st.sampled_from(SCHEMAS), obj=requests())
+@given(schema=st.sampled_from(SCHEMAS), obj=requests() | SHAPED)
 def test_parse_adversarial_bodies_and_round_trip(schema: Schema, obj: dict[str, Any]) -> None:
     raw = json.dumps(obj).encode()
     try:
