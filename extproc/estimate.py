@@ -83,7 +83,7 @@ def estimate(
     """Worst-case tokens of this request. `max_output_override` is a clamp already decided."""
     raw = counter.count_all(facts.segments, encoding)
     raw += PER_SEGMENT_OVERHEAD * len(facts.segments) + PER_REQUEST_OVERHEAD
-    raw += image_tokens * facts.images
+    raw += image_tokens * facts.images + getattr(facts, "pretokenized", 0)
     input_tokens = raw if safety_factor == 1 else math.ceil(raw * safety_factor)
     per_choice = max_output_override or facts.max_output
     if per_choice is None:

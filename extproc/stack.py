@@ -129,7 +129,7 @@ class Stack:
     port: int = 0
     store: str | None = None
     envoy_config: str | None = None
-    backends: tuple[str, ...] = ("backend",)  # cluster names served by mock backends
+    backends: tuple[str, ...] = ("backend", "backend_small")  # cluster names served by mock backends
     token_delay_ms: float = 0.0
     workdir: Path | None = None
     grpc: str | None = None

@@ -69,6 +69,8 @@ class ModelSpec(_Frozen):
 class PriceTable(_Frozen):
     version: str = "unversioned"
     models: dict[str, ModelSpec]
+    # Price unknown models like this one instead of refusing them (fail closed by default).
+    default_model: str | None = None
 
 
 class KeySpec(_Frozen):
@@ -153,6 +155,45 @@ class RunsSpec(_Frozen):
         return tuple(h.lower() for h in v)
 
 
+class PrincipalSpec(_Frozen):
+    """A principal known by name: resolved from a trusted header or an mTLS peer identity."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._@:-]+$")
+    team: str | None = Field(None, pattern=r"^[A-Za-z0-9._@:-]+$")
+    org: str | None = Field(None, pattern=r"^[A-Za-z0-9._@:-]+$")
+    user: str | None = Field(None, pattern=r"^[A-Za-z0-9._@:-]+$")
+    labels: dict[str, str] = {}
+    peer_ids: tuple[str, ...] = Field((), description="mTLS peer URI SANs (e.g. SPIFFE ids) that are this principal")
+
+
+class IdentitySpec(_Frozen):
+    """Where the principal comes from, in order: API key map, trusted header, mTLS peer.
+
+    A header is trusted only when `edge_strips_headers` says the Envoy edge
+    removes client copies of it (the shipped configs do), else it is ignored.
+    """
+
+    api_keys: bool = True
+    principal_header: str | None = "x-extproc-principal"
+    edge_strips_headers: bool = False
+    mtls_peer: bool = False
+
+    @field_validator("principal_header")
+    @classmethod
+    def _lower(cls, v: str | None) -> str | None:
+        return v.lower() if v else v
+
+
+class Decisions(_Frozen):
+    """How decisions may change a request instead of refusing it."""
+
+    downshift: bool = True  # past a soft threshold or when the model does not fit, use a cheaper capable model
+    output_clamp: bool = False  # lower max output to what fits instead of refusing
+    min_clamped_output_tokens: int = Field(64, gt=0)
+    budget_path: str = "/v1/budget"
+    route_header: str = "x-extproc-model"  # set to the selected model; Envoy routes on it
+
+
 class Enforcement(_Frozen):
     mode: Mode = Mode.HARD_GATE
     soft_gate_margin: Decimal = Field(Decimal("0.1"), ge=0, le=10)
@@ -162,6 +203,9 @@ class Policy(_Frozen):
     version: Literal[1] = 1
     prices: PriceTable
     keys: tuple[KeySpec, ...] = ()
+    principals: tuple[PrincipalSpec, ...] = ()
+    identity: IdentitySpec = IdentitySpec()
+    decisions: Decisions = Decisions()
     budgets: tuple[BudgetSpec, ...] = ()
     runs: RunsSpec = RunsSpec()
     enforcement: Enforcement = Enforcement()
@@ -182,7 +226,27 @@ class Policy(_Frozen):
             for target in m.downshift_to:
                 if target not in self.prices.models:
                     raise ValueError(f"model {name!r} downshifts to {target!r}, which has no price")
+        if self.prices.default_model is not None and self.prices.default_model not in self.prices.models:
+            raise ValueError(f"prices.default_model {self.prices.default_model!r} has no price")
+        names = [p.name for p in self.principals]
+        if len(names) != len(set(names)):
+            raise ValueError("duplicate principal names")
         return self
+
+    def model(self, name: str) -> ModelSpec | None:
+        """The price entry for `name`, else the policy's default model, else None (refuse)."""
+        spec = self.prices.models.get(name)
+        if spec is None and self.prices.default_model:
+            return self.prices.models[self.prices.default_model]
+        return spec
+
+    @cached_property
+    def principals_by_name(self) -> dict[str, PrincipalSpec]:
+        return {p.name: p for p in self.principals}
+
+    @cached_property
+    def principals_by_peer(self) -> dict[str, PrincipalSpec]:
+        return {peer: p for p in self.principals for peer in p.peer_ids}
 
     @cached_property
     def keys_by_hash(self) -> dict[str, KeySpec]:

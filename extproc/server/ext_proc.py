@@ -40,6 +40,15 @@ def _headers(msg: ep.HttpHeaders) -> dict[str, str]:
     return out
 
 
+def _peer(req: ep.ProcessingRequest) -> str | None:
+    """The mTLS peer's URI SAN, if Envoy was configured to send it as an attribute."""
+    attrs = req.attributes.get("envoy.filters.http.ext_proc")
+    if attrs is None:
+        return None
+    v = attrs.fields.get("connection.uri_san_peer_certificate")
+    return v.string_value or None if v is not None else None
+
+
 def _mutation(reply: Reply) -> ep.HeaderMutation | None:
     if not reply.set_headers and not reply.remove_headers:
         return None
@@ -109,7 +118,9 @@ class ExternalProcessor(epg.ExternalProcessorServicer):
             async for req in request_iterator:
                 phase = req.WhichOneof("request")
                 if phase == "request_headers":
-                    reply = await session.request_headers(_headers(req.request_headers), req.request_headers.end_of_stream)
+                    reply = await session.request_headers(
+                        _headers(req.request_headers), req.request_headers.end_of_stream, _peer(req)
+                    )
                 elif phase == "request_body":
                     reply = await session.request_body(req.request_body.body)
                 elif phase == "response_headers":

@@ -9,25 +9,46 @@ this process dies) expiry by the store's reaper.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import json
 import logging
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..engine.budget import Decision, Engine, Identity
+from ..engine.budget import AppliedLimit, Decision, Engine, Hold, Identity
+from ..engine.downshift import Candidate, affordable_output, chain, missing_capabilities
 from ..errors import BadRequest, ClientError, StoreUnavailable, Unauthenticated, UnknownModel, UpstreamError
-from ..estimate import Estimate, TokenCounter, estimate
+from ..estimate import TokenCounter, estimate
 from ..money import nano_to_usd
 from ..policy.loader import PolicyHolder
 from ..policy.model import ModelSpec, Policy
 from ..protocols.envelopes import error_body
+from ..protocols.request import RequestFacts
 from ..protocols.schemas import Schema, schema_for_path
 from ..protocols.usage import Usage
+from ..stores.base import Kind, LineState, Mode
 from . import headers as H
+from . import identity, render
 from .reply import Immediate, Reply
 
 log = logging.getLogger("extproc.session")
+
+
+class DecisionLog:
+    """Recent decisions by id, for `GET <budget_path>/decisions/{id}` (bounded, per process)."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._size = size
+
+    def add(self, decision_id: str, record: dict[str, Any]) -> None:
+        self._items[decision_id] = record
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def get(self, decision_id: str) -> dict[str, Any] | None:
+        return self._items.get(decision_id)
 
 
 @dataclass
@@ -37,6 +58,7 @@ class Services:
     policy: PolicyHolder
     engine: Engine
     counter: TokenCounter = field(default_factory=TokenCounter)
+    decisions: DecisionLog = field(default_factory=DecisionLog)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, coro: Any) -> None:
@@ -45,11 +67,21 @@ class Services:
         task.add_done_callback(self.background.discard)
 
 
-def _api_key(headers: Mapping[str, str]) -> str | None:
-    auth = headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return headers.get("x-api-key") or None
+def _exhausted(lim: AppliedLimit, st: LineState) -> bool:
+    """Nothing more can fit in this line (checked on headers, before the body is uploaded)."""
+    line = lim.line
+    if line.mode is Mode.ADVISORY or line.kind is Kind.CONCURRENCY:
+        return False
+    if line.kind is Kind.DURATION:
+        return st.spent >= st.limit
+    if line.dimension == "requests":
+        return st.spent + st.reserved + 1 > st.limit
+    return st.spent + (0 if line.mode is Mode.ACTUALS_ONLY else st.reserved) >= st.limit
+
+
+def _over_soft(lim: AppliedLimit, st: LineState, amount: int) -> bool:
+    t = lim.spec.soft_threshold
+    return t is not None and lim.spec.dimension == "cost" and (st.spent + st.reserved + amount) > st.limit * t
 
 
 class Session:
@@ -60,37 +92,58 @@ class Session:
         self.envelope = "openai"
         self.who: Identity | None = None
         self.run_id: str | None = None
-        self.request_id: str | None = None
-        self.model: ModelSpec | None = None
-        self.model_name = ""
-        self.estimate: Estimate | None = None
+        self.request_id = ""
+        self.early: tuple[tuple[AppliedLimit, ...], tuple[LineState, ...]] | None = None
+        self.chosen: Candidate | None = None
+        self.requested_model = ""
+        self.clamped = False
         self.decision: Decision | None = None
         self.reader: Any = None
-        self.closed = False  # settled or released
+        self.closed = False  # settled, released or refused
         self.response_started = False
         self.status = 0
         self._strip_usage = False  # we injected include_usage, so hide the usage chunk
+        self.cost: int | None = None
 
     # -- request ---------------------------------------------------------------
 
-    async def request_headers(self, headers: Mapping[str, str], end_of_stream: bool) -> Reply:
-        path = headers.get(":path", "")
+    async def request_headers(self, headers: Mapping[str, str], end_of_stream: bool, peer_id: str | None = None) -> Reply:
+        path = headers.get(":path", "").split("?", 1)[0]
+        method = headers.get(":method", "POST")
+        budget_path = self.policy.decisions.budget_path
+        if method == "GET" and (path == budget_path or path.startswith(budget_path + "/decisions/")):
+            return await self._budget_endpoint(path, headers, peer_id)
         self.schema = schema_for_path(path)
-        if self.schema is None or headers.get(":method", "POST") != "POST":
+        if self.schema is None or method != "POST":
             return Reply(skip_rest=True)
         self.envelope = self.schema.envelope
-        key = _api_key(headers)
-        spec = self.policy.keys_by_hash.get(_sha256(key)) if key else None
-        if spec is None:
-            return self._client_error(Unauthenticated("missing API key" if key is None else "unknown API key"))
-        self.who = Identity.from_key(spec)
+        try:
+            self.who = identity.resolve(self.policy, headers, peer_id)
+        except Unauthenticated as e:
+            return self._client_error(e)
         for name in self.policy.runs.headers:
-            if headers.get(name):
-                self.run_id = headers[name][:128]
+            value = headers.get(name)
+            if value:
+                if len(value) > 128 or not value.isprintable():
+                    return self._client_error(BadRequest(f"{name} must be at most 128 printable characters", param=name))
+                self.run_id = value
                 break
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
         if end_of_stream:
             return self._client_error(BadRequest("request body is required"))
+        # Refuse now if a budget is already spent: the body need not be uploaded.
+        try:
+            eng = self.s.engine
+            limits = eng.limits_for(self.policy, self.who, self.run_id, {}, eng.clock())
+            states = await eng.store.snapshot([l.line for l in limits], tag=self.who.tag, now_ms=eng.clock())
+        except StoreUnavailable as e:
+            return self._store_down(e)
+        self.early = (limits, states)
+        for i, (lim, st) in enumerate(zip(limits, states)):
+            if _exhausted(lim, st):
+                d = Decision(False, uuid.uuid4().hex, Hold(self.who.tag, self.request_id), limits, states, i, (), None, {}, self.policy.enforcement.mode)
+                self.closed = True
+                return Reply(immediate=render.refusal(self.envelope, d, self._headers(d), []))
         return Reply()
 
     async def request_body(self, body: bytes) -> Reply:
@@ -98,46 +151,161 @@ class Session:
         policy = self.policy
         try:
             facts = self.schema.parse_request(body, max_bytes=policy.max_body_bytes)
-            model = policy.prices.models.get(facts.model)
-            if model is None:
+            if policy.model(facts.model) is None:
                 raise UnknownModel(f"model {facts.model!r} has no price in this gateway's policy", param="model")
         except ClientError as e:
             return self._client_error(e)
-        self.model, self.model_name = model, facts.model
-        est = estimate(
-            facts,
-            counter=self.s.counter,
-            encoding=model.encoding,
-            safety_factor=model.token_safety_factor,
-            output_limit=model.output_limit,
-            fallback_output=policy.fallback_output_tokens,
-            image_tokens=policy.image_tokens,
-        )
-        self.estimate = est
-        cost = model.price.cost(input_tokens=est.input_tokens, output_tokens=est.output_tokens)
+        self.requested_model = facts.model
+        requested = self._candidate(facts, facts.model)
+        options = [requested]
+        if policy.decisions.downshift:
+            for name in chain(policy, facts.model):
+                c = self._candidate(facts, name)
+                if not missing_capabilities(c.spec, facts, c.input_tokens, c.output_tokens):
+                    options.append(c)
+        start = 0
+        if len(options) > 1 and self.early is not None and any(
+            _over_soft(lim, st, requested.cost) for lim, st in zip(*self.early)
+        ):
+            start = 1  # past a soft threshold: go straight to the cheaper model
         try:
-            decision = await self.s.engine.reserve(
-                policy,
-                self.who,
-                run_id=self.run_id,
-                reservation_id=self.request_id,
-                estimate={"cost": cost, "input_tokens": est.input_tokens, "output_tokens": est.output_tokens, "requests": 1},
-                meta={"model": facts.model, "api": self.schema.name, "request_id": self.request_id},
-            )
+            decision, chosen = await self._reserve_first_fit(options[start:])
+            if not decision.allowed and policy.decisions.output_clamp:
+                decision, chosen = await self._try_clamp(facts, requested, decision)
         except StoreUnavailable as e:
             return self._store_down(e)
-        self.decision = decision
+        self.decision, self.chosen = decision, chosen
+        self._record(decision, chosen)
         if not decision.allowed:
             self.closed = True
-            return self._refusal(decision)
+            alternatives = self._alternatives(facts, decision)
+            return Reply(immediate=render.refusal(self.envelope, decision, self._headers(decision), alternatives))
         reply = Reply()
-        inject = self.schema.streams and facts.stream and not facts.include_usage and self.schema.name in ("openai.chat", "openai.completions")
-        if inject:
-            new = self.schema.rewrite_request(facts, include_usage=True)
+        inject = facts.stream and not facts.include_usage and self.schema.include_usage_option
+        new_model = chosen.name if chosen.name != facts.model else None
+        clamp = chosen.output_tokens // max(1, facts.n) if self.clamped else None
+        if inject or new_model or clamp:
+            new = self.schema.rewrite_request(facts, model=new_model, include_usage=inject, max_output=clamp)
             reply.body = new
             reply.set_headers.append(("content-length", str(len(new))))
         self._strip_usage = inject
+        route_header = policy.decisions.route_header
+        reply.set_headers.append((route_header, chosen.name))
+        reply.clear_route_cache = bool(new_model)
         return reply
+
+    def _candidate(self, facts: RequestFacts, name: str, max_output: int | None = None) -> Candidate:
+        spec = self.policy.model(name)
+        assert spec is not None
+        est = estimate(
+            facts,
+            counter=self.s.counter,
+            encoding=spec.encoding,
+            safety_factor=spec.token_safety_factor,
+            output_limit=spec.output_limit,
+            fallback_output=self.policy.fallback_output_tokens,
+            image_tokens=self.policy.image_tokens,
+            max_output_override=max_output,
+        )
+        cost = spec.price.cost(input_tokens=est.input_tokens, output_tokens=est.output_tokens)
+        return Candidate(name, spec, est.input_tokens, est.output_tokens, cost)
+
+    async def _reserve(self, c: Candidate, attempt: int) -> Decision:
+        assert self.who is not None and self.schema is not None
+        rid = self.request_id if attempt == 0 else f"{self.request_id}.{attempt}"
+        return await self.s.engine.reserve(
+            self.policy,
+            self.who,
+            run_id=self.run_id,
+            reservation_id=rid,
+            estimate=c.estimate,
+            meta={"model": c.name, "requested_model": self.requested_model, "api": self.schema.name, "request_id": self.request_id},
+        )
+
+    async def _reserve_first_fit(self, options: list[Candidate]) -> tuple[Decision, Candidate]:
+        """Try each model in order; stop at the first that fits or at a refusal a cheaper model cannot fix."""
+        decision: Decision | None = None
+        for attempt, c in enumerate(options):
+            decision = await self._reserve(c, attempt)
+            if decision.allowed:
+                return decision, c
+            blocking = decision.blocking
+            if blocking is None or blocking.spec.dimension not in ("cost", "input_tokens", "output_tokens", "total_tokens"):
+                break
+        assert decision is not None
+        return decision, options[min(attempt, len(options) - 1)]
+
+    async def _try_clamp(self, facts: RequestFacts, requested: Candidate, refused: Decision) -> tuple[Decision, Candidate]:
+        """Lower max output to what the blocking budget still affords (opt-in)."""
+        b, idx = refused.blocking, refused.blocked
+        if b is None or idx is None:
+            return refused, requested
+        st = refused.states[idx]
+        remaining = max(0, st.remaining)
+        n = max(1, facts.n)
+        if b.spec.dimension == "cost":
+            per_choice = affordable_output(requested.spec, requested.input_tokens, remaining, n)
+        elif b.spec.dimension == "output_tokens":
+            per_choice = remaining // n
+        elif b.spec.dimension == "total_tokens":
+            per_choice = (remaining - requested.input_tokens) // n
+        else:
+            return refused, requested
+        if per_choice < self.policy.decisions.min_clamped_output_tokens:
+            return refused, requested
+        clamped = self._candidate(facts, requested.name, max_output=per_choice)
+        decision = await self._reserve(clamped, 9)
+        if decision.allowed:
+            self.clamped = True
+            return decision, clamped
+        return refused, requested
+
+    def _alternatives(self, facts: RequestFacts, d: Decision) -> list[dict[str, Any]]:
+        """Cheaper models an agent could ask for instead, with whether they fit now."""
+        remaining = min((max(0, st.remaining) for lim, st in zip(d.limits, d.states) if lim.spec.dimension == "cost"), default=None)
+        out = []
+        for name in chain(self.policy, facts.model):
+            c = self._candidate(facts, name)
+            missing = missing_capabilities(c.spec, facts, c.input_tokens, c.output_tokens)
+            caps = c.spec.capabilities
+            out.append(
+                {
+                    "model": name,
+                    "estimate_usd": nano_to_usd(c.cost),
+                    "fits": not missing and (remaining is None or c.cost <= remaining),
+                    "capable": not missing,
+                    "missing": missing,
+                    "capabilities": {
+                        "tools": caps.tools,
+                        "vision": caps.vision,
+                        "json_mode": caps.json_mode,
+                        "context_window": c.spec.context_window,
+                        "output_limit": c.spec.output_limit,
+                    },
+                }
+            )
+        return out
+
+    def _record(self, d: Decision, c: Candidate) -> None:
+        assert self.who is not None
+        self.s.decisions.add(
+            d.decision_id,
+            {
+                "decision_id": d.decision_id,
+                "principal": self.who.principal,
+                "run": self.run_id,
+                "decision": render.decision_value(d, self.clamped or c.name != self.requested_model),
+                "requested_model": self.requested_model,
+                "selected_model": c.name,
+                "scopes": sorted({l.budget for l in d.limits}),
+                "estimate": {"cost_usd": nano_to_usd(c.cost), "input_tokens": c.input_tokens, "output_tokens": c.output_tokens},
+                "effective_max_output": c.output_tokens,
+                "output_clamped": self.clamped,
+                "blocking_scope": d.blocking.budget if d.blocking else None,
+                "price_table_version": self.policy.prices.version,
+                "reservation_id": d.hold.reservation_id,
+            },
+        )
 
     # -- response --------------------------------------------------------------
 
@@ -147,21 +315,18 @@ class Session:
             self.status = int(headers.get(":status", "0"))
         except ValueError:
             self.status = 0
-        reply = Reply(set_headers=self._state_headers())
         if self.decision is None or self.closed:
-            reply.skip_response_body = True
-            return reply
+            return Reply(skip_response_body=True)
+        reply = Reply(set_headers=self._headers(self.decision))
         if not 200 <= self.status < 300:
             await self._release()
             reply.skip_response_body = True
             return reply
         if "text/event-stream" in headers.get("content-type", ""):
-            assert self.schema is not None and self.model is not None
-            enc = self.model.encoding
+            assert self.schema is not None and self.chosen is not None
+            enc = self.chosen.spec.encoding
             counter = self.s.counter
-            self.reader = self.schema.stream_reader(
-                strip_usage_chunk=self._strip_usage, count_tokens=lambda t: counter.count(t, enc)
-            )
+            self.reader = self.schema.stream_reader(strip_usage_chunk=self._strip_usage, count_tokens=lambda t: counter.count(t, enc))
             reply.stream_response = True
         return reply
 
@@ -176,7 +341,7 @@ class Session:
                 log.warning("unparseable response body for %s: %s; charging the reservation", self.request_id, e)
                 usage = None
             cost = await self._settle(usage, source="body" if usage else "estimate")
-            return Reply(set_headers=[] if cost is None else [(H.COST, nano_to_usd(cost))])
+            return Reply(set_headers=[(H.COST, nano_to_usd(cost))], metadata=self._metadata(cost))
         try:
             out = self.reader.feed(chunk)
             if end_of_stream:
@@ -188,9 +353,8 @@ class Session:
             return Reply(body=None if out is chunk else out)
         usage = self.reader.usage
         cost = await self._settle(usage if usage is not None else self._counted_usage(), source="stream" if usage else "counted")
-        if cost is not None:
-            out = out + f": {H.COST}={nano_to_usd(cost)}\n\n".encode()
-        return Reply(body=out)
+        out = out + f": {H.COST}={nano_to_usd(cost)}\n\n".encode()
+        return Reply(body=out, metadata=self._metadata(cost))
 
     async def close(self) -> None:
         """The stream ended. If the call was served but never settled, charge what was observed."""
@@ -199,24 +363,23 @@ class Session:
         if self.response_started and not 200 <= self.status < 300:
             await self._release()
             return
-        usage = self._counted_usage()
-        await self._settle(usage, source="aborted")
+        await self._settle(self._counted_usage(), source="aborted")
 
     # -- helpers ---------------------------------------------------------------
 
     def _counted_usage(self) -> Usage:
-        est = self.estimate
+        c = self.chosen
         out = self.reader.counted_output_tokens if self.reader is not None else 0
-        return Usage(input_tokens=est.input_tokens if est else 0, output_tokens=out)
+        return Usage(input_tokens=c.input_tokens if c else 0, output_tokens=out)
 
-    async def _settle(self, usage: Usage | None, *, source: str) -> int | None:
+    async def _settle(self, usage: Usage | None, *, source: str) -> int:
         """Charge `usage` (None → the reserved worst case). Returns the cost charged."""
-        assert self.decision is not None and self.model is not None
+        assert self.decision is not None and self.chosen is not None
         self.closed = True
         if usage is None:
             charge = dict(self.decision.reserved)
         else:
-            cost = self.model.price.cost(
+            cost = self.chosen.spec.price.cost(
                 input_tokens=usage.input_tokens,
                 output_tokens=usage.output_tokens,
                 cached_input_tokens=usage.cached_input_tokens,
@@ -224,6 +387,15 @@ class Session:
             )
             charge = {"cost": cost, "input_tokens": usage.total_input, "output_tokens": usage.output_tokens, "requests": 1}
         meta = {"usage_source": source, "status": self.status}
+        if usage is not None:
+            meta["usage"] = {
+                "input": usage.input_tokens,
+                "cached_input": usage.cached_input_tokens,
+                "cache_write": usage.cache_write_tokens,
+                "output": usage.output_tokens,
+                "reasoning": usage.reasoning_tokens,
+            }
+        self.cost = charge["cost"]
         try:
             result = await self.s.engine.settle(self.decision.hold, charge, meta)
         except StoreUnavailable as e:
@@ -240,41 +412,71 @@ class Session:
         except StoreUnavailable as e:
             log.error("release of %s failed (%s); it will expire at its TTL", self.decision.hold.reservation_id, e)
 
-    def _state_headers(self) -> list[tuple[str, str]]:
-        d = self.decision
-        if d is None:
-            return []
-        out = [
-            (H.DECISION, "allow" if d.allowed and not d.warned else ("advisory_warn" if d.allowed else "block")),
-            (H.DECISION_ID, d.decision_id),
-            (H.RESERVATION_ID, d.hold.reservation_id),
-            (H.MODE, d.mode.value),
-            (H.RESERVED, nano_to_usd(d.reserved.get("cost", 0))),
-            (H.PRICE_VERSION, self.policy.prices.version),
-        ]
-        tight = d.tightest("cost")
-        if tight is not None:
-            lim, st = tight
-            out += [
-                (H.SCOPE, lim.budget),
-                (H.LIMIT, nano_to_usd(st.limit)),
-                (H.SPENT, nano_to_usd(st.spent)),
-                (H.REMAINING, nano_to_usd(max(0, st.remaining))),
-            ]
-        if self.run_id:
-            out.append((H.RUN_ID, self.run_id))
-        return out
+    def _headers(self, d: Decision) -> list[tuple[str, str]]:
+        return render.state_headers(
+            d,
+            now_ms=self.s.engine.clock(),
+            price_version=self.policy.prices.version,
+            run_id=self.run_id,
+            requested_model=self.requested_model,
+            selected_model=self.chosen.name if self.chosen else self.requested_model,
+            clamped=self.clamped,
+        )
 
-    def _immediate(self, status: int, body: bytes, extra: list[tuple[str, str]]) -> Reply:
-        hdrs = [("content-type", "application/json"), *extra]
-        return Reply(immediate=Immediate(status, tuple(hdrs), body))
+    def _metadata(self, cost: int) -> dict[str, Any]:
+        d = self.decision
+        tight = d.tightest("cost") if d else None
+        return {
+            "cost_usd": nano_to_usd(cost),
+            "scope": tight[0].budget if tight else "",
+            "principal": self.who.principal if self.who else "",
+            "model": self.chosen.name if self.chosen else "",
+            "decision_id": d.decision_id if d else "",
+        }
+
+    async def _budget_endpoint(self, path: str, headers: Mapping[str, str], peer_id: str | None) -> Reply:
+        try:
+            who = identity.resolve(self.policy, headers, peer_id)
+        except Unauthenticated as e:
+            return self._client_error(e)
+        if "/decisions/" in path:
+            rec = self.s.decisions.get(path.rsplit("/", 1)[1])
+            if rec is None or rec["principal"] != who.principal:
+                body = error_body("openai", status=404, message="no such decision", type="invalid_request_error", code="not_found")
+                return self._json(404, body)
+            return self._json(200, json.dumps(rec).encode())
+        run_id = next((headers[h] for h in self.policy.runs.headers if headers.get(h)), None)
+        eng = self.s.engine
+        now = eng.clock()
+        limits = eng.limits_for(self.policy, who, run_id, {}, now)
+        try:
+            states = await eng.store.snapshot([l.line for l in limits], tag=who.tag, now_ms=now)
+        except StoreUnavailable as e:
+            return self._store_down(e)
+        doc = {
+            "principal": who.principal,
+            "team": who.team,
+            "org": who.org,
+            "run": run_id,
+            "price_table_version": self.policy.prices.version,
+            "budgets": render.budget_rows(limits, states, now),
+        }
+        return self._json(200, json.dumps(doc).encode())
+
+    def _json(self, status: int, body: bytes, extra: list[tuple[str, str]] | None = None) -> Reply:
+        return Reply(immediate=Immediate(status, (("content-type", "application/json"), *(extra or [])), body))
 
     def _client_error(self, e: ClientError) -> Reply:
+        self.closed = True
         body = error_body(self.envelope, status=e.status, message=e.message, type=e.type, code=e.code, param=e.param)
-        return self._immediate(e.status, body, [])
+        return self._json(e.status, body)
 
     def _store_down(self, e: StoreUnavailable) -> Reply:
-        log.error("budget store unavailable: %s", e)
+        self.closed = True
+        if self.policy.failure_mode == "fail_open":
+            log.error("budget store unavailable, letting %s through unmetered (failure_mode fail_open): %s", self.request_id, e)
+            return Reply(set_headers=[(H.DECISION, "allow"), ("x-budget-failure-mode", "fail_open")])
+        log.error("budget store unavailable, refusing %s (fail closed): %s", self.request_id, e)
         body = error_body(
             self.envelope,
             status=503,
@@ -282,47 +484,10 @@ class Session:
             type="server_error",
             code="budget_store_unavailable",
         )
-        return self._immediate(503, body, [(H.DECISION, "block"), ("retry-after", "1")])
-
-    def _refusal(self, d: Decision) -> Reply:
-        blocking = d.blocking
-        assert blocking is not None and d.blocked is not None
-        st = d.states[d.blocked]
-        code = d.refusal_code
-        unit = blocking.spec.dimension
-        fmt = nano_to_usd if unit == "cost" else str
-        budget = {
-            "scope": blocking.budget,
-            "dimension": unit,
-            "window": blocking.spec.window,
-            "limit": fmt(st.limit),
-            "spent": fmt(st.spent),
-            "reserved": fmt(st.reserved),
-            "remaining": fmt(max(0, st.remaining)),
-            "requested": fmt(blocking.line.amount),
-            "reset_at_ms": blocking.reset_ms,
-            "retry_after_ms": d.retry_after_ms,
-            "decision_id": d.decision_id,
-        }
-        msg = (
-            f"Budget {blocking.budget} cannot cover this request: {unit} limit {fmt(st.limit)}, "
-            f"spent {fmt(st.spent)}, reserved {fmt(st.reserved)}, this request needs up to {fmt(blocking.line.amount)}."
-        )
-        body = error_body(self.envelope, status=429, message=msg, type=code, code=code, budget=budget)
-        extra = self._state_headers() + [(H.BLOCKING_SCOPE, blocking.budget)]
-        if code == "rate_limit_exceeded":
-            secs = max(1, -(-(d.retry_after_ms or 1000) // 1000))
-            extra.append(("retry-after", str(secs)))
-        else:
-            extra.append((H.SHOULD_RETRY, "false"))
-        return self._immediate(429, body, extra)
+        return self._json(503, body, [(H.DECISION, "block"), ("retry-after", "1")])
 
 
-def _sha256(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-async def _settle_later(engine: Engine, hold: Any, charge: Mapping[str, int], meta: Mapping[str, Any]) -> None:
+async def _settle_later(engine: Engine, hold: Hold, charge: Mapping[str, int], meta: Mapping[str, Any]) -> None:
     """Retry a settle the store refused; the reservation's TTL is the backstop."""
     delay = 0.2
     for _ in range(12):

@@ -1,0 +1,51 @@
+"""Who is calling: the principal from a trusted source, never from a forgeable one.
+
+Order: the API-key map (keys stored as sha256), then a principal header that
+the Envoy edge sets after jwt_authn (trusted only if the policy says the edge
+strips client copies, as the shipped configs do), then the mTLS peer's URI SAN
+(an Envoy attribute, which a client cannot set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Mapping
+
+from ..engine.budget import Identity
+from ..errors import Unauthenticated
+from ..policy.model import Policy, PrincipalSpec
+
+
+def api_key(headers: Mapping[str, str]) -> str | None:
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return headers.get("x-api-key") or None
+
+
+def _from_principal(p: PrincipalSpec) -> Identity:
+    return Identity(p.name, p.team, p.org, p.user, dict(p.labels))
+
+
+def resolve(policy: Policy, headers: Mapping[str, str], peer_id: str | None = None) -> Identity:
+    """The caller's identity, or Unauthenticated with a message that says what was missing."""
+    ident = policy.identity
+    key = api_key(headers) if ident.api_keys else None
+    if key is not None:
+        spec = policy.keys_by_hash.get(hashlib.sha256(key.encode()).hexdigest())
+        if spec is not None:
+            return Identity.from_key(spec)
+    if ident.principal_header and ident.edge_strips_headers:
+        name = headers.get(ident.principal_header)
+        if name:
+            p = policy.principals_by_name.get(name)
+            if p is None:
+                raise Unauthenticated(f"principal {name!r} is not known to this gateway's policy")
+            return _from_principal(p)
+    if ident.mtls_peer and peer_id:
+        p = policy.principals_by_peer.get(peer_id)
+        if p is not None:
+            return _from_principal(p)
+    if key is not None:
+        raise Unauthenticated("unknown API key")
+    raise Unauthenticated("missing API key (Authorization: Bearer … or x-api-key)")
