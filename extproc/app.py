@@ -10,10 +10,12 @@ import signal
 from pathlib import Path
 
 import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc as azg
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from .engine.budget import Engine
 from .policy.loader import PolicyHolder
+from .server.ext_authz import Authorization
 from .server.ext_proc import ExternalProcessor
 from .server.session import Services
 from .stores.base import Store
@@ -72,6 +74,7 @@ async def serve(policy_path: str | Path, store_url: str, grpc_addr: str, *, reap
     services = Services(holder, engine)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     epg.add_ExternalProcessorServicer_to_server(ExternalProcessor(services), server)
+    azg.add_AuthorizationServicer_to_server(Authorization(services), server)
     bound = server.add_insecure_port(grpc_addr)
     if not grpc_addr.startswith("unix:") and bound == 0:
         raise OSError(f"cannot bind gRPC address {grpc_addr}")

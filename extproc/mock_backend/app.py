@@ -204,6 +204,10 @@ class Backend:
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def dispatch(self, request: web.Request) -> web.Response:
+        """Stands in for an orchestrator's task dispatch (the ext_authz demo's upstream)."""
+        return web.json_response({"accepted": True})
+
 
 BACKEND = web.AppKey("mock_backend", Backend)
 """``app[BACKEND]`` is the app's Backend (stats, simulated GPU) for in-process tests."""
@@ -224,5 +228,6 @@ def make_app(config: MockConfig | None = None) -> web.Application:
     app.router.add_post("/stats/reset", backend.stats_reset)
     app.router.add_get("/metrics", backend.metrics)
     app.router.add_get("/healthz", backend.healthz)
+    app.router.add_post("/dispatch", backend.dispatch)
     app.on_response_prepare.append(_tag)
     return app

@@ -117,6 +117,17 @@ class Session:
         if self.schema is None or method != "POST":
             return Reply(skip_rest=True)
         self.envelope = self.schema.envelope
+        refused = await self.gate(headers, peer_id)
+        if refused is not None:
+            return refused
+        if end_of_stream:
+            return self._client_error(BadRequest("request body is required"))
+        return Reply()
+
+    async def gate(self, headers: Mapping[str, str], peer_id: str | None) -> Reply | None:
+        """Identity, run id, and a refusal if a budget is already spent (no body needed).
+
+        Shared by ext_proc's request headers and by ext_authz's Check."""
         try:
             self.who = identity.resolve(self.policy, headers, peer_id)
         except Unauthenticated as e:
@@ -129,8 +140,6 @@ class Session:
                 self.run_id = value
                 break
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        if end_of_stream:
-            return self._client_error(BadRequest("request body is required"))
         # Refuse now if a budget is already spent: the body need not be uploaded.
         try:
             eng = self.s.engine
@@ -144,7 +153,7 @@ class Session:
                 d = Decision(False, uuid.uuid4().hex, Hold(self.who.tag, self.request_id), limits, states, i, (), None, {}, self.policy.enforcement.mode)
                 self.closed = True
                 return Reply(immediate=render.refusal(self.envelope, d, self._headers(d), []))
-        return Reply()
+        return None
 
     async def request_body(self, body: bytes) -> Reply:
         assert self.schema is not None and self.who is not None

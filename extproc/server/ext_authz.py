@@ -1,0 +1,57 @@
+"""The ext_authz gRPC servicer: the same identity and refusal rules, headers only.
+
+For callers that pass no inference body through the filter (an orchestrator's
+dispatch endpoint, meshes that allow only ext_authz): `Check` resolves the
+principal and run and denies with the same 429 envelope when a hard budget,
+a step cap or a run deadline is already spent. Nothing is reserved.
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as az
+from envoy.service.auth.v3 import external_auth_pb2_grpc as azg
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+
+from ..protocols.schemas import schema_for_path
+from .session import Services, Session
+
+_OK = status_pb2.Status(code=code_pb2.OK)
+
+
+class Authorization(azg.AuthorizationServicer):
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def Check(self, request: az.CheckRequest, context) -> az.CheckResponse:  # type: ignore[override]
+        http = request.attributes.request.http
+        headers = dict(http.headers)
+        if http.header_map.headers:
+            for h in http.header_map.headers:
+                headers[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        headers.setdefault(":path", http.path)
+        headers.setdefault(":method", http.method)
+        peer = request.attributes.source.principal or None
+        session = Session(self.services)
+        schema = schema_for_path(http.path)
+        if schema is not None:
+            session.envelope = schema.envelope
+        reply = await session.gate(headers, peer)
+        if reply is None or reply.immediate is None:
+            return az.CheckResponse(status=_OK, ok_response=az.OkHttpResponse())
+        imm = reply.immediate
+        return az.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED if imm.status != 503 else code_pb2.UNAVAILABLE),
+            denied_response=az.DeniedHttpResponse(
+                status=http_status_pb2.HttpStatus(code=imm.status),
+                headers=[
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(key=k, value=v),
+                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                    for k, v in imm.headers
+                ],
+                body=imm.body.decode(),
+            ),
+        )
