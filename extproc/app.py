@@ -65,7 +65,9 @@ async def _watch_policy(holder: PolicyHolder, interval: float) -> None:
             holder.reload()
 
 
-async def serve(policy_path: str | Path, store_url: str, grpc_addr: str, *, reap_interval: float = 1.0) -> None:
+async def serve(
+    policy_path: str | Path, store_url: str, grpc_addr: str, *, admin_addr: str | None = None, reap_interval: float = 1.0
+) -> None:
     holder = PolicyHolder.from_file(policy_path)
     for enc in {m.encoding for m in holder.current.prices.models.values()}:
         get_encoding(enc)  # load BPE ranks now, not on the first request

@@ -12,7 +12,7 @@ import time
 DEFAULT_STORE = "sqlite:var/budget.db"
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve_one(policy: str, store: str, grpc_addr: str, admin: str | None) -> None:
     from .app import serve
 
     try:
@@ -21,8 +21,43 @@ def _serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(args.policy, args.store, args.grpc))
-    return 0
+    asyncio.run(serve(policy, store, grpc_addr, admin_addr=admin))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """One process per core is the scaling unit: N workers share the gRPC port (SO_REUSEPORT)."""
+    if args.workers <= 1:
+        _serve_one(args.policy, args.store, args.grpc, args.admin)
+        return 0
+    if args.grpc.startswith("unix:"):
+        raise SystemExit("--workers > 1 needs a TCP --grpc address (a Unix socket path cannot be shared)")
+    import multiprocessing as mp
+    import os
+    import tempfile
+
+    # Metrics of all workers are aggregated by the admin endpoint of worker 0.
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="extproc-metrics-"))
+    ctx = mp.get_context("spawn")  # never fork a process that may hold gRPC state
+    workers = [
+        ctx.Process(target=_serve_one, args=(args.policy, args.store, args.grpc, args.admin if i == 0 else None), daemon=False)
+        for i in range(args.workers)
+    ]
+    for w in workers:
+        w.start()
+
+    def forward(signum: int, frame: object) -> None:
+        for w in workers:
+            if w.pid and w.is_alive():
+                os.kill(w.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
+    status = 0
+    for w in workers:
+        w.join()
+        status = status or (w.exitcode or 0)
+    return status
 
 
 def _mock_backend(args: argparse.Namespace) -> int:
@@ -98,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", required=True, help="policy YAML file")
     s.add_argument("--store", default=DEFAULT_STORE, help="sqlite:PATH (default %(default)s), redis://HOST:PORT, redis+cluster://HOST:PORT")
     s.add_argument("--grpc", default="127.0.0.1:50051", help="host:port or unix:/path (default %(default)s)")
+    s.add_argument("--workers", type=int, default=1, help="worker processes sharing the gRPC port (TCP only)")
+    s.add_argument("--admin", default=None, help="admin HTTP host:port (metrics, budgets, ledger); loopback recommended")
     s.set_defaults(fn=_serve)
 
     m = sub.add_parser("mock-backend", help="run the mock GPU inference backend (OpenAI + Anthropic APIs)")

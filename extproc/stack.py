@@ -189,6 +189,9 @@ class Stack:
         )
         _wait_connect(self.grpc, 30, proc)
 
+    def procs_by_name(self, name: str) -> subprocess.Popen[Any]:
+        return next(p for n, p in self.procs if n == name)
+
     def stop_service(self) -> None:
         self._stop("extproc")
 

@@ -19,6 +19,7 @@ PRICE_VERSION = "x-budget-price-table-version"
 COST = "x-budget-cost-usd"
 RUN_ID = "x-run-id"
 SHOULD_RETRY = "x-should-retry"
+FAILURE_MODE = "x-budget-failure-mode"
 
 # Set by the Envoy edge after stripping client copies; never read from clients otherwise.
 INTERNAL_PREFIX = "x-extproc-"

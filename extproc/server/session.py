@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ..protocols.schemas import Schema, schema_for_path
 from ..protocols.usage import Usage
 from ..stores.base import Kind, LineState, Mode
 from . import headers as H
-from . import identity, render
+from . import identity, metrics, render
 from .reply import Immediate, Reply
 
 log = logging.getLogger("extproc.session")
@@ -104,6 +105,7 @@ class Session:
         self.status = 0
         self._strip_usage = False  # we injected include_usage, so hide the usage chunk
         self.cost: int | None = None
+        self.fail_open = False  # the store was down and the policy says fail_open
 
     # -- request ---------------------------------------------------------------
 
@@ -150,6 +152,7 @@ class Session:
         self.early = (limits, states)
         for i, (lim, st) in enumerate(zip(limits, states)):
             if _exhausted(lim, st):
+                metrics.DECISIONS.labels("block", lim.scope).inc()
                 d = Decision(False, uuid.uuid4().hex, Hold(self.who.tag, self.request_id), limits, states, i, (), None, {}, self.policy.enforcement.mode)
                 self.closed = True
                 return Reply(immediate=render.refusal(self.envelope, d, self._headers(d), []))
@@ -185,6 +188,10 @@ class Session:
             return self._store_down(e)
         self.decision, self.chosen = decision, chosen
         self._record(decision, chosen)
+        outcome = render.decision_value(decision, self.clamped or chosen.name != self.requested_model)
+        metrics.DECISIONS.labels(outcome, decision.blocking.scope if decision.blocking else "").inc()
+        if decision.allowed:
+            metrics.INFLIGHT.inc()
         if not decision.allowed:
             self.closed = True
             alternatives = self._alternatives(facts, decision)
@@ -222,14 +229,15 @@ class Session:
     async def _reserve(self, c: Candidate, attempt: int) -> Decision:
         assert self.who is not None and self.schema is not None
         rid = self.request_id if attempt == 0 else f"{self.request_id}.{attempt}"
-        return await self.s.engine.reserve(
-            self.policy,
-            self.who,
-            run_id=self.run_id,
-            reservation_id=rid,
-            estimate=c.estimate,
-            meta={"model": c.name, "requested_model": self.requested_model, "api": self.schema.name, "request_id": self.request_id},
-        )
+        with metrics.RESERVE_SECONDS.time():
+            return await self.s.engine.reserve(
+                self.policy,
+                self.who,
+                run_id=self.run_id,
+                reservation_id=rid,
+                estimate=c.estimate,
+                meta={"model": c.name, "requested_model": self.requested_model, "api": self.schema.name, "request_id": self.request_id},
+            )
 
     async def _reserve_first_fit(self, options: list[Candidate]) -> tuple[Decision, Candidate]:
         """Try each model in order; stop at the first that fits or at a refusal a cheaper model cannot fix."""
@@ -324,6 +332,8 @@ class Session:
             self.status = int(headers.get(":status", "0"))
         except ValueError:
             self.status = 0
+        if self.fail_open:
+            return Reply(set_headers=[(H.DECISION, "allow"), (H.FAILURE_MODE, "fail_open")], skip_response_body=True)
         if self.decision is None or self.closed:
             return Reply(skip_response_body=True)
         reply = Reply(set_headers=self._headers(self.decision))
@@ -405,20 +415,33 @@ class Session:
                 "reasoning": usage.reasoning_tokens,
             }
         self.cost = charge["cost"]
+        metrics.INFLIGHT.dec()
+        reserved = self.decision.reserved.get("cost", 0)
+        if reserved:
+            metrics.ESTIMATE_RATIO.observe(charge["cost"] / reserved)
+        t0 = time.perf_counter()
         try:
             result = await self.s.engine.settle(self.decision.hold, charge, meta)
         except StoreUnavailable as e:
+            metrics.STORE_ERRORS.labels("settle").inc()
             log.error("settle of %s failed (%s); retrying in background", self.decision.hold.reservation_id, e)
             self.s.spawn(_settle_later(self.s.engine, self.decision.hold, charge, meta))
             return charge["cost"]
+        metrics.SETTLE_SECONDS.observe(time.perf_counter() - t0)
+        if not result.replayed:
+            for lim in self.decision.limits:
+                if lim.spec.dimension == "cost" and lim.scope != "run":
+                    metrics.SPEND.labels(lim.budget).inc(result.charged.get("cost", 0))
         return result.charged.get("cost", 0)
 
     async def _release(self) -> None:
         assert self.decision is not None
         self.closed = True
+        metrics.INFLIGHT.dec()
         try:
             await self.s.engine.release(self.decision.hold)
         except StoreUnavailable as e:
+            metrics.STORE_ERRORS.labels("release").inc()
             log.error("release of %s failed (%s); it will expire at its TTL", self.decision.hold.reservation_id, e)
 
     def _headers(self, d: Decision) -> list[tuple[str, str]]:
@@ -482,9 +505,13 @@ class Session:
 
     def _store_down(self, e: StoreUnavailable) -> Reply:
         self.closed = True
+        metrics.STORE_ERRORS.labels("reserve").inc()
         if self.policy.failure_mode == "fail_open":
-            log.error("budget store unavailable, letting %s through unmetered (failure_mode fail_open): %s", self.request_id, e)
-            return Reply(set_headers=[(H.DECISION, "allow"), ("x-budget-failure-mode", "fail_open")])
+            if not self.fail_open:
+                metrics.FAIL_OPEN.inc()
+                log.error("budget store unavailable, letting %s through unmetered (failure_mode fail_open): %s", self.request_id, e)
+            self.fail_open = True
+            return Reply()
         log.error("budget store unavailable, refusing %s (fail closed): %s", self.request_id, e)
         body = error_body(
             self.envelope,

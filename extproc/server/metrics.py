@@ -1,0 +1,28 @@
+"""Prometheus metrics of decisions, latency, estimate error, store health and spend.
+
+Spend per budget is labelled only for non-run scopes (runs are unbounded in
+number; their spend is in the ledger). With several worker processes the
+admin endpoint aggregates through prometheus-client's multiprocess mode.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DECISIONS = Counter("extproc_decisions_total", "Budget decisions by outcome and blocking scope kind", ["outcome", "scope"])
+RESERVE_SECONDS = Histogram(
+    "extproc_reserve_seconds", "Time to reserve across all budgets (store round trip included)",
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+)
+SETTLE_SECONDS = Histogram(
+    "extproc_settle_seconds", "Time to settle a reservation",
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+)
+ESTIMATE_RATIO = Histogram(
+    "extproc_charged_to_reserved_ratio", "Charged cost / reserved cost per settled call (estimate error)",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.5, 2.0),
+)
+STORE_ERRORS = Counter("extproc_store_errors_total", "Budget store operations that failed", ["op"])
+INFLIGHT = Gauge("extproc_inflight_reservations", "Reservations held by this process", multiprocess_mode="livesum")
+SPEND = Counter("extproc_spend_nano_usd_total", "Settled spend in nano-USD per budget (runs excluded)", ["budget"])
+FAIL_OPEN = Counter("extproc_fail_open_total", "Requests let through unmetered because the store was down (fail_open)")

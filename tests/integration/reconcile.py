@@ -1,0 +1,50 @@
+"""After a fault: the ledger reconciles with the counters, and nothing stays reserved."""
+
+from __future__ import annotations
+
+import asyncio
+
+from extproc.engine.budget import Engine, Identity
+from extproc.policy.loader import load_policy
+from extproc.stack import Stack
+from tests.integration.conftest import open_store
+
+
+async def reconcile(stack: Stack, *, timeout: float = 15.0) -> dict[str, tuple[int, int]]:
+    """Wait until no cost line holds a reservation, then check sum(ledger charges) == spent per line.
+
+    Returns {line key: (spent, ledger sum)}. Expired reservations count: the
+    reaper settles them at their reserved amount and the ledger says so.
+    """
+    policy = load_policy(stack.policy)
+    store = open_store(stack.store or "")
+    engine = Engine(store)
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            await store.expire(now_ms=engine.clock())  # what any live service's reaper does
+            entries = await store.ledger()
+            lines = []
+            for key in policy.keys:
+                who = Identity.from_key(key)
+                runs = {e.meta.get("run") for e in entries if e.meta.get("principal") == who.principal}
+                for run in runs:
+                    for lim in engine.limits_for(policy, who, run, {}, engine.clock()):
+                        if lim.spec.dimension == "cost":
+                            lines.append((who.tag, lim.line))
+            states = []
+            for tag, line in lines:
+                (st,) = await store.snapshot([line], tag=tag, now_ms=engine.clock())
+                states.append((tag, line, st))
+            if all(st.reserved == 0 for _, _, st in states) or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        out = {}
+        for tag, line, st in states:
+            total = sum(e.charged.get("cost", 0) for e in entries if line.key in e.lines and e.tag == tag)
+            out[line.key] = (st.spent, total)
+            assert st.reserved == 0, f"{line.key}: {st.reserved} still reserved past the TTL"
+            assert st.spent == total, f"{line.key}: spent {st.spent} != ledger {total}"
+        return out
+    finally:
+        await store.close()
