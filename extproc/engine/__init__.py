@@ -3,6 +3,7 @@
 Knows nothing of gRPC or HTTP; talks to a `stores.base.Store`.
 """
 
-from .budget import Decision, Engine, Hold, Identity
+from .budget import BudgetSnapshot, Decision, Engine, Hold, Identity
+from .runs import RUN_LOWER_HEADERS, run_overrides_from_headers
 
-__all__ = ["Decision", "Engine", "Hold", "Identity"]
+__all__ = ["BudgetSnapshot", "Decision", "Engine", "Hold", "Identity", "RUN_LOWER_HEADERS", "run_overrides_from_headers"]

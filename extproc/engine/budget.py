@@ -2,8 +2,21 @@
 
 One call to `Engine.reserve` builds the lines (one per limit of each budget
 that applies: key, team, org, user, labels, run), asks the store to take them
-atomically, and returns a `Decision` the caller can render. `settle` charges
-the real usage to the same lines; `release` gives everything back.
+atomically (and to check and touch the run in the same step), and returns a
+`Decision` the caller can render. `settle` charges the real usage to the same
+lines; `release` gives everything back.
+
+Runs: a run id is namespaced under its principal (`RunRef.key` =
+"principal/run-id"); the store creates it on first sight, refreshes its TTL
+on every attempt, caps the principal's active runs, and keeps the lowest
+limit a client asked for (`run_overrides`). A refusal by the run itself
+(closed, expired, over the cap) is a `Decision` with `reason` set and a
+synthetic blocking limit appended, so renderers that read
+`blocking`/`states[blocked]` keep working.
+
+Admin operations (`adjust`, `close_run`, `snapshot`, `run_state`) are thin
+methods over the store, addressed the way a request is: policy + identity
+(+ run id) + scope + dimension.
 """
 
 from __future__ import annotations
@@ -14,8 +27,21 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Callable, Mapping, Sequence
 
+from ..money import nano_to_usd
 from ..policy.model import BudgetSpec, KeySpec, LimitSpec, Policy
-from ..stores.base import Kind, Line, LineState, Mode, ReserveResult, SettleResult, Store, Window
+from ..stores.base import (
+    Kind,
+    Line,
+    LineState,
+    Mode,
+    ReserveResult,
+    RunRef,
+    RunRefusal,
+    RunState,
+    SettleResult,
+    Store,
+    Window,
+)
 from .windows import calendar_period
 
 
@@ -104,6 +130,9 @@ class Decision:
     retry_after_ms: int | None
     reserved: Mapping[str, int]  # the estimate reserved (cost nano-USD, tokens, requests)
     mode: Mode
+    reason: RunRefusal | None = None  # refused by the run (closed / expired / over the cap), not a budget line
+    run: str | None = None  # the run's key ("principal/run-id") when the request belongs to a run
+    replayed: bool = False  # the store replayed the first outcome of this reservation id
 
     @property
     def blocking(self) -> AppliedLimit | None:
@@ -111,13 +140,54 @@ class Decision:
 
     @property
     def refusal_code(self) -> str:
-        """insufficient_quota for balances (no retry helps); rate_limit_exceeded when time frees room."""
+        """insufficient_quota when waiting cannot help (balances, calendar quotas, closed or
+        expired runs, a request larger than the whole limit); rate_limit_exceeded when time
+        frees room (rolling windows, concurrency, the active-run cap)."""
         b = self.blocking
-        if b is None:
+        if b is None or self.blocked is None:
             return ""
+        if self.reason is not None:
+            return "rate_limit_exceeded" if self.reason is RunRefusal.LIMIT else "insufficient_quota"
         if b.spec.window == "rolling" or b.spec.dimension == "concurrency":
+            st = self.states[self.blocked]
+            if b.line.amount > st.limit + b.line.margin:
+                return "insufficient_quota"  # never fits, however long the caller waits
             return "rate_limit_exceeded"
         return "insufficient_quota"
+
+    @property
+    def retry_after_s(self) -> int | None:
+        """Whole seconds for a Retry-After header (rounded up), None for insufficient_quota."""
+        if self.refusal_code != "rate_limit_exceeded":
+            return None
+        return max(1, -(-(self.retry_after_ms or 1000) // 1000))
+
+    @property
+    def message(self) -> str:
+        """One sentence for the refusal envelope ("" when allowed)."""
+        b = self.blocking
+        if b is None or self.blocked is None:
+            return ""
+        st = self.states[self.blocked]
+        if self.reason is RunRefusal.CLOSED:
+            return f"Run {self.run} was closed by an administrator; start a new run id."
+        if self.reason is RunRefusal.EXPIRED:
+            return f"Run {self.run} expired after a period without requests; start a new run id."
+        if self.reason is RunRefusal.LIMIT:
+            return (
+                f"Principal {b.scope_id} already has {st.reserved} active runs (the limit is {st.limit}); "
+                f"finish or wait for one to expire before starting run {self.run}."
+            )
+        dim = b.spec.dimension
+        if dim == "duration":
+            return f"Run {b.scope_id} has used its wall-clock budget of {st.limit}s."
+        if dim == "concurrency":
+            return f"Budget {b.budget} allows {st.limit} requests in flight and {st.reserved} are."
+        f = nano_to_usd if dim == "cost" else str
+        return (
+            f"Budget {b.budget} cannot cover this request: {dim} limit {f(st.limit)}, spent {f(st.spent)}, "
+            f"reserved {f(st.reserved)}, this request needs up to {f(b.line.amount)}."
+        )
 
     def tightest(self, dimension: str = "cost") -> tuple[AppliedLimit, LineState] | None:
         """The limit of `dimension` with the least remaining (what the headers report)."""
@@ -126,6 +196,41 @@ class Decision:
             if lim.spec.dimension == dimension and (best is None or st.remaining < best[1].remaining):
                 best = (lim, st)
         return best
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSnapshot:
+    """Every limit that applies to a caller (and run) with its state, for admin and the budget endpoint."""
+
+    limits: tuple[AppliedLimit, ...]
+    states: tuple[LineState, ...]
+    run: RunState | None
+    now_ms: int
+
+    def rows(self) -> list[tuple[AppliedLimit, LineState]]:
+        return list(zip(self.limits, self.states))
+
+
+# What `Engine.check` probes with when no estimate is given: one more request
+# of the smallest size. A line that cannot take even that is exhausted.
+PROBE = {"cost": 1, "input_tokens": 1, "output_tokens": 0, "requests": 1}
+
+
+def run_key(who: Identity, run_id: str) -> str:
+    return f"{who.principal}/{run_id}"
+
+
+def _run_refusal_limit(who: Identity, run: RunRef, result: ReserveResult) -> tuple[AppliedLimit, LineState]:
+    """A synthetic limit that names what refused: the principal's run cap, or the run itself."""
+    if result.reason is RunRefusal.LIMIT:
+        key = f"key:{who.principal}|active_runs"
+        line = Line(key, Kind.CONCURRENCY, "concurrency", run.max_active, 1)
+        spec = LimitSpec(dimension="concurrency", limit=run.max_active)
+        state = LineState(key, run.max_active, 0, result.active_runs or run.max_active)
+        return AppliedLimit("key", who.principal, spec, line, None), state
+    key = f"run:{run.key}|{result.reason.value if result.reason else 'refused'}"
+    line = Line(key, Kind.COUNTER, "requests", 0, 1)
+    return AppliedLimit("run", run.key, LimitSpec(dimension="requests", limit=0), line, None), LineState(key, 0, 0, 0)
 
 
 class Engine:
@@ -149,9 +254,19 @@ class Engine:
         return out
 
     def limits_for(
-        self, policy: Policy, who: Identity, run_id: str | None, amounts: Mapping[str, int], now: int
+        self,
+        policy: Policy,
+        who: Identity,
+        run_id: str | None,
+        amounts: Mapping[str, int],
+        now: int,
+        *,
+        run_overrides: Mapping[str, int] | None = None,
     ) -> tuple[AppliedLimit, ...]:
+        """One line per limit of every applicable budget. Run lines carry the client's
+        lowered limit for their dimension (`run_overrides`, internal units)."""
         out = []
+        lowers = run_overrides or {}
         margin_share = policy.enforcement.soft_gate_margin
         for spec, value in self.budgets_for(policy, who, run_id):
             for lim in spec.limits:
@@ -175,9 +290,51 @@ class Engine:
                     window_ms=(lim.seconds or 0) * 1000,
                     margin=int(Decimal(lim.value) * margin_share) if mode is Mode.SOFT_GATE else 0,
                     period_ttl_s=keep,
+                    run=spec.scope == "run",
+                    lower=lowers.get(lim.dimension) if spec.scope == "run" else None,
                 )
                 out.append(AppliedLimit(spec.scope, value, lim, line, reset))
         return tuple(out)
+
+    def run_ref(self, policy: Policy, who: Identity, run_id: str | None) -> RunRef | None:
+        if not run_id:
+            return None
+        return RunRef(
+            key=run_key(who, run_id),
+            owner=who.principal,
+            ttl_ms=policy.runs.ttl_seconds * 1000,
+            max_active=policy.runs.max_active_per_principal,
+        )
+
+    def _decision(
+        self, policy: Policy, who: Identity, run: RunRef | None, rid: str, limits: tuple[AppliedLimit, ...],
+        result: ReserveResult, amounts: Mapping[str, int],
+    ) -> Decision:  # fmt: skip
+        states, blocked = result.states, result.blocked
+        if result.reason is not None and run is not None:
+            extra, st = _run_refusal_limit(who, run, result)
+            limits, states, blocked = (*limits, extra), (*states, st), len(limits)
+        return Decision(
+            allowed=result.ok,
+            decision_id=uuid.uuid4().hex,
+            hold=Hold(who.tag, rid),
+            limits=limits,
+            states=tuple(states),
+            blocked=blocked,
+            warned=result.warned,
+            retry_after_ms=result.retry_after_ms,
+            reserved=amounts,
+            mode=policy.enforcement.mode,
+            reason=result.reason,
+            run=run.key if run else None,
+            replayed=result.replayed,
+        )
+
+    @staticmethod
+    def _amounts(estimate: Mapping[str, int]) -> dict[str, int]:
+        amounts = {k: int(v) for k, v in estimate.items()}
+        amounts["total_tokens"] = amounts.get("input_tokens", 0) + amounts.get("output_tokens", 0)
+        return amounts
 
     async def reserve(
         self,
@@ -188,33 +345,45 @@ class Engine:
         reservation_id: str | None,
         estimate: Mapping[str, int],
         meta: Mapping[str, Any],
+        run_overrides: Mapping[str, int] | None = None,
     ) -> Decision:
-        """Reserve `estimate` ({cost, input_tokens, output_tokens, requests}) on every applicable limit."""
+        """Reserve `estimate` ({cost, input_tokens, output_tokens, requests}) on every applicable
+        limit, all or nothing, in one store round trip. `run_overrides` ({dimension: limit},
+        see `runs.run_overrides_from_headers`) lowers the run's limits for good."""
         now = self.clock()
-        amounts = {**estimate, "total_tokens": estimate.get("input_tokens", 0) + estimate.get("output_tokens", 0)}
-        limits = self.limits_for(policy, who, run_id, amounts, now)
+        amounts = self._amounts(estimate)
+        limits = self.limits_for(policy, who, run_id, amounts, now, run_overrides=run_overrides)
+        run = self.run_ref(policy, who, run_id)
         rid = reservation_id or uuid.uuid4().hex
-        result: ReserveResult = await self.store.reserve(
+        result = await self.store.reserve(
             who.tag,
             rid,
             [l.line for l in limits],
             now_ms=now,
             ttl_ms=policy.reservation_ttl_seconds * 1000,
-            meta={**meta, "principal": who.principal, "run": run_id, "estimate": dict(amounts)},
+            meta={**meta, "principal": who.principal, "run": run_id, "estimate": amounts},
+            run=run,
         )
-        return Decision(
-            allowed=result.ok,
-            decision_id=uuid.uuid4().hex,
-            hold=Hold(who.tag, rid),
-            limits=limits,
-            states=result.states,
-            blocked=result.blocked,
-            warned=result.warned,
-            retry_after_ms=result.retry_after_ms,
-            reserved=amounts,
-            mode=policy.enforcement.mode,
-        )
+        return self._decision(policy, who, run, rid, limits, result, amounts)
 
+    async def check(
+        self,
+        policy: Policy,
+        who: Identity,
+        *,
+        run_id: str | None = None,
+        estimate: Mapping[str, int] | None = None,
+        run_overrides: Mapping[str, int] | None = None,
+    ) -> Decision:
+        """What `reserve` would decide now, taking nothing (ext_authz, the early header check).
+        Without an estimate it probes with the smallest request (`PROBE`): refused means a
+        budget, step cap, run deadline or the run itself is already spent."""
+        now = self.clock()
+        amounts = self._amounts(PROBE if estimate is None else estimate)
+        limits = self.limits_for(policy, who, run_id, amounts, now, run_overrides=run_overrides)
+        run = self.run_ref(policy, who, run_id)
+        result = await self.store.check(who.tag, [l.line for l in limits], now_ms=now, run=run)
+        return self._decision(policy, who, run, "", limits, result, amounts)
     async def settle(self, hold: Hold, usage: Mapping[str, int], meta: Mapping[str, Any] | None = None) -> SettleResult:
         return await self.store.settle(hold.tag, hold.reservation_id, usage, now_ms=self.clock(), meta=meta)
 
@@ -223,3 +392,57 @@ class Engine:
 
     async def expire(self) -> int:
         return await self.store.expire(now_ms=self.clock())
+
+    # -- admin -----------------------------------------------------------------
+
+    async def snapshot(self, policy: Policy, who: Identity, *, run_id: str | None = None) -> BudgetSnapshot:
+        """Every budget of this caller (and run) as the store sees it now, plus the run's state."""
+        now = self.clock()
+        limits = self.limits_for(policy, who, run_id, {}, now)
+        states = await self.store.snapshot([l.line for l in limits], tag=who.tag, now_ms=now)
+        run = await self.store.run_state(who.tag, run_key(who, run_id), now_ms=now) if run_id else None
+        return BudgetSnapshot(limits, states, run, now)
+
+    async def adjust(
+        self,
+        policy: Policy,
+        who: Identity,
+        *,
+        scope: str,
+        dimension: str,
+        window: str | None = None,
+        run_id: str | None = None,
+        set_limit: int | None = None,
+        credit: int = 0,
+    ) -> list[tuple[AppliedLimit, LineState]]:
+        """Admin: set (raise or lower) and/or credit the limits of `scope` on `dimension`
+        (every window, or only `window`) for this caller. Units are internal (nano-USD for
+        cost). Setting a run's limit also drops the client's lowered limit. Returns the
+        adjusted limits with their new state; LookupError when nothing matches."""
+        now = self.clock()
+        matches = [
+            l
+            for l in self.limits_for(policy, who, run_id, {}, now)
+            if l.scope == scope and l.spec.dimension == dimension and (window is None or l.spec.window == window)
+        ]
+        if not matches:
+            raise LookupError(f"no {dimension} limit of scope {scope!r} applies to {who.principal}")
+        for l in matches:
+            await self.store.adjust(who.tag, l.line.key, set_limit=set_limit, credit=credit)
+        states = await self.store.snapshot([l.line for l in matches], tag=who.tag, now_ms=self.clock())
+        return list(zip(matches, states))
+
+    async def set_limit(self, policy: Policy, who: Identity, *, scope: str, dimension: str, limit: int, **kw: Any) -> list[tuple[AppliedLimit, LineState]]:
+        return await self.adjust(policy, who, scope=scope, dimension=dimension, set_limit=limit, **kw)
+
+    async def credit(self, policy: Policy, who: Identity, *, scope: str, dimension: str, amount: int, **kw: Any) -> list[tuple[AppliedLimit, LineState]]:
+        return await self.adjust(policy, who, scope=scope, dimension=dimension, credit=amount, **kw)
+
+    async def close_run(self, policy: Policy, who: Identity, run_id: str) -> RunState:
+        """Admin: refuse every further reservation of this run (in-flight ones still settle)."""
+        run = self.run_ref(policy, who, run_id)
+        assert run is not None
+        return await self.store.close_run(who.tag, run, now_ms=self.clock())
+
+    async def run_state(self, who: Identity, run_id: str) -> RunState | None:
+        return await self.store.run_state(who.tag, run_key(who, run_id), now_ms=self.clock())

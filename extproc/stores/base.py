@@ -8,7 +8,34 @@ the store owns counters, key layout and atomicity, nothing else.
 
 Transitions are idempotent: `reserve` with a known id replays its first
 outcome, and `settle` / `release` / expiry after a reservation has left the
-`reserved` state return the first terminal outcome unchanged.
+`reserved` state return the first terminal outcome unchanged. A refused
+reservation is remembered for `REFUSAL_MEMORY_MS` (a retry with the same id
+replays the refusal), a closed one for `CLOSED_MEMORY_MS`; neither is ever
+in the ledger unless it was reserved.
+
+Runs (`RunRef`): a reservation may belong to a run. The store checks the run
+inside the same atomic step as the lines: a closed run, an expired run (no
+reservation attempt for `ttl_ms`) and a new run beyond the owner's cap of
+active runs are refused with `reason` set. Any other attempt *touches* the
+run: creates it on first sight, pushes its expiry to now + ttl, and keeps the
+lowest limit a client asked for on each of its lines (`Line.lower`), so a
+later request cannot raise it back. The reaper purges a run's record and
+counters `memory_ms` after it expired or was closed; only then may its id
+start afresh.
+
+Counter semantics, shared by every store (tests/stores is the judge):
+
+- COUNTER line: refused when spent + reserved + amount > limit (hard_gate),
+  > limit + margin (soft_gate), spent >= limit (actuals_only); advisory
+  lines never refuse, they are reported in `warned` when they would have.
+- CONCURRENCY line: reserved + amount > limit; nothing is ever spent.
+- DURATION line: spent = whole seconds since the first reservation taken on
+  it; refused when spent >= limit.
+- ROLLING window: spent = sum of charges settled in (now - window_ms, now].
+  `retry_after_ms` is exact: the smallest wait after which the same request
+  fits if nothing else changes (None when waiting alone cannot help).
+- Effective limit = (admin override, else the line's limit) + credits,
+  then capped by the run's lowered limit.
 """
 
 from __future__ import annotations
@@ -48,6 +75,19 @@ class Outcome(str, enum.Enum):
     EXPIRED = "expired"
 
 
+REFUSAL_MEMORY_MS = 60_000  # a refused id replays its refusal this long
+CLOSED_MEMORY_MS = 86_400_000  # a settled/released/expired id replays its outcome this long
+RUN_MEMORY_MS = 86_400_000  # an expired or closed run is remembered (refused) this long
+
+
+class RunRefusal(str, enum.Enum):
+    """Why a reservation was refused by its run rather than by a line."""
+
+    CLOSED = "run_closed"  # an admin closed the run
+    EXPIRED = "run_expired"  # no activity for the run TTL
+    LIMIT = "run_limit"  # a new run beyond the owner's cap of active runs
+
+
 # What a settled call used; lines pick their dimension from it.
 USAGE_FIELDS = ("cost", "input_tokens", "output_tokens", "total_tokens", "requests")
 
@@ -73,6 +113,31 @@ class Line:
     window_ms: int = 0
     margin: int = 0  # soft_gate slack, in the line's unit
     period_ttl_s: int = 0  # how long a calendar bucket must be kept
+    run: bool = False  # belongs to the request's run: purged with it, lowerable
+    lower: int | None = None  # run lines: the client asks to lower the limit to this (kept, never raised)
+
+
+@dataclass(frozen=True, slots=True)
+class RunRef:
+    """The run a reservation belongs to. `key` is unique within the tag ("principal/run-id")."""
+
+    key: str
+    owner: str
+    ttl_ms: int
+    max_active: int
+    memory_ms: int = RUN_MEMORY_MS
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """A run as the store knows it. `state` is active | expired | closed (expired is derived from the clock)."""
+
+    key: str
+    owner: str
+    state: str
+    created_at_ms: int
+    seen_at_ms: int
+    expires_at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +161,10 @@ class ReserveResult:
     states: tuple[LineState, ...]
     blocked: int | None = None  # index of the first line that did not fit
     warned: tuple[int, ...] = ()  # advisory lines that would have blocked
-    retry_after_ms: int | None = None  # rolling/concurrency: when enough frees up
+    retry_after_ms: int | None = None  # rolling/concurrency/run cap: when enough frees up
     replayed: bool = False
+    reason: RunRefusal | None = None  # refused by the run, not by a line (then blocked is None)
+    active_runs: int | None = None  # with reason LIMIT: the owner's active runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +201,12 @@ class Store(Protocol):
         now_ms: int,
         ttl_ms: int,
         meta: Mapping[str, Any],
+        run: RunRef | None = None,
     ) -> ReserveResult: ...
+
+    async def check(self, tag: str, lines: Sequence[Line], *, now_ms: int, run: RunRef | None = None) -> ReserveResult:
+        """What `reserve` would answer now, taking and recording nothing (reservation_id is "")."""
+        ...
 
     async def settle(
         self, tag: str, reservation_id: str, usage: Mapping[str, int], *, now_ms: int, meta: Mapping[str, Any] | None = None
@@ -149,14 +221,38 @@ class Store(Protocol):
     async def snapshot(self, lines: Sequence[Line], *, tag: str, now_ms: int) -> tuple[LineState, ...]: ...
 
     async def adjust(self, tag: str, key: str, *, set_limit: int | None = None, credit: int = 0) -> None:
-        """Admin: override a line's limit and/or add a credit (raises its limit by `credit`)."""
+        """Admin: override a line's limit (also dropping a run's client-lowered limit)
+        and/or add a credit (raises its limit by `credit`; negative takes back)."""
         ...
 
-    async def ledger(self, *, since_ms: int = 0, limit: int | None = None) -> list[LedgerEntry]: ...
+    async def run_state(self, tag: str, run_key: str, *, now_ms: int) -> RunState | None: ...
+
+    async def close_run(self, tag: str, run: RunRef, *, now_ms: int) -> RunState:
+        """Admin: refuse every further reservation of the run (creating it closed if unseen)."""
+        ...
+
+    async def ledger(self, *, since_ms: int = 0, limit: int | None = None, tag: str | None = None) -> list[LedgerEntry]:
+        """Ledger entries closed at or after `since_ms` (store clock = the callers' now_ms), oldest first."""
+        ...
 
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def usage_of_lines(lines: Sequence[Line]) -> dict[str, int]:
+    """The usage a reservation stands for when the caller gave no estimate (what expiry charges)."""
+    usage: dict[str, int] = {}
+    for line in lines:
+        if line.kind is Kind.COUNTER and line.amount:
+            usage[line.dimension] = max(usage.get(line.dimension, 0), line.amount)
+    return usage
+
+
+def run_state_of(key: str, owner: str, state: str, created: int, seen: int, expires: int, now_ms: int) -> RunState:
+    if state == "active" and expires <= now_ms:
+        state = "expired"
+    return RunState(key, owner, state, created, seen, expires)
 
 
 def normalize_usage(usage: Mapping[str, int]) -> dict[str, int]:

@@ -6,8 +6,15 @@ worker processes on one host (SQLite's file lock serialises writers). Each
 operation is a handful of indexed statements, tens of microseconds, so it runs
 inline on the event loop; a thread hop would cost more than the work.
 
-The counter semantics mirror `lua/*.lua` of the Redis store exactly; the
-shared contract suite (tests/stores) holds both to the same behaviour.
+The counter semantics mirror `lua/*.lua` of the Redis store exactly (the
+rules are written down in `base.py`); the shared contract suite (tests/stores)
+holds both to the same behaviour. Key layout of the `kv` table, per budget
+tree `tag` and line key `K`:
+
+    tag|lim|K  admin limit override     tag|cr|K   admin credits
+    tag|low|K  a run's lowered limit    tag|r|K    reserved (in flight)
+    tag|s|K|P  spent in period P        tag|es|K   rolling spent (sum of `events`)
+    tag|t0|K   first reservation (ms) of a duration line
 """
 
 from __future__ import annotations
@@ -15,10 +22,12 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ..errors import StoreUnavailable
 from .base import (
+    CLOSED_MEMORY_MS,
+    REFUSAL_MEMORY_MS,
     Kind,
     LedgerEntry,
     Line,
@@ -26,13 +35,20 @@ from .base import (
     Mode,
     Outcome,
     ReserveResult,
+    RunRef,
+    RunRefusal,
+    RunState,
     SettleResult,
     Window,
     normalize_usage,
+    run_state_of,
+    usage_of_lines,
 )
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kv_exp (k TEXT PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kv_exp_at ON kv_exp (at);
 CREATE TABLE IF NOT EXISTS events (k TEXT NOT NULL, ts INTEGER NOT NULL, rid TEXT NOT NULL, amount INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS events_k_ts ON events (k, ts);
 CREATE TABLE IF NOT EXISTS resv (
@@ -40,6 +56,13 @@ CREATE TABLE IF NOT EXISTS resv (
   created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, data TEXT NOT NULL,
   PRIMARY KEY (tag, rid)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS resv_due ON resv (state, expires_at);
+CREATE TABLE IF NOT EXISTS runs (
+  tag TEXT NOT NULL, key TEXT NOT NULL, owner TEXT NOT NULL, state TEXT NOT NULL,
+  created_at INTEGER NOT NULL, seen_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+  purge_at INTEGER NOT NULL, lines TEXT NOT NULL,
+  PRIMARY KEY (tag, key)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS runs_owner ON runs (tag, owner, state, expires_at);
+CREATE INDEX IF NOT EXISTS runs_purge ON runs (purge_at);
 CREATE TABLE IF NOT EXISTS ledger (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, tag TEXT NOT NULL, rid TEXT NOT NULL,
   outcome TEXT NOT NULL, reserved_at INTEGER NOT NULL, closed_at INTEGER NOT NULL,
@@ -47,8 +70,10 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE INDEX IF NOT EXISTS ledger_closed ON ledger (closed_at);
 """
 
-REFUSAL_MEMORY_MS = 60_000  # how long a refused id replays its refusal
-SETTLED_MEMORY_MS = 86_400_000  # how long a closed reservation replays its outcome
+PURGE_RETRY_MS = 60_000  # a run still holding reservations is purged this much later
+_RUN_KEY_KINDS = ("lim", "cr", "low", "r", "es", "t0")
+
+T = TypeVar("T")
 
 
 class EmbeddedStore:
@@ -58,16 +83,39 @@ class EmbeddedStore:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
 
-    # -- small kv helpers (inside a transaction) ------------------------------
+    # -- transactions and the kv table ----------------------------------------
+
+    def _tx(self, fn: Callable[[], T]) -> T:
+        """Run `fn` in one write transaction (BEGIN IMMEDIATE: writers queue on the file lock)."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+        try:
+            result = fn()
+            self._db.execute("COMMIT")
+            return result
+        except BaseException as e:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.OperationalError):
+                raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+            raise
 
     def _get(self, k: str) -> int | None:
         row = self._db.execute("SELECT v FROM kv WHERE k=?", (k,)).fetchone()
         return None if row is None else row[0]
+
+    def _set(self, k: str, v: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)", (k, v))
 
     def _add(self, k: str, delta: int) -> None:
         if delta:
@@ -75,18 +123,18 @@ class EmbeddedStore:
                 "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = v + excluded.v", (k, delta)
             )
 
-    def _begin(self) -> None:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
-
     # -- line evaluation -------------------------------------------------------
 
     def _limit(self, tag: str, line: Line) -> int:
         override = self._get(f"{tag}|lim|{line.key}")
-        credit = self._get(f"{tag}|cr|{line.key}") or 0
-        return (line.limit if override is None else override) + credit
+        limit = (line.limit if override is None else override) + (self._get(f"{tag}|cr|{line.key}") or 0)
+        if line.run:
+            low = self._get(f"{tag}|low|{line.key}")
+            if low is not None and low < limit:
+                limit = low
+            if line.lower is not None and line.lower < limit:
+                limit = line.lower
+        return limit
 
     def _spent(self, tag: str, line: Line, now_ms: int) -> int:
         if line.window is Window.ROLLING:
@@ -97,11 +145,7 @@ class EmbeddedStore:
                 self._db.execute("DELETE FROM events WHERE k=? AND ts<=?", (ek, cutoff))
                 self._add(f"{tag}|es|{line.key}", -gone)
             return self._get(f"{tag}|es|{line.key}") or 0
-        return self._get(self._spent_key(tag, line.key, line.period)) or 0
-
-    @staticmethod
-    def _spent_key(tag: str, key: str, period: str) -> str:
-        return f"{tag}|s|{key}|{period}"
+        return self._get(f"{tag}|s|{line.key}|{line.period}") or 0
 
     def _state(self, tag: str, line: Line, now_ms: int) -> LineState:
         limit = self._limit(tag, line)
@@ -115,20 +159,186 @@ class EmbeddedStore:
 
     def _retry_after(self, tag: str, line: Line, st: LineState, now_ms: int) -> int | None:
         if line.kind is Kind.CONCURRENCY:
-            return 1000
-        if line.window is not Window.ROLLING:
+            return 1000 if line.amount <= st.limit else None
+        if line.kind is not Kind.COUNTER or line.window is not Window.ROLLING:
             return None
-        need = st.spent + st.reserved + line.amount - st.limit
-        if line.amount > st.limit or need > st.spent:
-            return None  # frees only when reservations settle, or never
+        need = rolling_need(line, st)
+        if need > st.spent:
+            return None  # frees only when reservations close, or never
         freed = 0
-        for ts, amount in self._db.execute(
-            "SELECT ts, amount FROM events WHERE k=? ORDER BY ts", (f"{tag}|e|{line.key}",)
-        ):
+        for ts, amount in self._db.execute("SELECT ts, amount FROM events WHERE k=? ORDER BY ts", (f"{tag}|e|{line.key}",)):
             freed += amount
             if freed >= need:
-                return max(1, ts + line.window_ms - now_ms + 1)
+                return max(1, ts + line.window_ms - now_ms)
         return None
+
+    # -- runs --------------------------------------------------------------------
+
+    def _run_check(self, tag: str, run: RunRef, now_ms: int) -> tuple[RunRefusal | None, int | None, int | None]:
+        row = self._db.execute("SELECT state, expires_at FROM runs WHERE tag=? AND key=?", (tag, run.key)).fetchone()
+        if row is not None:
+            if row[0] == "closed":
+                return RunRefusal.CLOSED, None, None
+            if row[1] <= now_ms:
+                return RunRefusal.EXPIRED, None, None
+            return None, None, None
+        active = self._db.execute(
+            "SELECT COUNT(*) FROM runs WHERE tag=? AND owner=? AND state='active' AND expires_at>?", (tag, run.owner, now_ms)
+        ).fetchone()[0]
+        if active < run.max_active:
+            return None, None, None
+        (frees_at,) = self._db.execute(
+            "SELECT expires_at FROM runs WHERE tag=? AND owner=? AND state='active' AND expires_at>? ORDER BY expires_at LIMIT 1 OFFSET ?",
+            (tag, run.owner, now_ms, active - run.max_active),
+        ).fetchone()
+        return RunRefusal.LIMIT, frees_at - now_ms, active
+
+    def _touch_run(self, tag: str, run: RunRef, lines: Sequence[Line], now_ms: int) -> None:
+        exp = now_ms + run.ttl_ms
+        keys = json.dumps([l.key for l in lines if l.run])
+        self._db.execute(
+            "INSERT INTO runs VALUES (?,?,?,'active',?,?,?,?,?) ON CONFLICT(tag, key) DO UPDATE SET "
+            "seen_at=excluded.seen_at, expires_at=excluded.expires_at, purge_at=excluded.purge_at, lines=excluded.lines",
+            (tag, run.key, run.owner, now_ms, now_ms, exp, exp + run.memory_ms, keys),
+        )
+        for line in lines:
+            if line.run and line.lower is not None:
+                k = f"{tag}|low|{line.key}"
+                cur = self._get(k)
+                if cur is None or line.lower < cur:
+                    self._set(k, line.lower)
+
+    def _purge_runs(self, now_ms: int, limit: int) -> None:
+        due = self._db.execute("SELECT tag, key, lines FROM runs WHERE purge_at<=? LIMIT ?", (now_ms, limit)).fetchall()
+        for tag, key, lines_json in due:
+            keys = json.loads(lines_json)
+            if any(self._get(f"{tag}|r|{k}") for k in keys):
+                self._db.execute("UPDATE runs SET purge_at=? WHERE tag=? AND key=?", (now_ms + PURGE_RETRY_MS, tag, key))
+                continue
+            for k in keys:
+                self._db.executemany("DELETE FROM kv WHERE k=?", [(f"{tag}|{kind}|{k}",) for kind in _RUN_KEY_KINDS])
+                self._db.execute("DELETE FROM kv WHERE k=?", (f"{tag}|s|{k}|",))
+                self._db.execute("DELETE FROM events WHERE k=?", (f"{tag}|e|{k}",))
+            self._db.execute("DELETE FROM runs WHERE tag=? AND key=?", (tag, key))
+
+    # -- reservations -----------------------------------------------------------
+
+    def _resv(self, tag: str, rid: str, now_ms: int) -> tuple[str, dict[str, Any]] | None:
+        """The reservation record, unless it is a closed/refused one past its memory."""
+        row = self._db.execute("SELECT state, expires_at, data FROM resv WHERE tag=? AND rid=?", (tag, rid)).fetchone()
+        if row is None:
+            return None
+        if row[0] != Outcome.RESERVED.value and row[1] <= now_ms:
+            self._db.execute("DELETE FROM resv WHERE tag=? AND rid=?", (tag, rid))
+            return None
+        return row[0], json.loads(row[2])
+
+    def _evaluate(
+        self, tag: str, rid: str, lines: Sequence[Line], now_ms: int, run: RunRef | None
+    ) -> ReserveResult:
+        reason, retry, active = self._run_check(tag, run, now_ms) if run is not None else (None, None, None)
+        states: list[LineState] = []
+        blocked: int | None = None
+        warned: list[int] = []
+        for i, line in enumerate(lines):
+            st = self._state(tag, line, now_ms)
+            states.append(st)
+            if line.mode is Mode.ADVISORY:
+                if over(line, st):
+                    warned.append(i)
+            elif blocked is None and blocks(line, st):
+                blocked = i
+        if reason is not None:
+            blocked = None
+        elif blocked is not None:
+            retry = self._retry_after(tag, lines[blocked], states[blocked], now_ms)
+        ok = reason is None and blocked is None
+        return ReserveResult(ok, rid, tuple(states), blocked, tuple(warned), retry, False, reason, active)
+
+    def _reserve(
+        self, tag: str, rid: str, lines: Sequence[Line], now_ms: int, ttl_ms: int, meta: Mapping[str, Any], run: RunRef | None
+    ) -> ReserveResult:
+        prior = self._resv(tag, rid, now_ms)
+        if prior is not None:
+            return _replay_reserve(rid, prior[1])
+        res = self._evaluate(tag, rid, lines, now_ms, run)
+        if run is not None and res.reason is None:
+            self._touch_run(tag, run, lines, now_ms)
+        if not res.ok:
+            self._db.execute(
+                "INSERT OR REPLACE INTO resv VALUES (?,?,?,?,?,?)",
+                (tag, rid, "refused", now_ms, now_ms + REFUSAL_MEMORY_MS, json.dumps(_result_json(res))),
+            )
+            return res
+        after = []
+        for line, st in zip(lines, res.states):
+            if line.kind is Kind.DURATION:
+                self._db.execute("INSERT OR IGNORE INTO kv (k, v) VALUES (?, ?)", (f"{tag}|t0|{line.key}", now_ms))
+                after.append(st)
+            else:
+                self._add(f"{tag}|r|{line.key}", line.amount)
+                after.append(LineState(st.key, st.limit, st.spent, st.reserved + line.amount))
+        res = ReserveResult(True, rid, tuple(after), None, res.warned)
+        record = _result_json(res)
+        record.update(
+            lines=[_line_json(l) for l in lines],
+            meta=dict(meta),
+            estimate=normalize_usage(meta.get("estimate") or usage_of_lines(lines)),
+            created_at=now_ms,
+        )
+        self._db.execute(
+            "INSERT OR REPLACE INTO resv VALUES (?,?,?,?,?,?)",
+            (tag, rid, Outcome.RESERVED.value, now_ms, now_ms + ttl_ms, json.dumps(record)),
+        )
+        return res
+
+    def _close(
+        self, tag: str, rid: str, outcome: Outcome, usage: Mapping[str, int] | None, now_ms: int, extra_meta: Mapping[str, Any] | None
+    ) -> SettleResult:
+        found = self._resv(tag, rid, now_ms)
+        if found is None or found[0] == "refused":
+            return SettleResult(Outcome.RELEASED, {}, found=False)
+        state, data = found
+        if state != Outcome.RESERVED.value:
+            return SettleResult(Outcome(state), data.get("charged", {}), replayed=True)
+        lines = [_line_from_json(d) for d in data["lines"]]
+        reserved = data.get("estimate") or normalize_usage(data["meta"].get("estimate") or usage_of_lines(lines))
+        if outcome is Outcome.EXPIRED:
+            charged = dict(reserved)
+        elif outcome is Outcome.RELEASED:
+            charged = {}
+        else:
+            charged = normalize_usage(usage or {})
+        for line in lines:
+            if line.kind is Kind.DURATION:
+                continue
+            self._add(f"{tag}|r|{line.key}", -line.amount)
+            amount = charged.get(line.dimension, 0)
+            if line.kind is Kind.CONCURRENCY or not amount:
+                continue
+            if line.window is Window.ROLLING:
+                self._db.execute("INSERT INTO events VALUES (?,?,?,?)", (f"{tag}|e|{line.key}", now_ms, rid, amount))
+                self._add(f"{tag}|es|{line.key}", amount)
+            else:
+                sk = f"{tag}|s|{line.key}|{line.period}"
+                self._add(sk, amount)
+                if line.window is Window.CALENDAR and line.period_ttl_s > 0:
+                    self._db.execute("INSERT OR REPLACE INTO kv_exp VALUES (?, ?)", (sk, now_ms + line.period_ttl_s * 1000))
+        meta = dict(data["meta"])
+        if extra_meta:
+            meta.update(extra_meta)
+        closed = {k: data[k] for k in ("ok", "blocked", "retry_after_ms", "warned", "states")}
+        closed.update(charged=charged, closed_at=now_ms)
+        self._db.execute(
+            "UPDATE resv SET state=?, expires_at=?, data=? WHERE tag=? AND rid=?",
+            (outcome.value, now_ms + CLOSED_MEMORY_MS, json.dumps(closed), tag, rid),
+        )
+        entry = {"reserved": reserved, "charged": charged, "meta": meta, "lines": [l.key for l in lines]}
+        self._db.execute(
+            "INSERT INTO ledger (tag, rid, outcome, reserved_at, closed_at, data) VALUES (?,?,?,?,?,?)",
+            (tag, rid, outcome.value, data["created_at"], now_ms, json.dumps(entry)),
+        )
+        return SettleResult(outcome, charged)
 
     # -- Store interface -------------------------------------------------------
 
@@ -141,171 +351,103 @@ class EmbeddedStore:
         now_ms: int,
         ttl_ms: int,
         meta: Mapping[str, Any],
+        run: RunRef | None = None,
     ) -> ReserveResult:
-        self._begin()
-        try:
-            prior = self._db.execute("SELECT state, data FROM resv WHERE tag=? AND rid=?", (tag, reservation_id)).fetchone()
-            if prior is not None:
-                self._db.execute("COMMIT")
-                return _replay_reserve(reservation_id, json.loads(prior[1]))
-            states: list[LineState] = []
-            blocked: int | None = None
-            warned: list[int] = []
-            for i, line in enumerate(lines):
-                st = self._state(tag, line, now_ms)
-                states.append(st)
-                if line.mode is Mode.ADVISORY:
-                    if _over(line, st):
-                        warned.append(i)
-                elif blocked is None and _blocks(line, st):
-                    blocked = i
-            if blocked is not None:
-                retry = self._retry_after(tag, lines[blocked], states[blocked], now_ms)
-                record = {"ok": False, "blocked": blocked, "retry_after_ms": retry, "states": [_st(s) for s in states]}
-                self._db.execute(
-                    "INSERT INTO resv VALUES (?,?,?,?,?,?)",
-                    (tag, reservation_id, "refused", now_ms, now_ms + REFUSAL_MEMORY_MS, json.dumps(record)),
-                )
-                self._db.execute("COMMIT")
-                return ReserveResult(False, reservation_id, tuple(states), blocked, tuple(warned), retry)
-            after = []
-            for line, st in zip(lines, states):
-                if line.kind is Kind.DURATION:
-                    self._db.execute("INSERT OR IGNORE INTO kv (k, v) VALUES (?, ?)", (f"{tag}|t0|{line.key}", now_ms))
-                    after.append(st)
-                else:
-                    self._add(f"{tag}|r|{line.key}", line.amount)
-                    after.append(LineState(st.key, st.limit, st.spent, st.reserved + line.amount))
-            record = {
-                "ok": True,
-                "warned": warned,
-                "states": [_st(s) for s in after],
-                "lines": [_line_json(l) for l in lines],
-                "meta": dict(meta),
-                "created_at": now_ms,
-            }
-            self._db.execute(
-                "INSERT INTO resv VALUES (?,?,?,?,?,?)",
-                (tag, reservation_id, Outcome.RESERVED.value, now_ms, now_ms + ttl_ms, json.dumps(record)),
-            )
-            self._db.execute("COMMIT")
-            return ReserveResult(True, reservation_id, tuple(after), None, tuple(warned))
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
+        return self._tx(lambda: self._reserve(tag, reservation_id, lines, now_ms, ttl_ms, meta, run))
 
-    def _close(
-        self, tag: str, rid: str, outcome: Outcome, usage: Mapping[str, int] | None, now_ms: int, extra_meta: Mapping[str, Any] | None
-    ) -> SettleResult:
-        row = self._db.execute("SELECT state, data FROM resv WHERE tag=? AND rid=?", (tag, rid)).fetchone()
-        if row is None or row[0] == "refused":
-            return SettleResult(Outcome.RELEASED, {}, found=False)
-        state, data = row[0], json.loads(row[1])
-        if state != Outcome.RESERVED.value:
-            return SettleResult(Outcome(state), data.get("charged", {}), replayed=True)
-        lines = [_line_from_json(d) for d in data["lines"]]
-        reserved = normalize_usage(data["meta"].get("estimate") or _usage_of_lines(lines))
-        if outcome is Outcome.EXPIRED:
-            usage = reserved
-        charged = normalize_usage(usage or {})
-        for line in lines:
-            if line.kind is Kind.DURATION:
-                continue
-            self._add(f"{tag}|r|{line.key}", -line.amount)
-            if line.kind is Kind.CONCURRENCY:
-                continue
-            amount = charged.get(line.dimension, 0)
-            if not amount:
-                continue
-            if line.window is Window.ROLLING:
-                self._db.execute("INSERT INTO events VALUES (?,?,?,?)", (f"{tag}|e|{line.key}", now_ms, rid, amount))
-                self._add(f"{tag}|es|{line.key}", amount)
-            else:
-                self._add(self._spent_key(tag, line.key, line.period), amount)
-        meta = dict(data["meta"])
-        if extra_meta:
-            meta.update(extra_meta)
-        data.update(charged=charged, closed_at=now_ms, meta=meta)
-        self._db.execute(
-            "UPDATE resv SET state=?, expires_at=?, data=? WHERE tag=? AND rid=?",
-            (outcome.value, now_ms + SETTLED_MEMORY_MS, json.dumps(data), tag, rid),
-        )
-        entry = {"reserved": reserved, "charged": charged, "meta": meta, "lines": [l.key for l in lines]}
-        self._db.execute(
-            "INSERT INTO ledger (tag, rid, outcome, reserved_at, closed_at, data) VALUES (?,?,?,?,?,?)",
-            (tag, rid, outcome.value, data["created_at"], now_ms, json.dumps(entry)),
-        )
-        return SettleResult(outcome, charged)
+    async def check(self, tag: str, lines: Sequence[Line], *, now_ms: int, run: RunRef | None = None) -> ReserveResult:
+        return self._tx(lambda: self._evaluate(tag, "", lines, now_ms, run))
+
+    async def snapshot(self, lines: Sequence[Line], *, tag: str, now_ms: int) -> tuple[LineState, ...]:
+        return self._tx(lambda: tuple(self._state(tag, l, now_ms) for l in lines))
 
     async def settle(
         self, tag: str, reservation_id: str, usage: Mapping[str, int], *, now_ms: int, meta: Mapping[str, Any] | None = None
     ) -> SettleResult:
-        return self._in_tx(self._close, tag, reservation_id, Outcome.SETTLED, usage, now_ms, meta)
+        return self._tx(lambda: self._close(tag, reservation_id, Outcome.SETTLED, usage, now_ms, meta))
 
     async def release(self, tag: str, reservation_id: str, *, now_ms: int) -> SettleResult:
-        return self._in_tx(self._close, tag, reservation_id, Outcome.RELEASED, {}, now_ms, None)
-
-    def _in_tx(self, fn, *args):  # type: ignore[no-untyped-def]
-        self._begin()
-        try:
-            result = fn(*args)
-            self._db.execute("COMMIT")
-            return result
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
+        return self._tx(lambda: self._close(tag, reservation_id, Outcome.RELEASED, {}, now_ms, None))
 
     async def expire(self, *, now_ms: int, limit: int = 100) -> int:
+        """Settle reservations past their TTL at the reserved amount, forget closed
+        ones past their memory, drop old calendar buckets, purge forgotten runs."""
+
         def run() -> int:
             due = self._db.execute(
                 "SELECT tag, rid FROM resv WHERE state='reserved' AND expires_at<=? LIMIT ?", (now_ms, limit)
             ).fetchall()
             for tag, rid in due:
                 self._close(tag, rid, Outcome.EXPIRED, None, now_ms, None)
-            self._db.execute(
-                "DELETE FROM resv WHERE state!='reserved' AND expires_at<=?", (now_ms,)
-            )
+            self._db.execute("DELETE FROM resv WHERE state!='reserved' AND expires_at<=?", (now_ms,))
+            self._db.execute("DELETE FROM kv WHERE k IN (SELECT k FROM kv_exp WHERE at<=?)", (now_ms,))
+            self._db.execute("DELETE FROM kv_exp WHERE at<=?", (now_ms,))
+            self._purge_runs(now_ms, limit)
             return len(due)
 
-        return self._in_tx(run)
-
-    async def snapshot(self, lines: Sequence[Line], *, tag: str, now_ms: int) -> tuple[LineState, ...]:
-        return self._in_tx(lambda: tuple(self._state(tag, l, now_ms) for l in lines))
+        return self._tx(run)
 
     async def adjust(self, tag: str, key: str, *, set_limit: int | None = None, credit: int = 0) -> None:
         def run() -> None:
             if set_limit is not None:
-                self._db.execute("INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)", (f"{tag}|lim|{key}", set_limit))
+                self._set(f"{tag}|lim|{key}", set_limit)
+                self._db.execute("DELETE FROM kv WHERE k=?", (f"{tag}|low|{key}",))
             self._add(f"{tag}|cr|{key}", credit)
 
-        self._in_tx(run)
+        self._tx(run)
 
-    async def ledger(self, *, since_ms: int = 0, limit: int | None = None) -> list[LedgerEntry]:
-        rows = self._db.execute(
-            "SELECT seq, tag, rid, outcome, reserved_at, closed_at, data FROM ledger WHERE closed_at>=? ORDER BY seq LIMIT ?",
-            (since_ms, -1 if limit is None else limit),
-        ).fetchall()
+    def _run_row(self, tag: str, key: str, now_ms: int) -> RunState | None:
+        row = self._db.execute(
+            "SELECT owner, state, created_at, seen_at, expires_at FROM runs WHERE tag=? AND key=?", (tag, key)
+        ).fetchone()
+        return None if row is None else run_state_of(key, row[0], row[1], row[2], row[3], row[4], now_ms)
+
+    async def run_state(self, tag: str, run_key: str, *, now_ms: int) -> RunState | None:
+        return self._run_row(tag, run_key, now_ms)
+
+    async def close_run(self, tag: str, run: RunRef, *, now_ms: int) -> RunState:
+        def go() -> RunState:
+            self._db.execute(
+                "INSERT INTO runs VALUES (?,?,?,'closed',?,?,?,?,'[]') ON CONFLICT(tag, key) DO UPDATE SET "
+                "state='closed', purge_at=excluded.purge_at",
+                (tag, run.key, run.owner, now_ms, now_ms, now_ms, now_ms + run.memory_ms),
+            )
+            st = self._run_row(tag, run.key, now_ms)
+            assert st is not None
+            return st
+
+        return self._tx(go)
+
+    async def ledger(self, *, since_ms: int = 0, limit: int | None = None, tag: str | None = None) -> list[LedgerEntry]:
+        sql = "SELECT seq, tag, rid, outcome, reserved_at, closed_at, data FROM ledger WHERE closed_at>=?"
+        args: list[Any] = [since_ms]
+        if tag is not None:
+            sql += " AND tag=?"
+            args.append(tag)
+        sql += " ORDER BY closed_at, seq LIMIT ?"
+        args.append(-1 if limit is None else limit)
         out = []
-        for seq, tag, rid, outcome, reserved_at, closed_at, data in rows:
+        for seq, tg, rid, outcome, reserved_at, closed_at, data in self._db.execute(sql, args).fetchall():
             d = json.loads(data)
             out.append(
-                LedgerEntry(str(seq), tag, rid, Outcome(outcome), d["reserved"], d["charged"], d["meta"], reserved_at, closed_at, tuple(d["lines"]))
+                LedgerEntry(str(seq), tg, rid, Outcome(outcome), d["reserved"], d["charged"], d["meta"], reserved_at, closed_at, tuple(d["lines"]))
             )
         return out
 
     async def ping(self) -> None:
-        self._db.execute("SELECT 1")
+        try:
+            self._db.execute("SELECT 1")
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
 
     async def close(self) -> None:
         self._db.close()
 
 
-# -- shared pure helpers (also the reference for the Lua scripts) --------------
+# -- the refusal rules (the reference for lua/reserve.lua) ----------------------
 
 
-def _over(line: Line, st: LineState) -> bool:
+def over(line: Line, st: LineState) -> bool:
     """Would this line exceed its limit if the amount were taken?"""
     if line.kind is Kind.DURATION:
         return st.spent >= st.limit
@@ -314,12 +456,12 @@ def _over(line: Line, st: LineState) -> bool:
     return st.spent + st.reserved + line.amount > st.limit
 
 
-def _blocks(line: Line, st: LineState) -> bool:
+def blocks(line: Line, st: LineState) -> bool:
     """The mode-specific refusal rule for one line."""
     if line.mode is Mode.ADVISORY:
         return False
     if line.kind is not Kind.COUNTER:
-        return _over(line, st)
+        return over(line, st)
     if line.mode is Mode.ACTUALS_ONLY:
         return st.spent >= st.limit
     if line.mode is Mode.SOFT_GATE:
@@ -327,29 +469,48 @@ def _blocks(line: Line, st: LineState) -> bool:
     return st.spent + st.reserved + line.amount > st.limit
 
 
-def _usage_of_lines(lines: Sequence[Line]) -> dict[str, int]:
-    """The usage a reservation stands for (what expiry charges)."""
-    usage: dict[str, int] = {}
-    for line in lines:
-        if line.kind is Kind.COUNTER:
-            usage[line.dimension] = max(usage.get(line.dimension, 0), line.amount)
-    return usage
+def rolling_need(line: Line, st: LineState) -> int:
+    """How much settled spend must leave a blocked rolling window before the line passes."""
+    if line.mode is Mode.ACTUALS_ONLY:
+        return st.spent - st.limit + 1
+    slack = line.margin if line.mode is Mode.SOFT_GATE else 0
+    return st.spent + st.reserved + line.amount - st.limit - slack
 
 
-def _st(s: LineState) -> list[Any]:
-    return [s.key, s.limit, s.spent, s.reserved]
+def _result_json(r: ReserveResult) -> dict[str, Any]:
+    return {
+        "ok": r.ok,
+        "blocked": r.blocked,
+        "retry_after_ms": r.retry_after_ms,
+        "warned": list(r.warned),
+        "reason": None if r.reason is None else r.reason.value,
+        "active_runs": r.active_runs,
+        "states": [[s.key, s.limit, s.spent, s.reserved] for s in r.states],
+    }
 
 
 def _replay_reserve(rid: str, rec: dict[str, Any]) -> ReserveResult:
-    states = tuple(LineState(*s) for s in rec["states"])
+    reason = rec.get("reason")
     return ReserveResult(
-        rec["ok"], rid, states, rec.get("blocked"), tuple(rec.get("warned", ())), rec.get("retry_after_ms"), replayed=True
+        rec["ok"],
+        rid,
+        tuple(LineState(*s) for s in rec["states"]),
+        rec.get("blocked"),
+        tuple(rec.get("warned", ())),
+        rec.get("retry_after_ms"),
+        replayed=True,
+        reason=None if reason is None else RunRefusal(reason),
+        active_runs=rec.get("active_runs"),
     )
 
 
 def _line_json(l: Line) -> list[Any]:
-    return [l.key, l.kind.value, l.dimension, l.limit, l.amount, l.mode.value, l.window.value, l.period, l.window_ms, l.margin, l.period_ttl_s]
+    return [
+        l.key, l.kind.value, l.dimension, l.limit, l.amount, l.mode.value, l.window.value, l.period, l.window_ms,
+        l.margin, l.period_ttl_s, int(l.run), -1 if l.lower is None else l.lower,
+    ]  # fmt: skip
 
 
 def _line_from_json(d: list[Any]) -> Line:
-    return Line(d[0], Kind(d[1]), d[2], d[3], d[4], Mode(d[5]), Window(d[6]), d[7], d[8], d[9], d[10])
+    run, lower = (bool(d[11]), None if d[12] < 0 else d[12]) if len(d) > 12 else (False, None)
+    return Line(d[0], Kind(d[1]), d[2], d[3], d[4], Mode(d[5]), Window(d[6]), d[7], d[8], d[9], d[10], run, lower)

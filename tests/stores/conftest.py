@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+import redis
 
 from extproc.stores.embedded import EmbeddedStore
 from extproc.stores.redis_store import RedisStore
@@ -31,12 +32,23 @@ async def store(request, tmp_path):
     if kind == "embedded":
         s = EmbeddedStore(tmp_path / "budget.db")
     elif kind == "redis":
-        s = RedisStore(request.getfixturevalue("redis_server").url)
+        server = request.getfixturevalue("redis_server")
+        _flush([server.port])
+        s = RedisStore(server.url)
     else:
-        s = RedisStore(request.getfixturevalue("redis_cluster").url, cluster=True)
+        cluster = request.getfixturevalue("redis_cluster")
+        _flush([n.port for n in cluster.nodes])
+        s = RedisStore(cluster.url, cluster=True)
     s.kind = kind  # type: ignore[attr-defined]
     yield s
     await s.close()
+
+
+def _flush(ports: list[int]) -> None:
+    """Each test starts from an empty Redis: the reaper and the ledger span every tree."""
+    for port in ports:
+        with redis.Redis(port=port) as r:
+            r.flushall()
 
 
 @pytest.fixture

@@ -4,14 +4,18 @@
 --
 -- KEYS[1] prefix "xp:{tag}:"
 -- ARGV[1] reservation id   ARGV[2] outcome (settled|released|expired)   ARGV[3] now_ms
--- ARGV[4] charged usage JSON {dimension: amount} (ignored for expired)  ARGV[5] extra meta JSON
+-- ARGV[4] charged usage JSON {dimension: amount} (ignored unless settled)  ARGV[5] extra meta JSON
 -- ARGV[6] ms to remember the closed reservation
 -- Returns {found 0|1, replayed 0|1, outcome, charged JSON}
 local P = KEYS[1]
 local rid, outcome, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local rkey = P .. 'resv:' .. rid
-local rec = redis.call('HMGET', rkey, 'state', 'lines', 'estimate', 'charged', 'created_at', 'meta')
+local rec = redis.call('HMGET', rkey, 'state', 'lines', 'estimate', 'charged', 'created_at', 'meta', 'until')
 local state = rec[1]
+if state and state ~= 'reserved' and tonumber(rec[7]) <= now then
+  redis.call('DEL', rkey)  -- past its memory on the callers' clock: forgotten
+  state = nil
+end
 if not state or state == 'refused' then return {0, 0, 'released', '{}'} end
 if state ~= 'reserved' then return {1, 1, state, rec[4] or '{}'} end
 
@@ -29,10 +33,12 @@ for _, l in ipairs(lines) do
     local c = charged[dim]
     if kind == 'counter' and c and c ~= 0 then
       if window == 'rolling' then
-        redis.call('ZADD', P .. 'e:' .. key, fmt(now), rid .. ':' .. fmt(c))
-        redis.call('INCRBY', P .. 'es:' .. key, fmt(c))
-        redis.call('PEXPIRE', P .. 'e:' .. key, fmt(l[9] * 2))
-        redis.call('PEXPIRE', P .. 'es:' .. key, fmt(l[9] * 2))
+        -- member "rid:now:amount" is unique even if an id is reused after its memory
+        local ek, sk = P .. 'e:' .. key, P .. 'es:' .. key
+        redis.call('ZADD', ek, fmt(now), rid .. ':' .. fmt(now) .. ':' .. fmt(c))
+        redis.call('INCRBY', sk, fmt(c))
+        redis.call('PEXPIRE', ek, fmt(l[9] * 2))
+        redis.call('PEXPIRE', sk, fmt(l[9] * 2))
       else
         local sk = P .. 's:' .. key .. '|' .. period
         redis.call('INCRBY', sk, fmt(c))
@@ -44,8 +50,9 @@ end
 
 local keys = {}
 for i, l in ipairs(lines) do keys[i] = l[1] end
-redis.call('HSET', rkey, 'state', outcome, 'charged', charged_json, 'closed_at', fmt(now))
-redis.call('HDEL', rkey, 'lines')
+redis.call('HSET', rkey, 'state', outcome, 'charged', charged_json, 'closed_at', fmt(now),
+  'until', fmt(now + tonumber(ARGV[6])))
+redis.call('HDEL', rkey, 'lines', 'meta', 'estimate')
 redis.call('PEXPIRE', rkey, ARGV[6])
 redis.call('ZREM', P .. 'exp', rid)
 redis.call('XADD', P .. 'ledger', '*', 'rid', rid, 'outcome', outcome, 'reserved', rec[3],

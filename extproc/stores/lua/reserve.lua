@@ -1,41 +1,82 @@
--- Atomic multi-line reservation: every line fits or nothing is taken.
--- Mirrors EmbeddedStore.reserve (extproc/stores/embedded.py) exactly.
+-- Atomic multi-line reservation: every line fits or nothing is taken; the
+-- run (if any) is checked and touched in the same step. Mirrors
+-- EmbeddedStore._reserve / _evaluate (extproc/stores/embedded.py) exactly; the
+-- rules are written down in extproc/stores/base.py.
 --
 -- KEYS[1]  prefix "xp:{tag}:" (every key below lives under its hash tag)
 -- ARGV[1]  reservation id     ARGV[2] now_ms     ARGV[3] ttl_ms
--- ARGV[4]  lines JSON  [[key, kind, dimension, limit, amount, mode, window, period, window_ms, margin, period_ttl_s], ...]
+-- ARGV[4]  lines JSON [[key, kind, dimension, limit, amount, mode, window, period,
+--          window_ms, margin, period_ttl_s, run 0|1, lower (-1 = none)], ...]
 -- ARGV[5]  meta JSON (kept verbatim)    ARGV[6] estimate JSON (kept verbatim; what expiry charges)
--- ARGV[7]  refusal memory ms    ARGV[8] '1' = dry run: report states, take nothing, record nothing
+-- ARGV[7]  refusal memory ms    ARGV[8] '1' = check only: evaluate, take nothing, record nothing
+-- ARGV[9]  run JSON [key, owner, ttl_ms, max_active, memory_ms] or ''   ARGV[10] run line keys JSON
 -- Returns {replayed 0|1, result} where result is
---   "ok;blocked;retry_ms;warned,csv;limit,spent,reserved;limit,spent,reserved;..."
+--   "ok;blocked;retry_ms;warned,csv;reason;active_runs;limit,spent,reserved;..."
 -- Numbers are exact below 2^53 (policy validation enforces it) and always
 -- formatted with %d: Lua's default number format would round them.
 local P = KEYS[1]
 local rid, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local rkey = P .. 'resv:' .. rid
 local dry = ARGV[8] == '1'
+local function fmt(n) return string.format('%d', n) end
+local function num(k) return tonumber(redis.call('GET', k) or '0') end
+
 if not dry then
-  local prior = redis.call('HGET', rkey, 'result')
-  if prior then return {1, prior} end
+  local prior = redis.call('HMGET', rkey, 'result', 'state', 'until')
+  if prior[1] then
+    -- a refused/closed record past its memory (on the callers' clock) is forgotten
+    if prior[2] == 'reserved' or tonumber(prior[3]) > now then return {1, prior[1]} end
+    redis.call('DEL', rkey)
+  end
+end
+
+-- The run: closed, expired, or new beyond the owner's cap refuses.
+local run, reason, retry, active = nil, '', -1, -1
+local runkey, ownerkey
+if ARGV[9] ~= '' then
+  run = cjson.decode(ARGV[9])
+  runkey, ownerkey = P .. 'run:' .. run[1], P .. 'ra:' .. run[2]
+  local rec = redis.call('HMGET', runkey, 'state', 'expires_at')
+  if rec[1] == 'closed' then reason = 'run_closed'
+  elseif rec[1] then
+    if tonumber(rec[2]) <= now then reason = 'run_expired' end
+  else
+    local live = '(' .. fmt(now)
+    active = redis.call('ZCOUNT', ownerkey, live, '+inf')
+    if active >= run[4] then
+      reason = 'run_limit'
+      local frees = redis.call('ZRANGEBYSCORE', ownerkey, live, '+inf', 'WITHSCORES', 'LIMIT', active - run[4], 1)
+      retry = tonumber(frees[2]) - now
+    else
+      active = -1
+    end
+  end
 end
 
 local lines = cjson.decode(ARGV[4])
-local function num(k) return tonumber(redis.call('GET', k) or '0') end
-local function fmt(n) return string.format('%d', n) end
 
-local function effective_limit(key, limit)
+local function effective_limit(l)
+  local key, limit = l[1], l[4]
   local override = redis.call('GET', P .. 'lim:' .. key)
   if override then limit = tonumber(override) end
-  return limit + num(P .. 'cr:' .. key)
+  limit = limit + num(P .. 'cr:' .. key)
+  if l[12] == 1 then
+    local low = redis.call('GET', P .. 'low:' .. key)
+    if low and tonumber(low) < limit then limit = tonumber(low) end
+    if l[13] >= 0 and l[13] < limit then limit = l[13] end
+  end
+  return limit
 end
+
+local function event_amount(member) return tonumber(string.match(member, ':(%-?%d+)$')) end
 
 local function rolling_spent(key, window_ms)
   local ek, sk = P .. 'e:' .. key, P .. 'es:' .. key
-  local cutoff = now - window_ms
+  local cutoff = fmt(now - window_ms)
   local gone = redis.call('ZRANGEBYSCORE', ek, '-inf', cutoff)
   if #gone > 0 then
     local freed = 0
-    for _, m in ipairs(gone) do freed = freed + tonumber(string.match(m, ':(%-?%d+)$')) end
+    for _, m in ipairs(gone) do freed = freed + event_amount(m) end
     redis.call('ZREMRANGEBYSCORE', ek, '-inf', cutoff)
     redis.call('DECRBY', sk, fmt(freed))
   end
@@ -44,9 +85,8 @@ end
 
 local states, blocked, warned = {}, nil, {}
 for i, l in ipairs(lines) do
-  local key, kind, limit, amount, mode = l[1], l[2], l[4], l[5], l[6]
-  local window, period, window_ms, margin = l[7], l[8], l[9], l[10]
-  limit = effective_limit(key, limit)
+  local key, kind, amount, mode, window = l[1], l[2], l[5], l[6], l[7]
+  local limit = effective_limit(l)
   local spent, reserved = 0, 0
   if kind == 'duration' then
     local t0 = redis.call('GET', P .. 't0:' .. key)
@@ -54,8 +94,8 @@ for i, l in ipairs(lines) do
   else
     reserved = num(P .. 'r:' .. key)
     if kind == 'counter' then
-      if window == 'rolling' then spent = rolling_spent(key, window_ms)
-      else spent = num(P .. 's:' .. key .. '|' .. period) end
+      if window == 'rolling' then spent = rolling_spent(key, l[9])
+      else spent = num(P .. 's:' .. key .. '|' .. l[8]) end
     end
   end
   states[i] = {limit, spent, reserved}
@@ -69,24 +109,32 @@ for i, l in ipairs(lines) do
     local blocks = over
     if kind == 'counter' then
       if mode == 'actuals_only' then blocks = spent >= limit
-      elseif mode == 'soft_gate' then blocks = spent + reserved + amount > limit + margin end
+      elseif mode == 'soft_gate' then blocks = spent + reserved + amount > limit + l[10] end
     end
     if blocks then blocked = i end
   end
 end
 
+-- The exact wait until a blocked line passes (rolling windows), a hint for
+-- concurrency, -1 when waiting alone cannot help.
 local function retry_after(i)
   local l, st = lines[i], states[i]
-  if l[2] == 'concurrency' then return 1000 end
-  if l[7] ~= 'rolling' then return -1 end
-  local need = st[2] + st[3] + l[5] - st[1]
-  if l[5] > st[1] or need > st[2] then return -1 end
+  if l[2] == 'concurrency' then
+    if l[5] <= st[1] then return 1000 end
+    return -1
+  end
+  if l[2] ~= 'counter' or l[7] ~= 'rolling' then return -1 end
+  local need
+  if l[6] == 'actuals_only' then need = st[2] - st[1] + 1
+  elseif l[6] == 'soft_gate' then need = st[2] + st[3] + l[5] - st[1] - l[10]
+  else need = st[2] + st[3] + l[5] - st[1] end
+  if need > st[2] then return -1 end
   local freed = 0
   local evs = redis.call('ZRANGE', P .. 'e:' .. l[1], 0, -1, 'WITHSCORES')
   for j = 1, #evs, 2 do
-    freed = freed + tonumber(string.match(evs[j], ':(%-?%d+)$'))
+    freed = freed + event_amount(evs[j])
     if freed >= need then
-      local r = tonumber(evs[j + 1]) + l[9] - now + 1
+      local r = tonumber(evs[j + 1]) + l[9] - now
       if r < 1 then r = 1 end
       return r
     end
@@ -94,17 +142,41 @@ local function retry_after(i)
   return -1
 end
 
-local function encode(ok, b, retry)
-  local parts = {ok, b, retry, table.concat(warned, ',')}
-  for i, st in ipairs(states) do parts[#parts + 1] = fmt(st[1]) .. ',' .. fmt(st[2]) .. ',' .. fmt(st[3]) end
+if reason ~= '' then blocked = nil
+elseif blocked then retry = retry_after(blocked) end
+local ok = reason == '' and blocked == nil
+
+local function encode()
+  local parts = {ok and '1' or '0', blocked and tostring(blocked - 1) or '-1', fmt(retry), table.concat(warned, ','), reason, fmt(active)}
+  for _, st in ipairs(states) do parts[#parts + 1] = fmt(st[1]) .. ',' .. fmt(st[2]) .. ',' .. fmt(st[3]) end
   return table.concat(parts, ';')
 end
 
-if dry then return {0, encode('1', '-1', '-1')} end
+if dry then return {0, encode()} end
 
-if blocked then
-  local result = encode('0', tostring(blocked - 1), fmt(retry_after(blocked)))
-  redis.call('HSET', rkey, 'state', 'refused', 'result', result)
+-- Any attempt on a valid run touches it: created on first sight, expiry pushed
+-- to now + ttl, the lowest client-requested limit of each run line kept.
+if run and reason == '' then
+  local exp = now + run[3]
+  if redis.call('EXISTS', runkey) == 0 then
+    redis.call('HSET', runkey, 'state', 'active', 'owner', run[2], 'created_at', fmt(now))
+  end
+  redis.call('HSET', runkey, 'seen_at', fmt(now), 'expires_at', fmt(exp), 'lines', ARGV[10])
+  redis.call('ZADD', ownerkey, fmt(exp), run[1])
+  redis.call('ZREMRANGEBYSCORE', ownerkey, '-inf', fmt(now))
+  redis.call('ZADD', P .. 'rp', fmt(exp + run[5]), run[1])
+  for _, l in ipairs(lines) do
+    if l[12] == 1 and l[13] >= 0 then
+      local lk = P .. 'low:' .. l[1]
+      local cur = redis.call('GET', lk)
+      if not cur or l[13] < tonumber(cur) then redis.call('SET', lk, fmt(l[13])) end
+    end
+  end
+end
+
+if not ok then
+  local result = encode()
+  redis.call('HSET', rkey, 'state', 'refused', 'result', result, 'until', fmt(now + tonumber(ARGV[7])))
   redis.call('PEXPIRE', rkey, ARGV[7])
   return {0, result}
 end
@@ -117,7 +189,7 @@ for i, l in ipairs(lines) do
     states[i][3] = states[i][3] + l[5]
   end
 end
-local result = encode('1', '-1', '-1')
+local result = encode()
 redis.call('HSET', rkey, 'state', 'reserved', 'result', result, 'lines', ARGV[4], 'meta', ARGV[5],
   'estimate', ARGV[6], 'created_at', fmt(now))
 redis.call('ZADD', P .. 'exp', fmt(now + ttl), rid)
