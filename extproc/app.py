@@ -15,6 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from .engine.budget import Engine
 from .policy.loader import PolicyHolder
+from .server.admin import load_token, make_admin_app, start_admin
 from .server.ext_authz import Authorization
 from .server.ext_proc import ExternalProcessor
 from .server.session import Services
@@ -65,15 +66,39 @@ async def _watch_policy(holder: PolicyHolder, interval: float) -> None:
             holder.reload()
 
 
+def _cost_rates(holder: PolicyHolder, store_url: str):  # type: ignore[no-untyped-def]
+    """Live cost rates of the policy's self-hosted backends (None when it has none)."""
+    spec = holder.current.self_hosted
+    if not spec.backends:
+        return None
+    from .costrate import CostRates, PrometheusGauges, open_rate_publisher
+
+    sampler_sinks = []
+    if spec.kubernetes_status:
+        from .costrate.k8s import KubernetesStatusPublisher
+
+        sampler_sinks.append(KubernetesStatusPublisher(spec))
+    rates = CostRates(spec, store=open_rate_publisher(store_url), sinks=[PrometheusGauges.default()], sampler_sinks=sampler_sinks)
+    rates.start()
+    return rates
+
+
 async def serve(
-    policy_path: str | Path, store_url: str, grpc_addr: str, *, admin_addr: str | None = None, reap_interval: float = 1.0
+    policy_path: str | Path,
+    store_url: str,
+    grpc_addr: str,
+    *,
+    admin_addr: str | None = None,
+    admin_token_file: str | None = None,
+    reap_interval: float = 1.0,
 ) -> None:
     holder = PolicyHolder.from_file(policy_path)
     for enc in {m.encoding for m in holder.current.prices.models.values()}:
         get_encoding(enc)  # load BPE ranks now, not on the first request
     store = open_store(store_url)
     engine = Engine(store)
-    services = Services(holder, engine)
+    rates = _cost_rates(holder, store_url)
+    services = Services(holder, engine, rates=rates)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     epg.add_ExternalProcessorServicer_to_server(ExternalProcessor(services), server)
     azg.add_AuthorizationServicer_to_server(Authorization(services), server)
@@ -90,12 +115,20 @@ async def serve(
         asyncio.create_task(_reaper(engine, reap_interval)),
         asyncio.create_task(_watch_policy(holder, 1.0)),
     ]
+    admin_runner = None
+    if admin_addr:
+        admin_runner = await start_admin(make_admin_app(engine, holder, load_token(admin_token_file)), admin_addr)
+        log.info("admin API on http://%s", admin_addr)
     log.info("extproc serving ext_proc on %s (store %s, policy %s)", grpc_addr, store_url, policy_path)
     print(f"extproc listening {grpc_addr}", flush=True)
     await stop.wait()
     await server.stop(grace=5)
+    if admin_runner is not None:
+        await admin_runner.cleanup()
     for t in tasks:
         t.cancel()
+    if rates is not None:
+        await rates.close()
     if services.background:
         await asyncio.wait(services.background, timeout=5)
     await store.close()

@@ -12,7 +12,7 @@ import time
 DEFAULT_STORE = "sqlite:var/budget.db"
 
 
-def _serve_one(policy: str, store: str, grpc_addr: str, admin: str | None) -> None:
+def _serve_one(policy: str, store: str, grpc_addr: str, admin: str | None, token_file: str | None = None) -> None:
     from .app import serve
 
     try:
@@ -21,13 +21,13 @@ def _serve_one(policy: str, store: str, grpc_addr: str, admin: str | None) -> No
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(policy, store, grpc_addr, admin_addr=admin))
+    asyncio.run(serve(policy, store, grpc_addr, admin_addr=admin, admin_token_file=token_file))
 
 
 def _serve(args: argparse.Namespace) -> int:
     """One process per core is the scaling unit: N workers share the gRPC port (SO_REUSEPORT)."""
     if args.workers <= 1:
-        _serve_one(args.policy, args.store, args.grpc, args.admin)
+        _serve_one(args.policy, args.store, args.grpc, args.admin, args.admin_token_file)
         return 0
     if args.grpc.startswith("unix:"):
         raise SystemExit("--workers > 1 needs a TCP --grpc address (a Unix socket path cannot be shared)")
@@ -39,7 +39,11 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="extproc-metrics-"))
     ctx = mp.get_context("spawn")  # never fork a process that may hold gRPC state
     workers = [
-        ctx.Process(target=_serve_one, args=(args.policy, args.store, args.grpc, args.admin if i == 0 else None), daemon=False)
+        ctx.Process(
+            target=_serve_one,
+            args=(args.policy, args.store, args.grpc, args.admin if i == 0 else None, args.admin_token_file),
+            daemon=False,
+        )
         for i in range(args.workers)
     ]
     for w in workers:
@@ -99,6 +103,60 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.policy)
 
 
+def _admin_engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .app import open_store
+    from .engine.budget import Engine
+    from .policy.loader import load_policy
+
+    return Engine(open_store(args.store)), load_policy(args.policy)
+
+
+def _budgets(args: argparse.Namespace) -> int:
+    import json
+
+    from . import admin
+
+    async def run() -> object:
+        engine, policy = _admin_engine(args)
+        try:
+            if args.budgets_command == "list":
+                return await admin.budgets(engine, policy, args.principal, args.run)
+            if args.budgets_command == "close-run":
+                return await admin.close_run(engine, policy, principal=args.principal, run=args.run)
+            return await admin.adjust(
+                engine, policy, principal=args.principal, scope=args.scope, dimension=args.dimension,
+                set_limit=args.value if args.budgets_command == "set-limit" else None,
+                credit=args.value if args.budgets_command == "credit" else None,
+                window=args.window, run=args.run,
+            )
+        finally:
+            await engine.store.close()
+
+    print(json.dumps(asyncio.run(run()), indent=2))
+    return 0
+
+
+def _ledger_export(args: argparse.Namespace) -> int:
+    from .app import open_store
+    from .ledger import parse_since, write
+
+    async def run() -> list:
+        store = open_store(args.store)
+        try:
+            return await store.ledger(since_ms=parse_since(args.since))
+        finally:
+            await store.close()
+
+    entries = asyncio.run(run())
+    if args.out:
+        with open(args.out, "w", newline="") as f:
+            n = write(entries, f, args.format)
+        print(f"wrote {n} ledger entries to {args.out}", file=sys.stderr)
+    else:
+        write(entries, sys.stdout, args.format)
+    return 0
+
+
 def _policy_check(args: argparse.Namespace) -> int:
     from .errors import PolicyError
     from .policy.loader import load_policy
@@ -134,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default=DEFAULT_STORE, help="sqlite:PATH (default %(default)s), redis://HOST:PORT, redis+cluster://HOST:PORT")
     s.add_argument("--grpc", default="127.0.0.1:50051", help="host:port or unix:/path (default %(default)s)")
     s.add_argument("--workers", type=int, default=1, help="worker processes sharing the gRPC port (TCP only)")
-    s.add_argument("--admin", default=None, help="admin HTTP host:port (metrics, budgets, ledger); loopback recommended")
+    s.add_argument("--admin", default=None, help="admin HTTP host:port (metrics, budgets, ledger); keep it on loopback")
+    s.add_argument("--admin-token-file", default=None, help="file holding the admin bearer token (else $EXTPROC_ADMIN_TOKEN)")
     s.set_defaults(fn=_serve)
 
     m = sub.add_parser("mock-backend", help="run the mock GPU inference backend (OpenAI + Anthropic APIs)")
@@ -153,6 +212,35 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--token-delay-ms", type=float, default=5.0)
     st.add_argument("--verbose", action="store_true", help="show the children's logs")
     st.set_defaults(fn=_stack)
+
+    b = sub.add_parser("budgets", help="list budgets, set or credit limits, close runs (directly on the store)")
+    bsub = b.add_subparsers(dest="budgets_command", required=True)
+    for name, helptext in (
+        ("list", "a principal's budgets with limit, spent, reserved, remaining"),
+        ("set-limit", "set (raise or lower) a limit; cost in USD"),
+        ("credit", "add to a limit (top up); cost in USD"),
+        ("close-run", "refuse every further call of a run"),
+    ):
+        c = bsub.add_parser(name, help=helptext)
+        c.add_argument("--policy", required=True)
+        c.add_argument("--store", default=DEFAULT_STORE)
+        c.add_argument("--principal", required=True)
+        c.add_argument("--run", default=None, required=name == "close-run")
+        if name in ("set-limit", "credit"):
+            c.add_argument("--scope", required=True, help="key | team | org | user | run | label:<name>")
+            c.add_argument("--dimension", default="cost")
+            c.add_argument("--window", default=None)
+            c.add_argument("value", help="USD for cost (e.g. 5.00), an integer otherwise")
+        c.set_defaults(fn=_budgets)
+
+    lg = sub.add_parser("ledger", help="ledger tools")
+    lsub = lg.add_subparsers(dest="ledger_command", required=True)
+    ex = lsub.add_parser("export", help="export ledger entries for chargeback")
+    ex.add_argument("--store", default=DEFAULT_STORE)
+    ex.add_argument("--since", default="0", help="ISO date/time (UTC) or epoch ms")
+    ex.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    ex.add_argument("--out", default=None, help="file (default stdout)")
+    ex.set_defaults(fn=_ledger_export)
 
     d = sub.add_parser("demo", help="start the local stack and narrate a budget scenario")
     d.add_argument("--policy", default="policies/demo.yaml")

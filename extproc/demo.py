@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import yaml
 
 from .engine.budget import Engine, Identity
 from .money import nano_to_usd
@@ -63,21 +64,56 @@ async def scenario(stack: Stack, policy_path: str) -> bool:
         results = await asyncio.gather(*(one() for _ in range(20)))
         served = sum(r.status_code == 200 for r in results)
         refused = [r for r in results if r.status_code == 429]
-        say(f"   -> {served} served, {len(refused)} refused with 429 before reaching the model.")
+        downshifted = sum(r.headers.get("x-budget-selected-model") == "gpt-4o-mini" for r in results if r.status_code == 200)
+        say(f"   -> {served} served ({downshifted} of them downshifted to gpt-4o-mini once gpt-4o no longer fit),")
+        say(f"      {len(refused)} refused with 429 before reaching any model.")
         if refused:
             err = refused[0].json()["error"]
             say(f"   refusal body: code={err['code']!r}, x-should-retry={refused[0].headers.get('x-should-retry')}")
             say(f"   message: {err['message']}")
             say(f"   budget: {json.dumps(err['budget'])}")
         ok &= served >= 1 and len(refused) >= 1 and served + len(refused) == 20
-        stats = (await c.get(f"{stack.backend_url()}/stats")).json()
-        say(f"   the backend saw {stats['hits']} calls in all (1 + 1 + {served}): refused calls cost nothing and reached nothing.")
-        ok &= stats["hits"] == 2 + served
+        hits = sum([(await c.get(f"{stack.backend_url(b)}/stats")).json()["hits"] for b in stack.backend_ports])
+        say(f"   the backends saw {hits} calls in all (1 + 1 + {served}): refused calls cost nothing and reached nothing.")
+        ok &= hits == 2 + served
 
-    say("\n4. Final spend beside each cap (read from the budget store):")
+        say("\n4. carol calls llama-3.1-8b on the self-hosted GPU backend; its price comes from the GPU's cost rate.")
+        rate = None
+        for _ in range(40):  # the first DCGM sample arrives within a couple of seconds
+            r = await c.post("/v1/chat/completions", headers={"authorization": f"Bearer {KEYS['carol']}", "x-mock-delay-ms": "20"},
+                             json={"model": "llama-3.1-8b", "max_tokens": 64, "messages": [{"role": "user", "content": "hello GPU"}]})
+            ok &= r.status_code == 200
+            rate = r.headers.get("x-backend-cost-rate-usd-per-hour")
+            if rate:
+                break
+            await asyncio.sleep(0.25)
+        say(f"   -> HTTP {r.status_code}; x-backend-cost-rate-usd-per-hour: {rate} "
+            f"({r.headers.get('x-backend-cost-rate-source')}); cost {r.headers.get('x-budget-cost-usd')}")
+        ok &= rate is not None
+
+    say("\n5. Final spend beside each cap (read from the budget store):")
     await asyncio.sleep(0.3)  # the streamed call settles as its stream closes
     ok &= await print_budgets(stack, policy_path)
+    say("\n6. Backend cost rates (published to the store by the service):")
+    ok &= await print_rates(stack, policy_path)
     return ok
+
+
+async def print_rates(stack: Stack, policy_path: str) -> bool:
+    from .costrate import open_rate_publisher
+    from .costrate.__main__ import describe
+
+    policy = load_policy(policy_path)
+    rates = open_rate_publisher(stack.store or "")
+    try:
+        found = True
+        for backend in policy.self_hosted.backends:
+            rate = await rates.read(backend)
+            say("   " + describe(rate, backend).rstrip())
+            found &= rate is not None
+        return found
+    finally:
+        await rates.close()
 
 
 async def print_budgets(stack: Stack, policy_path: str) -> bool:
@@ -105,12 +141,30 @@ async def print_budgets(stack: Stack, policy_path: str) -> bool:
     return fine
 
 
+def _point_metrics_at(policy_path: str, stack: Stack) -> str:
+    """A copy of the policy whose self-hosted backends read the stack's mock GPU metrics."""
+    assert stack.workdir is not None
+    doc = yaml.safe_load(Path(policy_path).read_text())
+    for name, backend in (doc.get("self_hosted") or {}).get("backends", {}).items():
+        if name in stack.backend_ports:
+            backend["metrics_url"] = f"{stack.backend_url(name)}/metrics"
+    out = stack.workdir / "policy.yaml"
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(out)
+
+
 def run_demo(policy_path: str) -> int:
-    policy_path = str(Path(policy_path).resolve())
-    say("Starting the local stack: mock GPU backend, extproc service, Envoy (real binary)...")
-    with Stack(policy=policy_path, token_delay_ms=2) as stack:
+    say("Starting the local stack: mock GPU backends, extproc service, Envoy (real binary)...")
+    stack = Stack(policy=str(Path(policy_path).resolve()), token_delay_ms=2)
+    try:
+        stack.start_backends()
+        stack.policy = _point_metrics_at(policy_path, stack)
+        stack.start_service()
+        stack.start_envoy()
         say(f"ready {stack.url}  (logs in {stack.workdir})\n")
-        ok = asyncio.run(scenario(stack, policy_path))
+        ok = asyncio.run(scenario(stack, stack.policy))
+    finally:
+        stack.stop()
     say("\nDemo " + ("finished: every budget held." if ok else "FAILED: see above."))
     return 0 if ok else 1
 

@@ -12,6 +12,7 @@ import copy
 import ctypes
 import os
 import shutil
+import secrets
 import signal
 import socket
 import subprocess
@@ -136,6 +137,7 @@ class Stack:
     quiet: bool = True
     extra_service_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    admin_token: str = ""
     procs: list[tuple[str, subprocess.Popen[Any]]] = field(default_factory=list)
     backend_ports: dict[str, int] = field(default_factory=dict)
 
@@ -145,7 +147,9 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.store = self.store or f"sqlite:{self.workdir / 'budget.db'}"
         self.grpc = self.grpc or f"127.0.0.1:{free_port()}"
-        self.admin_port = free_port()
+        self.admin_port = free_port()  # Envoy's admin
+        self.service_admin_port = free_port()  # extproc's admin API (metrics, budgets, ledger)
+        self.admin_token = self.admin_token or secrets.token_urlsafe(24)
 
     @property
     def url(self) -> str:
@@ -154,10 +158,14 @@ class Stack:
     def backend_url(self, name: str = "backend") -> str:
         return f"http://127.0.0.1:{self.backend_ports[name]}"
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[Any]:
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.service_admin_port}"
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
         assert self.workdir is not None
         log = open(self.workdir / f"{name}.log", "ab")
-        env = {**os.environ, **self.env}
+        env = {**os.environ, **self.env, **(env or {})}
         proc = subprocess.Popen(
             args,
             stdout=log if self.quiet else None,
@@ -185,7 +193,8 @@ class Stack:
         proc = self._spawn(
             "extproc",
             [sys.executable, "-m", "extproc", "serve", "--policy", self.policy, "--store", self.store, "--grpc", self.grpc,
-             *self.extra_service_args],
+             "--admin", f"127.0.0.1:{self.service_admin_port}", *self.extra_service_args],
+            env={"EXTPROC_ADMIN_TOKEN": self.admin_token},
         )
         _wait_connect(self.grpc, 30, proc)
 

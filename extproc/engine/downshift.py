@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..money import Price
 from ..policy.model import ModelSpec, Policy
 
 
@@ -27,9 +28,11 @@ class Candidate:
 
     name: str
     spec: ModelSpec
+    price: Price  # the static price, or the live cost-rate price of a self-hosted model
     input_tokens: int
     output_tokens: int  # all choices
     cost: int  # nano-USD
+    price_source: str = "static"  # or "cost_rate"
 
     @property
     def estimate(self) -> dict[str, int]:
@@ -70,9 +73,8 @@ def missing_capabilities(spec: ModelSpec, needs: Needs, input_tokens: int, outpu
     return missing
 
 
-def affordable_output(spec: ModelSpec, input_tokens: int, remaining_cost: int, n: int) -> int:
+def affordable_output(spec: ModelSpec, price: Price, input_tokens: int, remaining_cost: int, n: int) -> int:
     """Largest per-choice max output whose worst case fits in `remaining_cost` nano-USD."""
-    price = spec.price
     pico_left = remaining_cost * 1000 - input_tokens * price.input
     if pico_left <= 0 or price.output <= 0:
         return 0 if price.output > 0 else spec.output_limit

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..money import Price, usd_to_nano
 from ..stores.base import Mode
+from .selfhosted import SelfHostedSpec
 
 MAX_EXACT = 2**53 - 1  # counters stay exact in Redis Lua below this
 Dimension = Literal["cost", "input_tokens", "output_tokens", "total_tokens", "requests", "concurrency", "duration"]
@@ -206,6 +207,7 @@ class Policy(_Frozen):
     principals: tuple[PrincipalSpec, ...] = ()
     identity: IdentitySpec = IdentitySpec()
     decisions: Decisions = Decisions()
+    self_hosted: SelfHostedSpec = SelfHostedSpec()
     budgets: tuple[BudgetSpec, ...] = ()
     runs: RunsSpec = RunsSpec()
     enforcement: Enforcement = Enforcement()
@@ -228,6 +230,7 @@ class Policy(_Frozen):
                     raise ValueError(f"model {name!r} downshifts to {target!r}, which has no price")
         if self.prices.default_model is not None and self.prices.default_model not in self.prices.models:
             raise ValueError(f"prices.default_model {self.prices.default_model!r} has no price")
+        self.self_hosted.check_models_priced(self.prices.models)
         names = [p.name for p in self.principals]
         if len(names) != len(set(names)):
             raise ValueError("duplicate principal names")

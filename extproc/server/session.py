@@ -60,6 +60,7 @@ class Services:
     engine: Engine
     counter: TokenCounter = field(default_factory=TokenCounter)
     decisions: DecisionLog = field(default_factory=DecisionLog)
+    rates: Any = None  # costrate.CostRates when the policy has self-hosted backends
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, coro: Any) -> None:
@@ -223,8 +224,10 @@ class Session:
             image_tokens=self.policy.image_tokens,
             max_output_override=max_output,
         )
-        cost = spec.price.cost(input_tokens=est.input_tokens, output_tokens=est.output_tokens)
-        return Candidate(name, spec, est.input_tokens, est.output_tokens, cost)
+        live = self.s.rates.price_for_model(name) if self.s.rates is not None else None
+        price = live or spec.price
+        cost = price.cost(input_tokens=est.input_tokens, output_tokens=est.output_tokens)
+        return Candidate(name, spec, price, est.input_tokens, est.output_tokens, cost, "cost_rate" if live else "static")
 
     async def _reserve(self, c: Candidate, attempt: int) -> Decision:
         assert self.who is not None and self.schema is not None
@@ -261,7 +264,7 @@ class Session:
         remaining = max(0, st.remaining)
         n = max(1, facts.n)
         if b.spec.dimension == "cost":
-            per_choice = affordable_output(requested.spec, requested.input_tokens, remaining, n)
+            per_choice = affordable_output(requested.spec, requested.price, requested.input_tokens, remaining, n)
         elif b.spec.dimension == "output_tokens":
             per_choice = remaining // n
         elif b.spec.dimension == "total_tokens":
@@ -337,6 +340,8 @@ class Session:
         if self.decision is None or self.closed:
             return Reply(skip_response_body=True)
         reply = Reply(set_headers=self._headers(self.decision))
+        if self.s.rates is not None and self.chosen is not None:
+            reply.set_headers += self.s.rates.headers_for_model(self.chosen.name)
         if not 200 <= self.status < 300:
             await self._release()
             reply.skip_response_body = True
@@ -398,14 +403,20 @@ class Session:
         if usage is None:
             charge = dict(self.decision.reserved)
         else:
-            cost = self.chosen.spec.price.cost(
+            cost = self.chosen.price.cost(
                 input_tokens=usage.input_tokens,
                 output_tokens=usage.output_tokens,
                 cached_input_tokens=usage.cached_input_tokens,
                 cache_write_tokens=usage.cache_write_tokens,
             )
             charge = {"cost": cost, "input_tokens": usage.total_input, "output_tokens": usage.output_tokens, "requests": 1}
-        meta = {"usage_source": source, "status": self.status}
+        p = self.chosen.price
+        meta: dict[str, Any] = {
+            "usage_source": source,
+            "status": self.status,
+            "price_source": self.chosen.price_source,
+            "price_pico_usd_per_token": {"input": p.input, "output": p.output, "cached_input": p.cached_input, "cache_write": p.cache_write},
+        }
         if usage is not None:
             meta["usage"] = {
                 "input": usage.input_tokens,

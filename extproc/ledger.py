@@ -1,0 +1,77 @@
+"""Ledger export for chargeback: flat rows, JSONL or CSV, money as decimal USD strings."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime, timezone
+from typing import Any, Iterable, TextIO
+
+from .money import nano_to_usd
+from .stores.base import LedgerEntry
+
+COLUMNS = (
+    "seq", "closed_at", "reserved_at", "outcome", "reservation_id", "request_id", "principal", "run", "model",
+    "requested_model", "api", "usage_source", "input_tokens", "output_tokens", "reserved_usd", "charged_usd", "tag",
+)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_since(value: str) -> int:
+    """`--since`: epoch milliseconds, or an ISO 8601 date/time (UTC when no zone is given)."""
+    if value.isdigit():
+        return int(value)
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1000)
+
+
+def row(e: LedgerEntry) -> dict[str, Any]:
+    m = e.meta
+    return {
+        "seq": e.seq,
+        "closed_at": _iso(e.closed_at_ms),
+        "reserved_at": _iso(e.reserved_at_ms),
+        "outcome": e.outcome.value,
+        "reservation_id": e.reservation_id,
+        "request_id": m.get("request_id", ""),
+        "principal": m.get("principal", ""),
+        "run": m.get("run") or "",
+        "model": m.get("model", ""),
+        "requested_model": m.get("requested_model", ""),
+        "api": m.get("api", ""),
+        "usage_source": m.get("usage_source", "expired" if e.outcome.value == "expired" else ""),
+        "input_tokens": e.charged.get("input_tokens", 0),
+        "output_tokens": e.charged.get("output_tokens", 0),
+        "reserved_usd": nano_to_usd(e.reserved.get("cost", 0)),
+        "charged_usd": nano_to_usd(e.charged.get("cost", 0)),
+        "tag": e.tag,
+    }
+
+
+def write(entries: Iterable[LedgerEntry], out: TextIO, fmt: str) -> int:
+    n = 0
+    if fmt == "csv":
+        w = csv.DictWriter(out, fieldnames=COLUMNS)
+        w.writeheader()
+        for e in entries:
+            w.writerow(row(e))
+            n += 1
+    elif fmt == "jsonl":
+        for e in entries:
+            out.write(json.dumps(row(e)) + "\n")
+            n += 1
+    else:
+        raise ValueError(f"unknown format {fmt!r}: jsonl or csv")
+    return n
+
+
+def render(entries: Iterable[LedgerEntry], fmt: str) -> str:
+    buf = io.StringIO()
+    write(entries, buf, fmt)
+    return buf.getvalue()

@@ -1,0 +1,188 @@
+"""compose/: checked structurally (no Docker engine here), its Envoy config validated by
+the real binary and run through the local twin of the topology."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+import pytest
+
+from extproc.cli import build_parser
+from extproc.costrate.__main__ import load_spec
+from extproc.policy.loader import load_policy
+from extproc.stack import Stack
+
+from .conftest import (
+    EXT_PROC,
+    HEADER_MUTATION,
+    ROOT,
+    ROUTER,
+    access_log,
+    cluster,
+    endpoint,
+    envoy_validate,
+    hcm,
+    http_filter,
+    load,
+)
+
+COMPOSE_DIR = ROOT / "compose"
+COMPOSE = load(COMPOSE_DIR / "docker-compose.yaml")
+SERVICES: dict[str, Any] = COMPOSE["services"]
+EXTPROC_IMAGE_SERVICES = ("extproc", "mock-gpu", "costrate")
+
+
+def mounts(service: str) -> dict[str, Path]:
+    """container path -> host path (relative to the compose file) of each bind mount."""
+    out: dict[str, Path] = {}
+    for v in SERVICES[service].get("volumes", []):
+        host, container, *_ = v.split(":")
+        if host.startswith((".", "/")):
+            out[container] = (COMPOSE_DIR / host).resolve()
+    return out
+
+
+def host_file(service: str, container_path: str) -> Path:
+    for container, host in mounts(service).items():
+        if container_path == container:
+            return host
+    raise AssertionError(f"{service}: {container_path} is not mounted")
+
+
+def argv(service: str) -> list[str]:
+    return [str(a) for a in SERVICES[service]["command"]]
+
+
+def published(service: str) -> dict[int, int]:
+    """container port -> host port."""
+    out = {}
+    for p in SERVICES[service].get("ports", []):
+        parts = str(p).split(":")
+        out[int(parts[-1])] = int(parts[-2])
+    return out
+
+
+def test_services_images_and_build():
+    assert set(SERVICES) == {"envoy", "extproc", "redis", "mock-gpu", "costrate"}
+    assert re.fullmatch(r"envoyproxy/envoy:v1\.40[.\w-]*", SERVICES["envoy"]["image"])
+    assert re.fullmatch(r"redis:7[.\w-]*", SERVICES["redis"]["image"])
+    images = {SERVICES[s]["image"] for s in EXTPROC_IMAGE_SERVICES}
+    assert len(images) == 1  # one image, three roles
+    for s in EXTPROC_IMAGE_SERVICES:
+        build = SERVICES[s]["build"]
+        dockerfile = (COMPOSE_DIR / build["context"] / build["dockerfile"]).resolve()
+        assert dockerfile == (COMPOSE_DIR / "Dockerfile").resolve() and dockerfile.exists()
+
+
+def test_dockerfile_copies_what_exists_and_runs_extproc():
+    text = (COMPOSE_DIR / "Dockerfile").read_text()
+    context = (COMPOSE_DIR / SERVICES["extproc"]["build"]["context"]).resolve()
+    assert context == ROOT
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            *sources, _dest = line.split()[1:]
+            for src in sources:
+                assert (context / src).exists(), f"Dockerfile copies missing {src}"
+    assert 'ENTRYPOINT ["extproc"]' in text
+    assert re.search(r"^USER \d+", text, re.M), "runs as a non-root user"
+
+
+def test_every_service_has_a_healthcheck_and_waits_for_healthy_dependencies():
+    for name, svc in SERVICES.items():
+        hc = svc["healthcheck"]
+        assert hc["test"][0] == "CMD" and hc["interval"] and hc["retries"] > 0, name
+        for dep, cond in svc.get("depends_on", {}).items():
+            assert dep in SERVICES and cond == {"condition": "service_healthy"}, (name, dep)
+    assert set(SERVICES["envoy"]["depends_on"]) == {"extproc", "mock-gpu"}
+    assert set(SERVICES["extproc"]["depends_on"]) == {"redis"}
+    assert set(SERVICES["costrate"]["depends_on"]) == {"redis", "mock-gpu"}
+
+
+def test_every_mounted_file_exists():
+    for name in SERVICES:
+        for container, host in mounts(name).items():
+            assert host.is_file(), f"{name}: {host} (mounted at {container}) does not exist"
+
+
+def test_envoy_mounts_a_config_the_real_binary_validates():
+    cmd = argv("envoy")
+    config = host_file("envoy", cmd[cmd.index("-c") + 1])
+    assert config == COMPOSE_DIR / "envoy.yaml"
+    envoy_validate(config)
+
+
+def test_envoy_config_points_at_the_compose_services():
+    cfg = load(host_file("envoy", "/etc/envoy/envoy.yaml"))
+    h = hcm(cfg)
+    assert [f["name"] for f in h["http_filters"]] == [HEADER_MUTATION, EXT_PROC, ROUTER]
+    ext = http_filter(h, EXT_PROC)
+    assert ext["failure_mode_allow"] is False
+    ext_ep = endpoint(cluster(cfg, ext["grpc_service"]["envoy_grpc"]["cluster_name"]))["socket_address"]
+    serve = build_parser().parse_args(argv("extproc"))
+    assert serve.command == "serve"
+    assert f"{ext_ep['address']}:{ext_ep['port_value']}" == "extproc:" + serve.grpc.rsplit(":", 1)[1]
+    route_cluster = h["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["cluster"]
+    app_ep = endpoint(cluster(cfg, route_cluster))["socket_address"]
+    mock = build_parser().parse_args(argv("mock-gpu"))
+    assert mock.command == "mock-backend" and mock.host == "0.0.0.0"
+    assert (app_ep["address"], app_ep["port_value"]) == ("mock-gpu", mock.port)
+    listen = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+    assert published("envoy") == {listen: listen}
+
+
+def test_extproc_policy_exists_and_passes_validation_and_the_store_is_the_redis_service():
+    args = build_parser().parse_args(argv("extproc"))
+    policy = host_file("extproc", args.policy)
+    assert policy == ROOT / "policies" / "demo.yaml"
+    assert load_policy(policy).keys
+    store = urlparse(args.store)
+    assert store.scheme == "redis" and store.hostname == "redis" and store.port == 6379
+    assert args.grpc.startswith("0.0.0.0:")  # reachable from the envoy container
+    assert args.admin.startswith("127.0.0.1:")  # admin API stays inside the container
+    assert SERVICES["extproc"]["environment"]["EXTPROC_ADMIN_TOKEN"]
+
+
+def test_costrate_samples_the_mock_gpu_and_publishes_to_redis():
+    cmd = argv("costrate")
+    assert SERVICES["costrate"]["entrypoint"] == ["python", "-m", "extproc.costrate"]
+    spec = load_spec(host_file("costrate", cmd[cmd.index("--config") + 1]))
+    (backend,) = spec.backends.values()
+    url = urlparse(backend.metrics_url)
+    mock = build_parser().parse_args(argv("mock-gpu"))
+    assert (url.hostname, url.port, url.path) == ("mock-gpu", mock.port, "/metrics")
+    assert backend.gpu_count == mock.gpus and backend.tdp_watts == int(mock.tdp_watts)
+    assert urlparse(cmd[cmd.index("--store") + 1]).hostname == "redis"
+    port = int(cmd[cmd.index("--metrics-port") + 1])
+    assert published("costrate") == {port: port}
+    # the self-hosted backend is the cluster Envoy routes to
+    envoy_cfg = load(COMPOSE_DIR / "envoy.yaml")
+    assert list(spec.backends) == [c["name"] for c in envoy_cfg["static_resources"]["clusters"] if c["name"] != "extproc"]
+
+
+@pytest.mark.integration
+async def test_compose_envoy_config_runs_in_the_local_twin(tmp_path):
+    """compose/envoy.yaml with its addresses rewritten, in front of the real service."""
+    stack = Stack(
+        policy=str(ROOT / "policies" / "demo.yaml"),
+        envoy_config=str(COMPOSE_DIR / "envoy.yaml"),
+        backends=("mock-gpu",),
+        workdir=tmp_path / "stack",
+    )
+    try:
+        stack.start()
+        body = {"model": "gpt-4o-mini", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{stack.url}/v1/chat/completions", json=body, headers={"authorization": "Bearer sk-demo-bob"}
+            ) as r:
+                assert r.status == 200, await r.text()
+                assert r.headers["x-mock-backend"] == "mock-gpu"
+                cost = r.headers["x-budget-cost-usd"]
+        stack.stop()
+        assert any(e["status"] == 200 and e["cost_usd"] == cost for e in access_log(stack.log("envoy")))
+    finally:
+        stack.stop()

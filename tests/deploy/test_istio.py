@@ -1,0 +1,336 @@
+"""deploy/istio: the EnvoyFilter's filter config, extracted from the file, validated and run
+by real Envoy; the Kubernetes objects checked against each other."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from extproc.cli import build_parser
+from extproc.policy.loader import parse_policy
+from extproc.stack import Stack, free_port
+
+from .conftest import (
+    EXT_PROC,
+    HEADER_MUTATION,
+    ROOT,
+    ROUTER,
+    access_log,
+    docs,
+    envoy_validate,
+    hcm,
+    http_filter,
+    load,
+    without_grpc_cluster,
+)
+
+ISTIO = ROOT / "deploy" / "istio"
+SELECTOR = {"extproc.io/budget": "enabled"}
+HCM = "envoy.filters.network.http_connection_manager"
+
+
+def objects(folder: Path = ISTIO) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for path in sorted(folder.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            out += docs(path)
+    return out
+
+
+def one(kind: str, name: str | None = None, folder: Path = ISTIO) -> dict[str, Any]:
+    found = [o for o in objects(folder) if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def envoy_filter() -> dict[str, Any]:
+    return one("EnvoyFilter")
+
+
+def patches(kind: str) -> list[dict[str, Any]]:
+    return [p for p in envoy_filter()["spec"]["configPatches"] if p["applyTo"] == kind]
+
+
+def inserted_filter(name: str) -> dict[str, Any]:
+    (p,) = [p for p in patches("HTTP_FILTER") if p["patch"]["value"]["name"] == name]
+    return p
+
+
+def grpc_cluster_name() -> str:
+    return inserted_filter(EXT_PROC)["patch"]["value"]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+
+
+def istio_bootstrap(*, listen_port: int, admin_port: int, app: tuple[str, int], extproc: tuple[str, int]) -> dict[str, Any]:
+    """What an Istio sidecar's inbound side looks like after this EnvoyFilter: a listener
+    with an HCM whose chain is [router], a cluster for the app and Istio's outbound
+    cluster for the service; then every patch of the EnvoyFilter applied in order,
+    the way istiod does (INSERT_BEFORE the router, MERGE into listener and cluster)."""
+    ext_cluster = grpc_cluster_name()
+    listener: dict[str, Any] = {
+        "name": "virtualInbound",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": HCM,
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "inbound_0.0.0.0_8000",
+                            "access_log": [
+                                {
+                                    "name": "envoy.access_loggers.stdout",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                                        "log_format": {
+                                            "json_format": {
+                                                "path": "%REQ(:PATH)%",
+                                                "status": "%RESPONSE_CODE%",
+                                                "cost_usd": "%DYNAMIC_METADATA(extproc.budget:cost_usd)%",
+                                                "details": "%RESPONSE_CODE_DETAILS%",
+                                            }
+                                        },
+                                    },
+                                }
+                            ],
+                            "route_config": {
+                                "virtual_hosts": [
+                                    {"name": "inbound", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "inbound|8000||"}}]}
+                                ]
+                            },
+                            "http_filters": [
+                                {"name": ROUTER, "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                            ],
+                        },
+                    }
+                ]
+            }
+        ],
+    }
+    app_cluster: dict[str, Any] = {
+        "name": "inbound|8000||",
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {"cluster_name": "inbound|8000||", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": app[0], "port_value": app[1]}}}}]}]},
+    }
+    grpc_cluster = {
+        "name": ext_cluster,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {"cluster_name": ext_cluster, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": extproc[0], "port_value": extproc[1]}}}}]}]},
+    }
+    chain = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    for p in envoy_filter()["spec"]["configPatches"]:
+        assert p["match"]["context"] == "SIDECAR_INBOUND"
+        value = copy.deepcopy(p["patch"]["value"])
+        if p["applyTo"] == "HTTP_FILTER":
+            assert p["patch"]["operation"] == "INSERT_BEFORE"
+            assert p["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == ROUTER
+            at = next(i for i, f in enumerate(chain) if f["name"] == ROUTER)
+            chain.insert(at, value)
+        elif p["applyTo"] == "LISTENER":
+            assert p["patch"]["operation"] == "MERGE"
+            listener.update(value)
+        elif p["applyTo"] == "CLUSTER":
+            assert p["patch"]["operation"] == "MERGE" and p["match"]["cluster"]["portNumber"] == 8000
+            app_cluster.update(value)
+        else:
+            raise AssertionError(f"unexpected patch {p['applyTo']}")
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {"listeners": [listener], "clusters": [app_cluster, grpc_cluster]},
+    }
+
+
+# ---------------------------------------------------------------------------- Envoy
+
+
+def test_envoyfilter_config_validates_with_real_envoy(tmp_path):
+    cfg = istio_bootstrap(listen_port=15006, admin_port=15000, app=("127.0.0.1", 8000), extproc=("127.0.0.1", 50051))
+    path = tmp_path / "istio-sidecar.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    envoy_validate(path)
+    names = [f["name"] for f in hcm(cfg)["http_filters"]]
+    assert names == [HEADER_MUTATION, EXT_PROC, ROUTER]  # patches in order: strip first
+    assert cfg["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] == 16 * 1024 * 1024
+
+
+def test_envoyfilter_selects_by_label_on_the_inbound_inference_port():
+    ef = envoy_filter()
+    assert ef["apiVersion"] == "networking.istio.io/v1alpha3"
+    assert ef["metadata"]["namespace"] == "istio-system"  # root namespace: every namespace's workloads
+    assert ef["spec"]["workloadSelector"]["labels"] == SELECTOR
+    for name in (HEADER_MUTATION, EXT_PROC):
+        match = inserted_filter(name)["match"]
+        assert match["context"] == "SIDECAR_INBOUND"
+        assert match["listener"]["filterChain"]["filter"]["name"] == HCM
+        assert match["listener"]["portNumber"] == 8000
+    kinds = [p["patch"]["value"]["name"] for p in patches("HTTP_FILTER")]
+    assert kinds == [HEADER_MUTATION, EXT_PROC]
+
+
+def test_the_filter_is_the_sidecars_filter_but_for_its_address():
+    """One filter config for the sidecar, the compose gateway and Istio: no drift."""
+    istio = inserted_filter(EXT_PROC)["patch"]["value"]["typed_config"]
+    sidecar = http_filter(hcm(load(ROOT / "envoy" / "sidecar.yaml")), EXT_PROC)
+    compose = http_filter(hcm(load(ROOT / "compose" / "envoy.yaml")), EXT_PROC)
+    assert without_grpc_cluster(istio) == without_grpc_cluster(sidecar) == without_grpc_cluster(compose)
+    strip = inserted_filter(HEADER_MUTATION)["patch"]["value"]["typed_config"]
+    assert strip == http_filter(hcm(load(ROOT / "envoy" / "sidecar.yaml")), HEADER_MUTATION)
+    assert istio["failure_mode_allow"] is False
+
+
+# ---------------------------------------------------------------------------- Kubernetes
+
+
+def test_kustomization_lists_every_manifest():
+    for folder in (ISTIO, ISTIO / "example"):
+        k = load(folder / "kustomization.yaml")
+        assert sorted(k["resources"]) == sorted(p.name for p in folder.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_every_object_is_well_formed():
+    kinds = sorted(o["kind"] for o in objects())
+    assert kinds == sorted(
+        ["Namespace", "Deployment", "Service", "Deployment", "Service", "ServiceAccount", "Secret", "ConfigMap",
+         "ClusterRole", "ClusterRoleBinding", "EnvoyFilter"]
+    )
+    for o in objects() + objects(ISTIO / "example"):
+        assert o["apiVersion"] and o["metadata"]["name"], o
+        if o["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            assert o["metadata"]["namespace"], o
+
+
+def _service_for_cluster() -> tuple[int, str, str]:
+    m = re.fullmatch(r"outbound\|(\d+)\|\|([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local", grpc_cluster_name())
+    assert m, f"not an Istio outbound cluster name: {grpc_cluster_name()}"
+    return int(m.group(1)), m.group(2), m.group(3)
+
+
+def test_grpc_cluster_is_the_extproc_services_grpc_port():
+    port, name, namespace = _service_for_cluster()
+    svc = one("Service", name)
+    assert svc["metadata"]["namespace"] == namespace
+    assert one("Namespace", namespace)
+    (sp,) = [p for p in svc["spec"]["ports"] if p["port"] == port]
+    assert sp["name"] == "grpc" and sp["appProtocol"] == "grpc"  # Istio speaks HTTP/2 to it
+
+    dep = one("Deployment", name)
+    pod = dep["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert not SELECTOR.items() <= labels.items(), "the service's own sidecar must not call the service"
+    (c,) = pod["spec"]["containers"]
+    (cp,) = [p for p in c["ports"] if p["name"] == sp["targetPort"]]
+
+    args = build_parser().parse_args(c["args"])  # the command the image runs is a valid one
+    assert args.command == "serve"
+    assert args.grpc == f"0.0.0.0:{cp['containerPort']}"
+    assert args.store.startswith("redis://redis.extproc-system.svc.cluster.local:6379")
+    redis = one("Service", "redis")
+    assert redis["spec"]["ports"][0]["port"] == 6379
+    assert redis["spec"]["selector"].items() <= one("Deployment", "redis")["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_policy_configmap_is_the_demo_policy_and_is_mounted_where_serve_reads_it():
+    dep = one("Deployment", "extproc")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    policy_path = Path(build_parser().parse_args(c["args"]).policy)
+    (mount,) = [m for m in c["volumeMounts"] if policy_path.is_relative_to(m["mountPath"])]
+    (vol,) = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    cm = one("ConfigMap", vol["configMap"]["name"])
+    key = str(policy_path.relative_to(mount["mountPath"]))
+    text = cm["data"][key]
+    assert text == (ROOT / "policies" / "demo.yaml").read_text()
+    policy = parse_policy(text, f"ConfigMap {cm['metadata']['name']}")
+    assert set(policy.prices.models) >= {"gpt-4o", "gpt-4o-mini"} and policy.keys
+
+
+def test_admin_token_comes_from_the_secret_and_the_admin_binds_loopback():
+    dep = one("Deployment", "extproc")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    args = build_parser().parse_args(c["args"])
+    assert args.admin.startswith("127.0.0.1:")  # never exposed by the Service
+    assert all(p["containerPort"] != int(args.admin.rsplit(":", 1)[1]) for p in c["ports"])
+    token = Path(args.admin_token_file)
+    (mount,) = [m for m in c["volumeMounts"] if token.is_relative_to(m["mountPath"])]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret = one("Secret", vol["secret"]["secretName"])
+    assert str(token.relative_to(mount["mountPath"])) in secret["stringData"]
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == one("ServiceAccount")["metadata"]["name"]
+    binding = one("ClusterRoleBinding")
+    assert binding["subjects"][0]["name"] == "extproc" and binding["subjects"][0]["namespace"] == "extproc-system"
+    rule = one("ClusterRole")["rules"][0]
+    assert rule["apiGroups"] == ["serving.kserve.io"] and rule["resources"] == ["inferenceservices/status"]
+    assert "patch" in rule["verbs"]
+
+
+def test_example_workload_is_selected_on_the_patched_port():
+    example = ISTIO / "example"
+    dep = one("Deployment", "mock-gpu", example)
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert SELECTOR.items() <= labels.items()
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["ports"][0]["containerPort"] == inserted_filter(EXT_PROC)["match"]["listener"]["portNumber"]
+    args = build_parser().parse_args(c["args"])
+    assert args.command == "mock-backend" and args.port == c["ports"][0]["containerPort"]
+
+
+# ---------------------------------------------------------------------------- live
+
+
+@pytest.mark.integration
+async def test_envoyfilter_config_enforces_budgets_for_real(tmp_path):
+    """The patched inbound chain in real Envoy, with the service behind Istio's cluster name."""
+    grpc_port = free_port()
+    stack = Stack(
+        policy=str(ROOT / "policies" / "demo.yaml"),
+        backends=("inbound|8000||",),
+        grpc=f"127.0.0.1:{grpc_port}",
+        workdir=tmp_path / "stack",
+    )
+    try:
+        stack.start_backends()
+        stack.start_service()
+        cfg = istio_bootstrap(
+            listen_port=stack.port, admin_port=stack.admin_port,
+            app=("127.0.0.1", stack.backend_ports["inbound|8000||"]), extproc=("127.0.0.1", grpc_port),
+        )
+        path = tmp_path / "istio.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        stack.envoy_config = str(path)  # render_envoy_config keeps the addresses set above
+        stack.start_envoy()
+        body = {"model": "gpt-4o-mini", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{stack.url}/v1/chat/completions", json=body, headers={"authorization": "Bearer sk-demo-carol"}
+            ) as r:
+                assert r.status == 200, await r.text()
+                cost = r.headers["x-budget-cost-usd"]
+            async with http.post(f"{stack.url}/v1/chat/completions", json=body) as r:
+                assert r.status == 401  # no key: refused by the service, before the app
+                assert "error" in json.loads(await r.text())
+        stack.stop()
+        entries = access_log(stack.log("envoy"))
+        assert any(e["status"] == 200 and e["cost_usd"] == cost for e in entries)
+    except Exception:
+        for name in ("extproc", "envoy"):
+            print(f"--- {name} log ---\n{stack.log(name)[-3000:]}")
+        raise
+    finally:
+        stack.stop()
