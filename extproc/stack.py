@@ -82,7 +82,7 @@ def render_envoy_config(
     return cfg
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -90,7 +90,18 @@ def _die_with_parent() -> None:
         pass
 
 
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen[Any]) -> None:
+def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds: children get to settle and flush."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[Any]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -104,7 +115,7 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[Any]) -> None:
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
-def _wait_connect(addr: str, timeout: float, proc: subprocess.Popen[Any]) -> None:
+def wait_connect(addr: str, timeout: float, proc: subprocess.Popen[Any]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -172,7 +183,7 @@ class Stack:
             stderr=subprocess.STDOUT if self.quiet else None,
             stdin=subprocess.DEVNULL,
             env=env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self.procs.append((name, proc))
         return proc
@@ -186,7 +197,7 @@ class Stack:
                 [sys.executable, "-m", "extproc", "mock-backend", "--port", str(port), "--name", name,
                  "--token-delay-ms", str(self.token_delay_ms)],
             )
-            _wait_http(f"http://127.0.0.1:{port}/healthz", 30, proc)
+            wait_http(f"http://127.0.0.1:{port}/healthz", 30, proc)
 
     def start_service(self) -> None:
         assert self.grpc is not None and self.store is not None
@@ -196,7 +207,7 @@ class Stack:
              "--admin", f"127.0.0.1:{self.service_admin_port}", *self.extra_service_args],
             env={"EXTPROC_ADMIN_TOKEN": self.admin_token},
         )
-        _wait_connect(self.grpc, 30, proc)
+        wait_connect(self.grpc, 30, proc)
 
     def procs_by_name(self, name: str) -> subprocess.Popen[Any]:
         return next(p for n, p in self.procs if n == name)
@@ -220,8 +231,8 @@ class Stack:
             [envoy_binary(), "-c", str(path), "--log-level", "warn", "--concurrency", "2",
              "--disable-hot-restart"],
         )
-        _wait_http(f"http://127.0.0.1:{self.admin_port}/ready", 60, proc)
-        _wait_connect(f"127.0.0.1:{self.port}", 30, proc)
+        wait_http(f"http://127.0.0.1:{self.admin_port}/ready", 60, proc)
+        wait_connect(f"127.0.0.1:{self.port}", 30, proc)
 
     def start(self) -> "Stack":
         try:
@@ -237,13 +248,7 @@ class Stack:
         for n, proc in list(self.procs):
             if n != name:
                 continue
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            stop_process(proc)
             self.procs.remove((n, proc))
 
     def stop(self) -> None:

@@ -23,7 +23,7 @@ from ..errors import BadRequest, ClientError, StoreUnavailable, Unauthenticated,
 from ..estimate import TokenCounter, estimate
 from ..money import nano_to_usd
 from ..policy.loader import PolicyHolder
-from ..policy.model import ModelSpec, Policy
+from ..policy.model import Policy
 from ..protocols.envelopes import error_body
 from ..protocols.request import RequestFacts
 from ..protocols.schemas import Schema, schema_for_path

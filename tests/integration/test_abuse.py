@@ -4,12 +4,11 @@ ledger reconciles afterwards."""
 
 from __future__ import annotations
 
-import asyncio
 
 import httpx
 import pytest
 
-from tests.integration.conftest import ledger, sha
+from tests.integration.conftest import sha
 from tests.integration.reconcile import reconcile
 
 pytestmark = pytest.mark.integration

@@ -3,7 +3,6 @@ through real Envoy; the official SDKs unchanged; aborted streams still charged."
 
 from __future__ import annotations
 
-import asyncio
 import json
 from decimal import Decimal
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from extproc.stores.base import Kind, Line, Mode, Outcome, Window
+from extproc.stores.base import Kind, Line, Outcome
 
 NOW = 1_700_000_000_000
 

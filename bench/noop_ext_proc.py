@@ -1,0 +1,115 @@
+"""A no-op ext_proc server: the floor any Python ext_proc service pays.
+
+Same processing modes as the shipped filter (envoy/envoy.yaml: request headers
+and buffered request body sent, response headers sent, response body buffered)
+and the same per-request switch as extproc: an SSE response is moved to
+STREAMED with `mode_override`. Every phase is answered with an empty
+CommonResponse, so what this costs is the gRPC round trips and nothing else.
+Runs on grpc.aio like extproc, with `grpc.so_reuseport` so several processes
+can share one TCP port.
+
+    python -m bench.noop_ext_proc --grpc 127.0.0.1:50052 [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import signal
+from typing import AsyncIterator
+
+import grpc
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
+
+_STREAM_RESPONSE = pm.ProcessingMode(response_body_mode=pm.ProcessingMode.STREAMED)
+# --one-round-trip: answer the request headers and skip every later phase (what
+# extproc does for unmetered paths), to price one ext_proc round trip.
+_SKIP_REST = pm.ProcessingMode(
+    request_body_mode=pm.ProcessingMode.NONE,
+    response_header_mode=pm.ProcessingMode.SKIP,
+    response_body_mode=pm.ProcessingMode.NONE,
+)
+
+
+def _is_sse(headers: ep.HttpHeaders) -> bool:
+    for h in headers.headers.headers:
+        if h.key == "content-type":
+            value = h.raw_value.decode("latin-1") if h.raw_value else h.value
+            return "text/event-stream" in value
+    return False
+
+
+class NoopProcessor(epg.ExternalProcessorServicer):
+    def __init__(self, one_round_trip: bool = False) -> None:
+        self.one_round_trip = one_round_trip
+
+    async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest], context) -> AsyncIterator[ep.ProcessingResponse]:  # type: ignore[override]
+        async for req in request_iterator:
+            phase = req.WhichOneof("request")
+            resp = ep.ProcessingResponse()
+            if phase == "response_headers":
+                resp.response_headers.response.SetInParent()
+                if _is_sse(req.response_headers):
+                    resp.mode_override.CopyFrom(_STREAM_RESPONSE)
+            elif phase == "request_headers":
+                resp.request_headers.response.SetInParent()
+                if self.one_round_trip:
+                    resp.mode_override.CopyFrom(_SKIP_REST)
+            elif phase in ("request_body", "response_body"):
+                getattr(resp, phase).response.SetInParent()
+            else:  # trailers
+                getattr(resp, phase).SetInParent()
+            yield resp
+
+
+async def serve(addr: str, one_round_trip: bool = False) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    epg.add_ExternalProcessorServicer_to_server(NoopProcessor(one_round_trip), server)
+    if server.add_insecure_port(addr) == 0 and not addr.startswith("unix:"):
+        raise OSError(f"cannot bind {addr}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"noop ext_proc listening {addr}", flush=True)
+    await stop.wait()
+    await server.stop(grace=1)
+
+
+def _run(addr: str, one_round_trip: bool = False) -> None:
+    asyncio.run(serve(addr, one_round_trip))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grpc", default="127.0.0.1:50052", help="host:port or unix:/path")
+    ap.add_argument("--workers", type=int, default=1, help="processes sharing the TCP port (SO_REUSEPORT)")
+    ap.add_argument("--one-round-trip", action="store_true", help="skip every phase after the request headers")
+    a = ap.parse_args()
+    if a.workers <= 1:
+        _run(a.grpc, a.one_round_trip)
+        return
+    if a.grpc.startswith("unix:"):
+        raise SystemExit("--workers > 1 needs a TCP address (a Unix socket path cannot be shared)")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_run, args=(a.grpc, a.one_round_trip), daemon=True) for _ in range(a.workers)]
+    for p in procs:
+        p.start()
+
+    def stop(signum: int, frame: object) -> None:
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                p.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for p in procs:
+        p.join()
+
+
+if __name__ == "__main__":
+    main()
