@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from ..engine.budget import AppliedLimit, Decision, Engine, Hold, Identity
@@ -52,6 +52,35 @@ class DecisionLog:
         return self._items.get(decision_id)
 
 
+class RecentStates:
+    """The budget states this process last saw per (tree, principal, run), from its own decisions.
+
+    Lets request headers refuse a caller whose budget is already spent, and
+    start a call on the cheaper model past a soft threshold, without a store
+    round trip. The reservation stays authoritative: a stale entry can only
+    refuse early for at most `ttl_ms` after a top-up or a period rollover,
+    never let spending through.
+    """
+
+    def __init__(self, ttl_ms: int = 1000, size: int = 50_000) -> None:
+        self.ttl_ms = ttl_ms
+        self._items: OrderedDict[tuple[str, str, str | None], tuple[int, Decision]] = OrderedDict()
+        self._size = size
+
+    def put(self, who: Identity, run_id: str | None, d: Decision, now_ms: int) -> None:
+        key = (who.tag, who.principal, run_id)
+        self._items[key] = (now_ms, d)
+        self._items.move_to_end(key)
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def get(self, who: Identity, run_id: str | None, now_ms: int) -> Decision | None:
+        item = self._items.get((who.tag, who.principal, run_id))
+        if item is None or now_ms - item[0] > self.ttl_ms:
+            return None
+        return item[1]
+
+
 @dataclass
 class Services:
     """What every session shares: policy snapshot source, engine, token cache, background tasks."""
@@ -60,6 +89,7 @@ class Services:
     engine: Engine
     counter: TokenCounter = field(default_factory=TokenCounter)
     decisions: DecisionLog = field(default_factory=DecisionLog)
+    recent: RecentStates = field(default_factory=RecentStates)
     rates: Any = None  # costrate.CostRates when the policy has self-hosted backends
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -72,8 +102,8 @@ class Services:
 def _exhausted(lim: AppliedLimit, st: LineState) -> bool:
     """Nothing more can fit in this line (checked on headers, before the body is uploaded)."""
     line = lim.line
-    if line.mode is Mode.ADVISORY or line.kind is Kind.CONCURRENCY:
-        return False
+    if line.mode is Mode.ADVISORY or line.kind is Kind.CONCURRENCY or lim.spec.window == "rolling":
+        return False  # these free up by themselves; only the reservation can tell
     if line.kind is Kind.DURATION:
         return st.spent >= st.limit
     if line.dimension == "requests":
@@ -86,6 +116,11 @@ def _over_soft(lim: AppliedLimit, st: LineState, amount: int) -> bool:
     return t is not None and lim.spec.dimension == "cost" and (st.spent + st.reserved + amount) > st.limit * t
 
 
+def _past_soft(d: Decision, amount: int) -> bool:
+    """Would `amount` more take any cost line of this decision past its soft threshold?"""
+    return any(_over_soft(lim, st, amount) for lim, st in zip(d.limits, d.states))
+
+
 class Session:
     def __init__(self, services: Services) -> None:
         self.s = services
@@ -95,7 +130,7 @@ class Session:
         self.who: Identity | None = None
         self.run_id: str | None = None
         self.request_id = ""
-        self.early: tuple[tuple[AppliedLimit, ...], tuple[LineState, ...]] | None = None
+        self.early: Decision | None = None  # this caller's most recent decision in this process
         self.chosen: Candidate | None = None
         self.requested_model = ""
         self.clamped = False
@@ -120,17 +155,19 @@ class Session:
         if self.schema is None or method != "POST":
             return Reply(skip_rest=True)
         self.envelope = self.schema.envelope
-        refused = await self.gate(headers, peer_id)
+        refused = await self.gate(headers, peer_id, ask_store=False)
         if refused is not None:
             return refused
         if end_of_stream:
             return self._client_error(BadRequest("request body is required"))
         return Reply()
 
-    async def gate(self, headers: Mapping[str, str], peer_id: str | None) -> Reply | None:
+    async def gate(self, headers: Mapping[str, str], peer_id: str | None, *, ask_store: bool = True) -> Reply | None:
         """Identity, run id, and a refusal if a budget is already spent (no body needed).
 
-        Shared by ext_proc's request headers and by ext_authz's Check."""
+        ext_authz asks the store (it is the only check such a request gets);
+        ext_proc's request headers use this process's recent states and leave
+        the authoritative answer to the reservation on the body."""
         try:
             self.who = identity.resolve(self.policy, headers, peer_id)
         except Unauthenticated as e:
@@ -144,20 +181,30 @@ class Session:
                 break
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
         # Refuse now if a budget is already spent: the body need not be uploaded.
-        try:
-            eng = self.s.engine
-            limits = eng.limits_for(self.policy, self.who, self.run_id, {}, eng.clock())
-            states = await eng.store.snapshot([l.line for l in limits], tag=self.who.tag, now_ms=eng.clock())
-        except StoreUnavailable as e:
-            return self._store_down(e)
-        self.early = (limits, states)
-        for i, (lim, st) in enumerate(zip(limits, states)):
-            if _exhausted(lim, st):
-                metrics.DECISIONS.labels("block", lim.scope).inc()
-                d = Decision(False, uuid.uuid4().hex, Hold(self.who.tag, self.request_id), limits, states, i, (), None, {}, self.policy.enforcement.mode)
-                self.closed = True
-                return Reply(immediate=render.refusal(self.envelope, d, self._headers(d), []))
+        eng = self.s.engine
+        if ask_store:
+            try:
+                checked = await eng.check(self.policy, self.who, run_id=self.run_id)
+            except StoreUnavailable as e:
+                return self._store_down(e)
+            if not checked.allowed:
+                return self._early_refusal(checked, checked.blocked)
+            return None
+        recent = self.s.recent.get(self.who, self.run_id, eng.clock())
+        if recent is not None:
+            self.early = recent
+            for i, (lim, st) in enumerate(zip(recent.limits, recent.states)):
+                if _exhausted(lim, st):
+                    return self._early_refusal(recent, i)
         return None
+
+    def _early_refusal(self, d: Decision, blocked: int | None) -> Reply:
+        assert self.who is not None and blocked is not None
+        refusal = replace(d, allowed=False, decision_id=uuid.uuid4().hex, blocked=blocked, hold=Hold(self.who.tag, self.request_id))
+        lim = refusal.limits[blocked]
+        metrics.DECISIONS.labels("block", lim.scope).inc()
+        self.closed = True
+        return Reply(immediate=render.refusal(self.envelope, refusal, self._headers(refusal), []))
 
     async def request_body(self, body: bytes) -> Reply:
         assert self.schema is not None and self.who is not None
@@ -177,16 +224,21 @@ class Session:
                 if not missing_capabilities(c.spec, facts, c.input_tokens, c.output_tokens):
                     options.append(c)
         start = 0
-        if len(options) > 1 and self.early is not None and any(
-            _over_soft(lim, st, requested.cost) for lim, st in zip(*self.early)
-        ):
+        if len(options) > 1 and self.early is not None and _past_soft(self.early, requested.cost):
             start = 1  # past a soft threshold: go straight to the cheaper model
         try:
             decision, chosen = await self._reserve_first_fit(options[start:])
+            if decision.allowed and chosen is requested and len(options) > 1 and _past_soft(decision, 0):
+                # this call crossed the soft threshold: move it to the cheaper model
+                cheaper, cheaper_choice = await self._reserve_first_fit(options[1:], first_attempt=1)
+                if cheaper.allowed:
+                    await self.s.engine.release(decision.hold)
+                    decision, chosen = cheaper, cheaper_choice
             if not decision.allowed and policy.decisions.output_clamp:
                 decision, chosen = await self._try_clamp(facts, requested, decision)
         except StoreUnavailable as e:
             return self._store_down(e)
+        self.s.recent.put(self.who, self.run_id, decision, self.s.engine.clock())
         self.decision, self.chosen = decision, chosen
         self._record(decision, chosen)
         outcome = render.decision_value(decision, self.clamped or chosen.name != self.requested_model)
@@ -242,11 +294,11 @@ class Session:
                 meta={"model": c.name, "requested_model": self.requested_model, "api": self.schema.name, "request_id": self.request_id},
             )
 
-    async def _reserve_first_fit(self, options: list[Candidate]) -> tuple[Decision, Candidate]:
+    async def _reserve_first_fit(self, options: list[Candidate], first_attempt: int = 0) -> tuple[Decision, Candidate]:
         """Try each model in order; stop at the first that fits or at a refusal a cheaper model cannot fix."""
         decision: Decision | None = None
         for attempt, c in enumerate(options):
-            decision = await self._reserve(c, attempt)
+            decision = await self._reserve(c, first_attempt + attempt)
             if decision.allowed:
                 return decision, c
             blocking = decision.blocking
