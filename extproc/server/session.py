@@ -37,19 +37,42 @@ log = logging.getLogger("extproc.session")
 
 
 class DecisionLog:
-    """Recent decisions by id, for `GET <budget_path>/decisions/{id}` (bounded, per process)."""
+    """Recent decisions by id, for `GET <budget_path>/decisions/{id}` (bounded, per process).
+
+    Stores the inputs as they are and renders JSON only on lookup: most
+    decisions are never looked up, and this runs on every call.
+    """
 
     def __init__(self, size: int = 10_000) -> None:
-        self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
         self._size = size
 
-    def add(self, decision_id: str, record: dict[str, Any]) -> None:
-        self._items[decision_id] = record
+    def add(self, decision_id: str, inputs: tuple[Any, ...]) -> None:
+        self._items[decision_id] = inputs
         if len(self._items) > self._size:
             self._items.popitem(last=False)
 
     def get(self, decision_id: str) -> dict[str, Any] | None:
-        return self._items.get(decision_id)
+        item = self._items.get(decision_id)
+        if item is None:
+            return None
+        principal, run, requested, c, d, clamped, price_version = item
+        return {
+            "decision_id": d.decision_id,
+            "principal": principal,
+            "run": run,
+            "decision": render.decision_value(d, clamped or c.name != requested),
+            "requested_model": requested,
+            "selected_model": c.name,
+            "scopes": sorted({l.budget for l in d.limits}),
+            "estimate": {"cost_usd": nano_to_usd(c.cost), "input_tokens": c.input_tokens, "output_tokens": c.output_tokens},
+            "effective_max_output": c.output_tokens,
+            "output_clamped": clamped,
+            "price_source": c.price_source,
+            "blocking_scope": d.blocking.budget if d.blocking else None,
+            "price_table_version": price_version,
+            "reservation_id": d.hold.reservation_id,
+        }
 
 
 class RecentStates:
@@ -359,24 +382,11 @@ class Session:
         return out
 
     def _record(self, d: Decision, c: Candidate) -> None:
+        """Keep what the decision was made from; rendered only if someone looks it up."""
         assert self.who is not None
         self.s.decisions.add(
             d.decision_id,
-            {
-                "decision_id": d.decision_id,
-                "principal": self.who.principal,
-                "run": self.run_id,
-                "decision": render.decision_value(d, self.clamped or c.name != self.requested_model),
-                "requested_model": self.requested_model,
-                "selected_model": c.name,
-                "scopes": sorted({l.budget for l in d.limits}),
-                "estimate": {"cost_usd": nano_to_usd(c.cost), "input_tokens": c.input_tokens, "output_tokens": c.output_tokens},
-                "effective_max_output": c.output_tokens,
-                "output_clamped": self.clamped,
-                "blocking_scope": d.blocking.budget if d.blocking else None,
-                "price_table_version": self.policy.prices.version,
-                "reservation_id": d.hold.reservation_id,
-            },
+            (self.who.principal, self.run_id, self.requested_model, c, d, self.clamped, self.policy.prices.version),
         )
 
     # -- response --------------------------------------------------------------
