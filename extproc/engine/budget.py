@@ -233,20 +233,67 @@ def _run_refusal_limit(who: Identity, run: RunRef, result: ReserveResult) -> tup
     return AppliedLimit("run", run.key, LimitSpec(dimension="requests", limit=0), line, None), LineState(key, 0, 0, 0)
 
 
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """What a limit's line looks like for every caller: computed once per policy."""
+
+    lim: LimitSpec
+    suffix: str  # "|dimension|window-id"
+    kind: Kind
+    mode: Mode
+    window: Window
+    window_ms: int
+    margin: int
+
+
+def _compile(policy: Policy) -> tuple[tuple[BudgetSpec, tuple[_Template, ...]], ...]:
+    specs: Sequence[BudgetSpec] = policy.budgets
+    if policy.runs.limits:
+        specs = (*specs, BudgetSpec(scope="run", limits=policy.runs.limits))
+    out = []
+    for spec in specs:
+        templates = []
+        for lim in spec.limits:
+            mode = lim.mode or spec.mode or policy.enforcement.mode
+            window = Window.CALENDAR if lim.window in ("day", "week", "month") else Window(lim.window)
+            templates.append(
+                _Template(
+                    lim,
+                    f"|{lim.dimension}|{_window_id(lim)}",
+                    KIND_OF.get(lim.dimension, Kind.COUNTER),
+                    mode,
+                    window,
+                    (lim.seconds or 0) * 1000,
+                    int(Decimal(lim.value) * policy.enforcement.soft_gate_margin) if mode is Mode.SOFT_GATE else 0,
+                )
+            )
+        out.append((spec, tuple(templates)))
+    return tuple(out)
+
+
 class Engine:
-    """Budget decisions over a store. Stateless apart from the store and the clock."""
+    """Budget decisions over a store. Stateless apart from the store, the clock and a
+    cache of each policy's compiled limits (policies are frozen)."""
 
     def __init__(self, store: Store, *, clock: Callable[[], int] = now_ms) -> None:
         self.store = store
         self.clock = clock
+        self._compiled: dict[int, tuple[Policy, tuple[tuple[BudgetSpec, tuple[_Template, ...]], ...]]] = {}
+
+    def _templates(self, policy: Policy) -> tuple[tuple[BudgetSpec, tuple[_Template, ...]], ...]:
+        hit = self._compiled.get(id(policy))
+        if hit is None or hit[0] is not policy:
+            if len(self._compiled) >= 16:  # policies are reloaded rarely; keep the last few
+                self._compiled.clear()
+            hit = self._compiled[id(policy)] = (policy, _compile(policy))
+        return hit[1]
 
     def budgets_for(self, policy: Policy, who: Identity, run_id: str | None) -> list[tuple[BudgetSpec, str]]:
         """Every (budget, scope instance) that applies to this caller and run."""
         out = []
-        specs: Sequence[BudgetSpec] = policy.budgets
-        if run_id and policy.runs.limits:
-            specs = (*specs, BudgetSpec(scope="run", limits=policy.runs.limits))
-        for spec in specs:
+        for spec, _ in self._templates(policy):
+            if spec.scope == "run" and not run_id:
+                continue
             value = who.scope_value(spec.scope, run_id)
             if value is None or (spec.id is not None and spec.id != value and spec.scope != "run"):
                 continue
@@ -267,31 +314,31 @@ class Engine:
         lowered limit for their dimension (`run_overrides`, internal units)."""
         out = []
         lowers = run_overrides or {}
-        margin_share = policy.enforcement.soft_gate_margin
-        for spec, value in self.budgets_for(policy, who, run_id):
-            for lim in spec.limits:
-                mode = lim.mode or spec.mode or policy.enforcement.mode
+        for spec, templates in self._templates(policy):
+            value = who.scope_value(spec.scope, run_id)
+            if value is None or (spec.id is not None and spec.id != value and spec.scope != "run"):
+                continue
+            is_run = spec.scope == "run"
+            prefix = f"{spec.scope}:{value}"
+            for t in templates:
+                lim = t.lim
                 period, reset, keep = "", None, 0
-                window = Window.TOTAL
-                if lim.window in ("day", "week", "month"):
+                if t.window is Window.CALENDAR:
                     period, reset, keep = calendar_period(lim.window, lim.timezone, now)
-                    window = Window.CALENDAR
-                elif lim.window == "rolling":
-                    window = Window.ROLLING
                 line = Line(
-                    key=f"{spec.scope}:{value}|{lim.dimension}|{_window_id(lim)}",
-                    kind=KIND_OF.get(lim.dimension, Kind.COUNTER),
-                    dimension=lim.dimension,
-                    limit=lim.value,
-                    amount=_amount(lim.dimension, amounts),
-                    mode=mode,
-                    window=window,
-                    period=period,
-                    window_ms=(lim.seconds or 0) * 1000,
-                    margin=int(Decimal(lim.value) * margin_share) if mode is Mode.SOFT_GATE else 0,
-                    period_ttl_s=keep,
-                    run=spec.scope == "run",
-                    lower=lowers.get(lim.dimension) if spec.scope == "run" else None,
+                    prefix + t.suffix,
+                    t.kind,
+                    lim.dimension,
+                    lim.value,
+                    _amount(lim.dimension, amounts),
+                    t.mode,
+                    t.window,
+                    period,
+                    t.window_ms,
+                    t.margin,
+                    keep,
+                    is_run,
+                    lowers.get(lim.dimension) if is_run else None,
                 )
                 out.append(AppliedLimit(spec.scope, value, lim, line, reset))
         return tuple(out)

@@ -215,7 +215,10 @@ class Store(Protocol):
     async def release(self, tag: str, reservation_id: str, *, now_ms: int) -> SettleResult: ...
 
     async def expire(self, *, now_ms: int, limit: int = 100) -> int:
-        """Settle reservations past their TTL at the reserved amount; returns how many."""
+        """The reaper: settle up to `limit` reservations past their TTL at the reserved
+        amount (outcome `expired`), forget closed records past their memory, purge runs
+        whose memory passed (record and counters; the ledger stays). Returns how many
+        reservations expired."""
         ...
 
     async def snapshot(self, lines: Sequence[Line], *, tag: str, now_ms: int) -> tuple[LineState, ...]: ...

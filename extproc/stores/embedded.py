@@ -85,6 +85,7 @@ class EmbeddedStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+            self._db.execute("PRAGMA page_size=1024")  # small rows: a commit writes fewer bytes of dirty pages
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.executescript(_SCHEMA)
@@ -123,39 +124,62 @@ class EmbeddedStore:
                 "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = v + excluded.v", (k, delta)
             )
 
+    def _add_many(self, deltas: list[tuple[str, int]]) -> None:
+        self._db.executemany(
+            "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = v + excluded.v", [d for d in deltas if d[1]]
+        )
+
     # -- line evaluation -------------------------------------------------------
 
-    def _limit(self, tag: str, line: Line) -> int:
-        override = self._get(f"{tag}|lim|{line.key}")
-        limit = (line.limit if override is None else override) + (self._get(f"{tag}|cr|{line.key}") or 0)
-        if line.run:
-            low = self._get(f"{tag}|low|{line.key}")
-            if low is not None and low < limit:
-                limit = low
-            if line.lower is not None and line.lower < limit:
-                limit = line.lower
-        return limit
+    def _states(self, tag: str, lines: Sequence[Line], now_ms: int) -> list[LineState]:
+        """Every line's state with one read of the kv table (after trimming rolling windows)."""
+        keys: list[str] = []
+        for line in lines:
+            k = line.key
+            if line.window is Window.ROLLING and line.kind is Kind.COUNTER:
+                self._trim(tag, line, now_ms)
+            keys += (f"{tag}|lim|{k}", f"{tag}|cr|{k}")
+            if line.run:
+                keys.append(f"{tag}|low|{k}")
+            if line.kind is Kind.DURATION:
+                keys.append(f"{tag}|t0|{k}")
+                continue
+            keys.append(f"{tag}|r|{k}")
+            if line.kind is Kind.COUNTER:
+                keys.append(f"{tag}|es|{k}" if line.window is Window.ROLLING else f"{tag}|s|{k}|{line.period}")
+        got: dict[str, int] = {}
+        for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
+            chunk = keys[i : i + 500]
+            got.update(self._db.execute(f"SELECT k, v FROM kv WHERE k IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+        out = []
+        for line in lines:
+            k = line.key
+            override = got.get(f"{tag}|lim|{k}")
+            limit = (line.limit if override is None else override) + got.get(f"{tag}|cr|{k}", 0)
+            if line.run:
+                low = got.get(f"{tag}|low|{k}")
+                if low is not None and low < limit:
+                    limit = low
+                if line.lower is not None and line.lower < limit:
+                    limit = line.lower
+            if line.kind is Kind.DURATION:
+                t0 = got.get(f"{tag}|t0|{k}")
+                out.append(LineState(k, limit, 0 if t0 is None else (now_ms - t0) // 1000, 0))
+                continue
+            spent = 0
+            if line.kind is Kind.COUNTER:
+                spent = got.get(f"{tag}|es|{k}" if line.window is Window.ROLLING else f"{tag}|s|{k}|{line.period}", 0)
+            out.append(LineState(k, limit, spent, got.get(f"{tag}|r|{k}", 0)))
+        return out
 
-    def _spent(self, tag: str, line: Line, now_ms: int) -> int:
-        if line.window is Window.ROLLING:
-            ek = f"{tag}|e|{line.key}"
-            cutoff = now_ms - line.window_ms
-            gone = self._db.execute("SELECT COALESCE(SUM(amount), 0) FROM events WHERE k=? AND ts<=?", (ek, cutoff)).fetchone()[0]
-            if gone:
-                self._db.execute("DELETE FROM events WHERE k=? AND ts<=?", (ek, cutoff))
-                self._add(f"{tag}|es|{line.key}", -gone)
-            return self._get(f"{tag}|es|{line.key}") or 0
-        return self._get(f"{tag}|s|{line.key}|{line.period}") or 0
-
-    def _state(self, tag: str, line: Line, now_ms: int) -> LineState:
-        limit = self._limit(tag, line)
-        if line.kind is Kind.DURATION:
-            t0 = self._get(f"{tag}|t0|{line.key}")
-            spent = 0 if t0 is None else (now_ms - t0) // 1000
-            return LineState(line.key, limit, spent, 0)
-        reserved = self._get(f"{tag}|r|{line.key}") or 0
-        spent = 0 if line.kind is Kind.CONCURRENCY else self._spent(tag, line, now_ms)
-        return LineState(line.key, limit, spent, reserved)
+    def _trim(self, tag: str, line: Line, now_ms: int) -> None:
+        """Drop rolling charges that left the window (ts <= now - window) from the running sum."""
+        ek = f"{tag}|e|{line.key}"
+        cutoff = now_ms - line.window_ms
+        gone = self._db.execute("SELECT COALESCE(SUM(amount), 0) FROM events WHERE k=? AND ts<=?", (ek, cutoff)).fetchone()[0]
+        if gone:
+            self._db.execute("DELETE FROM events WHERE k=? AND ts<=?", (ek, cutoff))
+            self._add(f"{tag}|es|{line.key}", -gone)
 
     def _retry_after(self, tag: str, line: Line, st: LineState, now_ms: int) -> int | None:
         if line.kind is Kind.CONCURRENCY:
@@ -237,12 +261,10 @@ class EmbeddedStore:
         self, tag: str, rid: str, lines: Sequence[Line], now_ms: int, run: RunRef | None
     ) -> ReserveResult:
         reason, retry, active = self._run_check(tag, run, now_ms) if run is not None else (None, None, None)
-        states: list[LineState] = []
+        states = self._states(tag, lines, now_ms)
         blocked: int | None = None
         warned: list[int] = []
-        for i, line in enumerate(lines):
-            st = self._state(tag, line, now_ms)
-            states.append(st)
+        for i, (line, st) in enumerate(zip(lines, states)):
             if line.mode is Mode.ADVISORY:
                 if over(line, st):
                     warned.append(i)
@@ -270,14 +292,15 @@ class EmbeddedStore:
                 (tag, rid, "refused", now_ms, now_ms + REFUSAL_MEMORY_MS, json.dumps(_result_json(res))),
             )
             return res
-        after = []
+        after, deltas = [], []
         for line, st in zip(lines, res.states):
             if line.kind is Kind.DURATION:
                 self._db.execute("INSERT OR IGNORE INTO kv (k, v) VALUES (?, ?)", (f"{tag}|t0|{line.key}", now_ms))
                 after.append(st)
             else:
-                self._add(f"{tag}|r|{line.key}", line.amount)
+                deltas.append((f"{tag}|r|{line.key}", line.amount))
                 after.append(LineState(st.key, st.limit, st.spent, st.reserved + line.amount))
+        self._add_many(deltas)
         res = ReserveResult(True, rid, tuple(after), None, res.warned)
         record = _result_json(res)
         record.update(
@@ -309,21 +332,24 @@ class EmbeddedStore:
             charged = {}
         else:
             charged = normalize_usage(usage or {})
+        deltas = []
         for line in lines:
             if line.kind is Kind.DURATION:
                 continue
-            self._add(f"{tag}|r|{line.key}", -line.amount)
+            deltas.append((f"{tag}|r|{line.key}", -line.amount))
             amount = charged.get(line.dimension, 0)
             if line.kind is Kind.CONCURRENCY or not amount:
                 continue
             if line.window is Window.ROLLING:
                 self._db.execute("INSERT INTO events VALUES (?,?,?,?)", (f"{tag}|e|{line.key}", now_ms, rid, amount))
-                self._add(f"{tag}|es|{line.key}", amount)
+                deltas.append((f"{tag}|es|{line.key}", amount))
             else:
                 sk = f"{tag}|s|{line.key}|{line.period}"
-                self._add(sk, amount)
+                deltas.append((sk, amount))
                 if line.window is Window.CALENDAR and line.period_ttl_s > 0:
-                    self._db.execute("INSERT OR REPLACE INTO kv_exp VALUES (?, ?)", (sk, now_ms + line.period_ttl_s * 1000))
+                    # kept from the bucket's first charge: that already outlives the period by one more period
+                    self._db.execute("INSERT OR IGNORE INTO kv_exp VALUES (?, ?)", (sk, now_ms + line.period_ttl_s * 1000))
+        self._add_many(deltas)
         meta = dict(data["meta"])
         if extra_meta:
             meta.update(extra_meta)
@@ -359,7 +385,7 @@ class EmbeddedStore:
         return self._tx(lambda: self._evaluate(tag, "", lines, now_ms, run))
 
     async def snapshot(self, lines: Sequence[Line], *, tag: str, now_ms: int) -> tuple[LineState, ...]:
-        return self._tx(lambda: tuple(self._state(tag, l, now_ms) for l in lines))
+        return self._tx(lambda: tuple(self._states(tag, lines, now_ms)))
 
     async def settle(
         self, tag: str, reservation_id: str, usage: Mapping[str, int], *, now_ms: int, meta: Mapping[str, Any] | None = None

@@ -41,8 +41,9 @@ for _, l in ipairs(lines) do
         redis.call('PEXPIRE', sk, fmt(l[9] * 2))
       else
         local sk = P .. 's:' .. key .. '|' .. period
-        redis.call('INCRBY', sk, fmt(c))
-        if window == 'calendar' and l[11] > 0 then redis.call('EXPIRE', sk, fmt(l[11])) end
+        local v = redis.call('INCRBY', sk, fmt(c))
+        -- a calendar bucket expires period_ttl_s after its first charge (longer than the period)
+        if window == 'calendar' and l[11] > 0 and v == c then redis.call('EXPIRE', sk, fmt(l[11])) end
       end
     end
   end

@@ -32,11 +32,12 @@ end
 
 -- The run: closed, expired, or new beyond the owner's cap refuses.
 local run, reason, retry, active = nil, '', -1, -1
-local runkey, ownerkey
+local runkey, ownerkey, run_exists
 if ARGV[9] ~= '' then
   run = cjson.decode(ARGV[9])
   runkey, ownerkey = P .. 'run:' .. run[1], P .. 'ra:' .. run[2]
   local rec = redis.call('HMGET', runkey, 'state', 'expires_at')
+  run_exists = rec[1] ~= false
   if rec[1] == 'closed' then reason = 'run_closed'
   elseif rec[1] then
     if tonumber(rec[2]) <= now then reason = 'run_expired' end
@@ -55,48 +56,53 @@ end
 
 local lines = cjson.decode(ARGV[4])
 
-local function effective_limit(l)
-  local key, limit = l[1], l[4]
-  local override = redis.call('GET', P .. 'lim:' .. key)
-  if override then limit = tonumber(override) end
-  limit = limit + num(P .. 'cr:' .. key)
-  if l[12] == 1 then
-    local low = redis.call('GET', P .. 'low:' .. key)
-    if low and tonumber(low) < limit then limit = tonumber(low) end
-    if l[13] >= 0 and l[13] < limit then limit = l[13] end
-  end
-  return limit
-end
-
 local function event_amount(member) return tonumber(string.match(member, ':(%-?%d+)$')) end
 
-local function rolling_spent(key, window_ms)
-  local ek, sk = P .. 'e:' .. key, P .. 'es:' .. key
-  local cutoff = fmt(now - window_ms)
-  local gone = redis.call('ZRANGEBYSCORE', ek, '-inf', cutoff)
-  if #gone > 0 then
-    local freed = 0
-    for _, m in ipairs(gone) do freed = freed + event_amount(m) end
-    redis.call('ZREMRANGEBYSCORE', ek, '-inf', cutoff)
-    redis.call('DECRBY', sk, fmt(freed))
+-- Rolling windows first drop the charges that left them (ts <= now - window).
+for _, l in ipairs(lines) do
+  if l[2] == 'counter' and l[7] == 'rolling' then
+    local ek = P .. 'e:' .. l[1]
+    local cutoff = fmt(now - l[9])
+    local gone = redis.call('ZRANGEBYSCORE', ek, '-inf', cutoff)
+    if #gone > 0 then
+      local freed = 0
+      for _, m in ipairs(gone) do freed = freed + event_amount(m) end
+      redis.call('ZREMRANGEBYSCORE', ek, '-inf', cutoff)
+      redis.call('DECRBY', P .. 'es:' .. l[1], fmt(freed))
+    end
   end
-  return num(sk)
 end
+
+-- Then every counter of every line in one MGET, five per line: limit override,
+-- credits, the run's lowered limit, reserved (t0 for duration), spent.
+local keys = {}
+for _, l in ipairs(lines) do
+  local k, n = l[1], #keys
+  keys[n + 1], keys[n + 2], keys[n + 3] = P .. 'lim:' .. k, P .. 'cr:' .. k, P .. 'low:' .. k
+  if l[2] == 'duration' then keys[n + 4] = P .. 't0:' .. k else keys[n + 4] = P .. 'r:' .. k end
+  if l[7] == 'rolling' then keys[n + 5] = P .. 'es:' .. k else keys[n + 5] = P .. 's:' .. k .. '|' .. l[8] end
+end
+local vals = {}
+if #keys > 0 then vals = redis.call('MGET', unpack(keys)) end
+local function val(j) return tonumber(vals[j] or '0') end
 
 local states, blocked, warned = {}, nil, {}
 for i, l in ipairs(lines) do
-  local key, kind, amount, mode, window = l[1], l[2], l[5], l[6], l[7]
-  local limit = effective_limit(l)
+  local b = (i - 1) * 5
+  local kind, amount, mode = l[2], l[5], l[6]
+  local limit = l[4]
+  if vals[b + 1] then limit = tonumber(vals[b + 1]) end
+  limit = limit + val(b + 2)
+  if l[12] == 1 then
+    if vals[b + 3] and tonumber(vals[b + 3]) < limit then limit = tonumber(vals[b + 3]) end
+    if l[13] >= 0 and l[13] < limit then limit = l[13] end
+  end
   local spent, reserved = 0, 0
   if kind == 'duration' then
-    local t0 = redis.call('GET', P .. 't0:' .. key)
-    if t0 then spent = math.floor((now - tonumber(t0)) / 1000) end
+    if vals[b + 4] then spent = math.floor((now - tonumber(vals[b + 4])) / 1000) end
   else
-    reserved = num(P .. 'r:' .. key)
-    if kind == 'counter' then
-      if window == 'rolling' then spent = rolling_spent(key, l[9])
-      else spent = num(P .. 's:' .. key .. '|' .. l[8]) end
-    end
+    reserved = val(b + 4)
+    if kind == 'counter' then spent = val(b + 5) end
   end
   states[i] = {limit, spent, reserved}
   local over
@@ -158,12 +164,12 @@ if dry then return {0, encode()} end
 -- to now + ttl, the lowest client-requested limit of each run line kept.
 if run and reason == '' then
   local exp = now + run[3]
-  if redis.call('EXISTS', runkey) == 0 then
+  if not run_exists then
     redis.call('HSET', runkey, 'state', 'active', 'owner', run[2], 'created_at', fmt(now))
+    redis.call('ZREMRANGEBYSCORE', ownerkey, '-inf', fmt(now))  -- forget the owner's expired runs
   end
   redis.call('HSET', runkey, 'seen_at', fmt(now), 'expires_at', fmt(exp), 'lines', ARGV[10])
   redis.call('ZADD', ownerkey, fmt(exp), run[1])
-  redis.call('ZREMRANGEBYSCORE', ownerkey, '-inf', fmt(now))
   redis.call('ZADD', P .. 'rp', fmt(exp + run[5]), run[1])
   for _, l in ipairs(lines) do
     if l[12] == 1 and l[13] >= 0 then
