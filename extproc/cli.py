@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 import time
 
+from . import logs
+
 DEFAULT_STORE = "sqlite:var/budget.db"
 
 
-def _serve_one(policy: str, store: str, grpc_addr: str, admin: str | None, token_file: str | None = None) -> None:
+def _serve_one(
+    policy: str, store: str, grpc_addr: str, admin: str | None, token_file: str | None = None, log: tuple[str, str] | None = None
+) -> None:
     from .app import serve
+
+    if log is not None:  # a spawned worker starts with no logging configured
+        logs.setup(*log)
 
     try:
         import uvloop  # type: ignore[import-not-found]
@@ -41,7 +47,8 @@ def _serve(args: argparse.Namespace) -> int:
     workers = [
         ctx.Process(
             target=_serve_one,
-            args=(args.policy, args.store, args.grpc, args.admin if i == 0 else None, args.admin_token_file),
+            args=(args.policy, args.store, args.grpc, args.admin if i == 0 else None, args.admin_token_file,
+                  (args.log_level, args.log_format or "json")),
             daemon=False,
         )
         for i in range(args.workers)
@@ -185,6 +192,8 @@ def _policy_schema(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="extproc", description="Budget enforcement for LLM traffic behind Envoy ext_proc.")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=("json", "text"), default=None,
+                   help="json (default for serve: one object per line) or text (default for the other commands)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the ext_proc gRPC service")
@@ -258,5 +267,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logs.setup(args.log_level, args.log_format or ("json" if args.command == "serve" else "text"))
     return int(args.fn(args) or 0)

@@ -112,24 +112,16 @@ def budget_object(d: Decision, alternatives: Sequence[dict[str, Any]]) -> dict[s
 
 def refusal(envelope: str, d: Decision, headers: list[tuple[str, str]], alternatives: Sequence[dict[str, Any]]) -> Immediate:
     b = d.blocking
-    assert b is not None and d.blocked is not None
-    st = d.states[d.blocked]
-    dim = b.spec.dimension
+    assert b is not None
     code = d.refusal_code
-    if b.spec.dimension == "duration":
-        msg = f"Run {b.scope_id} has used its wall-clock budget of {st.limit}s."
-    else:
-        msg = (
-            f"Budget {b.budget} cannot cover this request: {dim} limit {fmt(dim, st.limit)}, spent {fmt(dim, st.spent)}, "
-            f"reserved {fmt(dim, st.reserved)}, this request needs up to {fmt(dim, b.line.amount)}."
-        )
+    msg = d.message
     fits = [a["model"] for a in alternatives if a.get("fits")]
     if fits:
         msg += f" Cheaper models that fit: {', '.join(fits)}."
     body = error_body(envelope, status=429, message=msg, type=code, code=code, budget=budget_object(d, alternatives))
     extra = [*headers, (H.BLOCKING_SCOPE, b.budget), ("content-type", "application/json")]
     if code == "rate_limit_exceeded":
-        extra.append(("retry-after", str(max(1, -(-(d.retry_after_ms or 1000) // 1000)))))
+        extra.append(("retry-after", str(d.retry_after_s)))
     else:
         extra.append((H.SHOULD_RETRY, "false"))
     return Immediate(429, tuple(extra), body)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from ..engine.budget import AppliedLimit, Decision, Engine, Hold, Identity
+from ..engine.runs import run_overrides_from_headers
 from ..engine.downshift import Candidate, affordable_output, chain, missing_capabilities
 from ..errors import BadRequest, ClientError, StoreUnavailable, Unauthenticated, UnknownModel, UpstreamError
 from ..estimate import TokenCounter, estimate
@@ -152,6 +153,7 @@ class Session:
         self.envelope = "openai"
         self.who: Identity | None = None
         self.run_id: str | None = None
+        self.run_overrides: dict[str, int] | None = None  # x-run-budget-usd & co: lowered run limits
         self.request_id = ""
         self.early: Decision | None = None  # this caller's most recent decision in this process
         self.chosen: Candidate | None = None
@@ -203,11 +205,16 @@ class Session:
                 self.run_id = value
                 break
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        if self.run_id:
+            try:  # a client may lower (never raise) its run's limits; the store keeps the lowest
+                self.run_overrides = run_overrides_from_headers(headers) or None
+            except BadRequest as e:
+                return self._client_error(e)
         # Refuse now if a budget is already spent: the body need not be uploaded.
         eng = self.s.engine
         if ask_store:
             try:
-                checked = await eng.check(self.policy, self.who, run_id=self.run_id)
+                checked = await eng.check(self.policy, self.who, run_id=self.run_id, run_overrides=self.run_overrides)
             except StoreUnavailable as e:
                 return self._store_down(e)
             if not checked.allowed:
@@ -315,6 +322,7 @@ class Session:
                 reservation_id=rid,
                 estimate=c.estimate,
                 meta={"model": c.name, "requested_model": self.requested_model, "api": self.schema.name, "request_id": self.request_id},
+                run_overrides=self.run_overrides,
             )
 
     async def _reserve_first_fit(self, options: list[Candidate], first_attempt: int = 0) -> tuple[Decision, Candidate]:

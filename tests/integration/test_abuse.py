@@ -4,6 +4,7 @@ ledger reconciles afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 
 import httpx
 import pytest
@@ -119,6 +120,29 @@ async def test_malformed_run_ids_are_refused(stack, run_id):
         except (httpx.LocalProtocolError, httpx.ReadError, httpx.RemoteProtocolError):
             return  # the client library or Envoy's codec refuses a control character outright
         assert r.status_code == 400 and r.json()["error"]["param"] == "x-run-id"
+
+
+async def test_thousands_of_distinct_run_ids_hit_the_active_run_cap(stack):
+    """A client minting run ids cannot create unbounded state: the per-principal cap holds."""
+    hdrs = {"authorization": f"Bearer {BOB}"}
+    sem = asyncio.Semaphore(16)
+
+    async def one(c: httpx.AsyncClient, i: int) -> httpx.Response:
+        async with sem:
+            return await c.post("/v1/chat/completions", json=chat(max_tokens=5), headers={**hdrs, "x-run-id": f"mint-{i}"})
+
+    async with httpx.AsyncClient(base_url=stack.url, timeout=60) as c:
+        before = await _hits(c, stack)
+        results = await asyncio.gather(*(one(c, i) for i in range(1200)))
+        hits = await _hits(c, stack) - before
+    served = [r for r in results if r.status_code == 200]
+    refused = [r for r in results if r.status_code == 429]
+    assert len(served) + len(refused) == 1200
+    assert len(served) <= 50 - 1, "bob already has one active run from an earlier test"
+    assert hits == len(served)
+    err = refused[0].json()["error"]
+    assert err["code"] == "rate_limit_exceeded" and "active runs" in err["message"]
+    assert refused[0].headers.get("retry-after")
 
 
 async def test_ledger_reconciles_after_abuse(stack):

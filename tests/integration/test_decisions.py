@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -174,6 +175,9 @@ async def test_policy_edit_takes_effect_without_restart_and_a_bad_edit_is_reject
             await asyncio.sleep(0.1)
         log = stack.log("extproc")
         assert "policy reload rejected" in log and "budgets[0].scope" in log
+        # structured logs: one JSON object per line
+        (rejected,) = [json.loads(l) for l in log.splitlines() if "policy reload rejected" in l]
+        assert rejected["level"] == "error" and rejected["logger"] == "extproc.policy" and rejected["ts"].endswith("Z")
         r = await c.post("/v1/chat/completions", json=body, headers=hdrs)
         assert r.status_code == 200, "traffic keeps flowing on the last good policy"
 

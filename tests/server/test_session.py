@@ -85,3 +85,45 @@ async def test_a_call_that_crosses_the_soft_threshold_moves_to_the_cheaper_model
     assert ("x-extproc-model", "small") in r.set_headers and r.clear_route_cache
     entries = await services.engine.store.ledger()
     assert [(e.reservation_id, e.outcome.value) for e in entries] == [("x", "released")]
+
+
+RUN_POLICY = POLICY + """
+runs:
+  limits:
+    - { dimension: cost, limit: "0.005" }
+"""
+
+
+@pytest.fixture
+async def run_services(tmp_path):
+    store = EmbeddedStore(tmp_path / "runs.db")
+    s = Services(PolicyHolder(parse_policy(RUN_POLICY)), Engine(store, clock=Clock()))
+    yield s
+    await store.close()
+
+
+async def test_a_client_may_lower_its_run_budget_and_a_later_request_cannot_raise_it(run_services):
+    lowered = {**HEADERS, "x-run-id": "r1", "x-run-budget-usd": "0.0001"}
+    s = Session(run_services)
+    assert (await s.request_headers({**lowered, "x-request-id": "1"}, False)).immediate is None
+    r = await s.request_body(body("small", 2000))  # ~$0.0002 worst case > the lowered $0.0001
+    assert r.immediate is not None and r.immediate.status == 429
+    assert json.loads(r.immediate.body)["error"]["budget"]["limit"] == "0.0001"
+    # the header is gone: the run keeps its lowered limit
+    s = Session(run_services)
+    assert (await s.request_headers({**HEADERS, "x-run-id": "r1", "x-request-id": "2"}, False)).immediate is None
+    r = await s.request_body(body("small", 2000))
+    assert r.immediate is not None and json.loads(r.immediate.body)["error"]["budget"]["limit"] == "0.0001"
+    # and a higher value than the policy's has no effect
+    s = Session(run_services)
+    await s.request_headers({**HEADERS, "x-run-id": "r2", "x-run-budget-usd": "99", "x-request-id": "3"}, False)
+    r = await s.request_body(body("small", 10))
+    assert r.immediate is None
+    assert dict(s._headers(s.decision))["x-budget-limit-usd"] == "0.005"
+
+
+async def test_a_malformed_run_limit_header_is_a_clear_400(run_services):
+    s = Session(run_services)
+    r = await s.request_headers({**HEADERS, "x-run-id": "r1", "x-run-budget-usd": "lots"}, False)
+    assert r.immediate is not None and r.immediate.status == 400
+    assert json.loads(r.immediate.body)["error"]["param"] == "x-run-budget-usd"
