@@ -19,7 +19,7 @@ tree `tag` and line key `K`:
 
 from __future__ import annotations
 
-import json
+from . import _json as json
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar

@@ -24,7 +24,7 @@ immediate retry on a fresh connection covers pooled sockets that died).
 from __future__ import annotations
 
 import asyncio
-import json
+from . import _json as json
 from importlib import resources
 from typing import Any, Mapping, Sequence
 
@@ -54,7 +54,6 @@ from .base import (
 
 TAGS_KEY = "xp:tags"  # index of hash tags, so the reaper and exports can find every tree
 PURGE_RETRY_MS = 60_000
-_J = {"separators": (",", ":")}
 
 
 def _script(name: str) -> str:
@@ -75,8 +74,7 @@ def _lines_json(lines: Sequence[Line]) -> str:
                 l.window_ms, l.margin, l.period_ttl_s, int(l.run), -1 if l.lower is None else l.lower,
             ]
             for l in lines
-        ],
-        **_J,
+        ]
     )  # fmt: skip
 
 
@@ -84,8 +82,8 @@ def _run_args(run: RunRef | None, lines: Sequence[Line]) -> tuple[str, str]:
     if run is None:
         return "", "[]"
     return (
-        json.dumps([run.key, run.owner, run.ttl_ms, run.max_active, run.memory_ms], **_J),
-        json.dumps([l.key for l in lines if l.run], **_J),
+        json.dumps([run.key, run.owner, run.ttl_ms, run.max_active, run.memory_ms]),
+        json.dumps([l.key for l in lines if l.run]),
     )
 
 
@@ -185,8 +183,8 @@ class RedisStore:
                 now_ms,
                 ttl_ms,
                 _lines_json(lines),
-                json.dumps(dict(meta), **_J),
-                json.dumps(estimate, **_J),
+                json.dumps(dict(meta)),
+                json.dumps(estimate),
                 REFUSAL_MEMORY_MS,
                 "0",
                 run_json,
@@ -217,8 +215,8 @@ class RedisStore:
                 rid,
                 outcome.value,
                 now_ms,
-                json.dumps(normalize_usage(usage), **_J),
-                json.dumps(dict(meta or {}), **_J),
+                json.dumps(normalize_usage(usage)),
+                json.dumps(dict(meta or {})),
                 CLOSED_MEMORY_MS,
             ],
         )
