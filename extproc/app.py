@@ -19,6 +19,7 @@ from .server.admin import load_token, make_admin_app, start_admin
 from .server.ext_authz import Authorization
 from .server.ext_proc import ExternalProcessor
 from .server.session import Services
+from .stores import parse_url
 from .stores.base import Store
 from .tokenizers import get_encoding
 
@@ -28,23 +29,15 @@ DEFAULT_STORE = "sqlite:///var/lib/extproc/budget.db"
 
 
 def open_store(url: str) -> Store:
-    """`sqlite:///abs/path.db`, `sqlite:relative.db`, `redis://…`, `redis+cluster://…`."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from .stores.redis_store import RedisStore
-
-        return RedisStore(url)
-    if url.startswith("redis+cluster://"):
-        from .stores.redis_store import RedisStore
-
-        return RedisStore("redis://" + url[len("redis+cluster://"):], cluster=True)
-    if url.startswith("sqlite:"):
+    """The store a URL names (see `stores.parse_url`)."""
+    kind, target = parse_url(url)
+    if kind == "sqlite":
         from .stores.embedded import EmbeddedStore
 
-        path = url[len("sqlite:"):]
-        if path.startswith("///"):
-            path = path[2:]
-        return EmbeddedStore(path)
-    raise ValueError(f"unknown store URL {url!r}: use sqlite:PATH, redis://HOST:PORT or redis+cluster://HOST:PORT")
+        return EmbeddedStore(target)
+    from .stores.redis_store import RedisStore
+
+    return RedisStore(target, cluster=kind == "cluster")
 
 
 async def _reaper(engine: Engine, interval: float) -> None:

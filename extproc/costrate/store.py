@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreUnavailable
+from ..stores import parse_url
 from .formula import CostRate
 
 _PREFIX = "extproc:costrate:"
@@ -133,13 +134,7 @@ class SQLiteRatePublisher:
 
 def open_rate_publisher(url: str) -> RedisRatePublisher | SQLiteRatePublisher:
     """The rate store at the budget store's URL."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisRatePublisher(url)
-    if url.startswith("redis+cluster://"):
-        return RedisRatePublisher("redis://" + url[len("redis+cluster://"):], cluster=True)
-    if url.startswith("sqlite:"):
-        path = url[len("sqlite:"):]
-        if path.startswith("///"):
-            path = path[2:]
-        return SQLiteRatePublisher(path)
-    raise ValueError(f"unknown store URL {url!r}: use sqlite:PATH, redis://HOST:PORT or redis+cluster://HOST:PORT")
+    kind, target = parse_url(url)
+    if kind == "sqlite":
+        return SQLiteRatePublisher(target)
+    return RedisRatePublisher(target, cluster=kind == "cluster")
