@@ -20,6 +20,3 @@ COST = "x-budget-cost-usd"
 RUN_ID = "x-run-id"
 SHOULD_RETRY = "x-should-retry"
 FAILURE_MODE = "x-budget-failure-mode"
-
-# Set by the Envoy edge after stripping client copies; never read from clients otherwise.
-INTERNAL_PREFIX = "x-extproc-"

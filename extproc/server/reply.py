@@ -31,6 +31,3 @@ class Reply:
     stream_response: bool = False  # switch the response body to STREAMED
     skip_response_body: bool = False  # response body not needed
     metadata: dict[str, Any] | None = None  # Envoy dynamic metadata (namespace extproc.budget)
-
-
-CONTINUE = Reply  # readability: `return CONTINUE()`

@@ -446,6 +446,10 @@ class Session:
         if not end_of_stream:
             return Reply(body=None if out is chunk else out)
         usage = self.reader.usage
+        if self.reader.malformed_events:  # never silent: a skipped frame could be unbilled spend
+            log.warning(
+                "stream %s had %d malformed event(s): %s", self.request_id, self.reader.malformed_events, self.reader.last_error
+            )
         cost = await self._settle(usage if usage is not None else self._counted_usage(), source="stream" if usage else "counted")
         out = out + f": {H.COST}={nano_to_usd(cost)}\n\n".encode()
         return Reply(body=out, metadata=self._metadata(cost))
