@@ -254,3 +254,18 @@ class Policy(_Frozen):
     @cached_property
     def keys_by_hash(self) -> dict[str, KeySpec]:
         return {k.sha256: k for k in self.keys}
+
+    @cached_property
+    def _seen_keys(self) -> dict[str, KeySpec | None]:
+        return {}
+
+    def key_spec(self, api_key: str) -> KeySpec | None:
+        """The entry of a presented API key (hashing each distinct key once per policy)."""
+        seen = self._seen_keys
+        try:
+            return seen[api_key]
+        except KeyError:
+            if len(seen) >= 10_000:  # bounded: unknown keys from a scanner must not grow it forever
+                seen.clear()
+            spec = seen[api_key] = self.keys_by_hash.get(KeySpec.hash_key(api_key))
+            return spec

@@ -12,7 +12,7 @@ from typing import Mapping
 
 from ..engine.budget import Identity
 from ..errors import Unauthenticated
-from ..policy.model import KeySpec, Policy, PrincipalSpec
+from ..policy.model import Policy, PrincipalSpec
 
 
 def api_key(headers: Mapping[str, str]) -> str | None:
@@ -31,7 +31,7 @@ def resolve(policy: Policy, headers: Mapping[str, str], peer_id: str | None = No
     ident = policy.identity
     key = api_key(headers) if ident.api_keys else None
     if key is not None:
-        spec = policy.keys_by_hash.get(KeySpec.hash_key(key))
+        spec = policy.key_spec(key)
         if spec is not None:
             return Identity.from_key(spec)
     if ident.principal_header and ident.edge_strips_headers:
