@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from ..money import nano_to_usd
 from ..policy.model import BudgetSpec, KeySpec, LimitSpec, Policy
@@ -288,17 +288,13 @@ class Engine:
             hit = self._compiled[id(policy)] = (policy, _compile(policy))
         return hit[1]
 
-    def budgets_for(self, policy: Policy, who: Identity, run_id: str | None) -> list[tuple[BudgetSpec, str]]:
-        """Every (budget, scope instance) that applies to this caller and run."""
-        out = []
-        for spec, _ in self._templates(policy):
-            if spec.scope == "run" and not run_id:
-                continue
+    def _applicable(self, policy: Policy, who: Identity, run_id: str | None) -> Iterator[tuple[BudgetSpec, tuple[_Template, ...], str]]:
+        """Every budget (with its compiled limits) that applies to this caller and run, and its scope instance."""
+        for spec, templates in self._templates(policy):
             value = who.scope_value(spec.scope, run_id)
             if value is None or (spec.id is not None and spec.id != value and spec.scope != "run"):
                 continue
-            out.append((spec, value))
-        return out
+            yield spec, templates, value
 
     def limits_for(
         self,
@@ -314,10 +310,7 @@ class Engine:
         lowered limit for their dimension (`run_overrides`, internal units)."""
         out = []
         lowers = run_overrides or {}
-        for spec, templates in self._templates(policy):
-            value = who.scope_value(spec.scope, run_id)
-            if value is None or (spec.id is not None and spec.id != value and spec.scope != "run"):
-                continue
+        for spec, templates, value in self._applicable(policy, who, run_id):
             is_run = spec.scope == "run"
             prefix = f"{spec.scope}:{value}"
             for t in templates:
