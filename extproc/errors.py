@@ -4,6 +4,9 @@
     ├── ClientError            the caller sent something we refuse (4xx)
     │   ├── BadRequest         malformed JSON, bad fields, oversized body (400/413)
     │   ├── Unauthenticated    missing or unknown API key (401)
+    │   ├── RouteDenied        a path the policy lists as denied (403)
+    │   ├── NoRoute            a path that is no route of the policy (404)
+    │   ├── MethodNotAllowed   a route's path with a method it does not list (405)
     │   └── UnknownModel       no price for the model and no override (400)
     ├── UpstreamError          the backend sent something unparseable (never the client's fault)
     ├── PolicyError            a policy file is invalid (raised at load, never per request)
@@ -41,6 +44,23 @@ class Unauthenticated(ClientError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class RouteDenied(ClientError):
+    status = 403
+    type = "permission_error"
+    code = "route_denied"
+
+
+class NoRoute(ClientError):
+    status = 404
+    type = "not_found_error"
+    code = "unknown_route"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
 
 
 class UnknownModel(ClientError):

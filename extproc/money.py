@@ -7,11 +7,25 @@ of a nano-dollar per token are rejected so every charge is an exact integer.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 NANO_PER_USD = 10**9
 _NANO = Decimal(NANO_PER_USD)
+_DECIMAL = re.compile(r"^\d+(\.\d+)?$")
+
+
+def decimal_str(v: object) -> str:
+    """A money amount as written in a policy: a non-negative decimal string or an integer.
+
+    Raises ValueError (pydantic shows it with the field's location)."""
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise ValueError("write money as a decimal string such as \"2.50\" (floats are not exact)")
+    s = str(v)
+    if not _DECIMAL.match(s):
+        raise ValueError(f"{s!r} is not a non-negative decimal number")
+    return s
 
 
 def usd_to_nano(value: str | int | Decimal) -> int:

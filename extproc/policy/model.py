@@ -15,27 +15,20 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..money import Price, usd_to_nano
+from ..money import Price, decimal_str, usd_to_nano
 from ..stores.base import Mode
+from .routes import RouteSpec, RouteTable, default_routes
 from .selfhosted import SelfHostedSpec
 
 MAX_EXACT = 2**53 - 1  # counters stay exact in Redis Lua below this
 Dimension = Literal["cost", "input_tokens", "output_tokens", "total_tokens", "requests", "concurrency", "duration"]
 Encoding = Literal["o200k_base", "cl100k_base"]
-_DECIMAL = re.compile(r"^\d+(\.\d+)?$")
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _decimal_str(v: object) -> str:
-    if isinstance(v, bool) or not isinstance(v, (str, int)):
-        raise ValueError("write money as a decimal string such as \"2.50\" (floats are not exact)")
-    s = str(v)
-    if not _DECIMAL.match(s):
-        raise ValueError(f"{s!r} is not a non-negative decimal number")
-    return s
 
 
 class Capabilities(_Frozen):
@@ -59,7 +52,7 @@ class ModelSpec(_Frozen):
     downshift_to: tuple[str, ...] = ()
 
     _money = field_validator("input", "output", "cached_input", "cache_write", mode="before")(
-        lambda cls, v: None if v is None else _decimal_str(v)
+        lambda cls, v: None if v is None else decimal_str(v)
     )
 
     @cached_property
@@ -103,7 +96,7 @@ class LimitSpec(_Frozen):
     @model_validator(mode="after")
     def _check(self) -> "LimitSpec":
         if self.dimension == "cost":
-            _decimal_str(self.limit)
+            decimal_str(self.limit)
         elif isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
             raise ValueError(f"{self.dimension} limit must be a non-negative integer")
         if self.value > MAX_EXACT:
@@ -216,6 +209,9 @@ class Policy(_Frozen):
     fallback_output_tokens: int = Field(4096, gt=0)
     image_tokens: int = Field(1105, ge=0, description="input tokens reserved per image part")
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    routes: tuple[RouteSpec, ...] = Field((), description="matched before the defaults, in order (see policy/routes.py)")
+    default_routes: bool = Field(True, description="append extproc's shipped routes after `routes`")
+    deployments: dict[str, str] = Field({}, description="Azure-style deployment name -> priced model")
 
     @model_validator(mode="after")
     def _check(self) -> "Policy":
@@ -231,6 +227,9 @@ class Policy(_Frozen):
         if self.prices.default_model is not None and self.prices.default_model not in self.prices.models:
             raise ValueError(f"prices.default_model {self.prices.default_model!r} has no price")
         self.self_hosted.check_models_priced(self.prices.models)
+        for name, target in self.deployments.items():
+            if target not in self.prices.models:
+                raise ValueError(f"deployment {name!r} maps to {target!r}, which has no price")
         names = [p.name for p in self.principals]
         if len(names) != len(set(names)):
             raise ValueError("duplicate principal names")
@@ -242,6 +241,10 @@ class Policy(_Frozen):
         if spec is None and self.prices.default_model:
             return self.prices.models[self.prices.default_model]
         return spec
+
+    @cached_property
+    def route_table(self) -> RouteTable:
+        return RouteTable(self.routes + (default_routes() if self.default_routes else ()))
 
     @cached_property
     def principals_by_name(self) -> dict[str, PrincipalSpec]:
