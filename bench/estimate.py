@@ -19,7 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from extproc.estimate import TokenCounter, estimate
-from extproc.protocols.schemas import schema_for_path
+from extproc.protocols.schemas import schema_by_name
 from extproc.tokenizers import count_tokens, get_encoding
 
 WORDS = "budget agent reserve settle envelope stream token window ledger principal gateway mesh".split()
@@ -54,7 +54,7 @@ def median_ms(fn, runs: int = 7) -> float:
 
 def main() -> str:
     get_encoding("o200k_base")
-    schema = schema_for_path("/v1/chat/completions")
+    schema = schema_by_name("openai.chat")
     assert schema is not None
     ctx = make_context()
     body1 = json.dumps({"model": "gpt-4o", "messages": ctx, "max_tokens": 1000}).encode()

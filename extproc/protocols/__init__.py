@@ -4,7 +4,8 @@ No sockets, no gRPC, no tokenizer: token counting is injected as a callable.
 Client faults raise `BadRequest`/`BodyTooLarge`; backend faults raise (or, in
 a stream, record) `UpstreamError`.
 
-    schema = schema_for_path(":path value")          # None: not metered
+    path = normalize(":path value")                   # RequestPath, or BadPath (400)
+    schema = schema_by_name("openai.chat")            # the route that matched names the API
     facts = schema.parse_request(body)                # RequestFacts
     body = schema.rewrite_request(facts, model=..., include_usage=True, max_output=...)
     usage = schema.usage_from_body(response_body)     # buffered JSON response
@@ -12,6 +13,7 @@ a stream, record) `UpstreamError`.
     forward = reader.feed(chunk) ... reader.finish(); reader.usage, reader.counted_output_tokens
 """
 
+from extproc.protocols.paths import BadPath, RequestPath, normalize
 from extproc.protocols.request import MAX_OUTPUT_TOKENS_LIMIT, RequestFacts
 from extproc.protocols.schemas import (
     ANTHROPIC_MESSAGES,
@@ -23,7 +25,6 @@ from extproc.protocols.schemas import (
     SCHEMAS,
     Schema,
     schema_by_name,
-    schema_for_path,
 )
 from extproc.protocols.sse import DEFAULT_MAX_EVENT_BYTES, EventTooLarge, SSEEvent, SSEParser
 from extproc.protocols.stream import StreamReader
@@ -47,5 +48,7 @@ __all__ = [
     "StreamReader",
     "Usage",
     "schema_by_name",
-    "schema_for_path",
+    "normalize",
+    "RequestPath",
+    "BadPath",
 ]

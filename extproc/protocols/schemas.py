@@ -8,8 +8,8 @@ kept in `openai.py` and `anthropic.py`. Everything else (JSON decoding, size
 and type checks, rewriting, stream framing) is written once, in `Schema`
 and `StreamReader`, so there are no provider branches scattered around.
 
-The server picks a schema from `:path` on the first headers
-(`schema_for_path`) and keeps it for the whole exchange.
+The server picks a schema by name from the route that matched `:path`
+(`policy.routes`, `schema_by_name`) and keeps it for the whole exchange.
 """
 
 from __future__ import annotations
@@ -74,10 +74,13 @@ class Schema:
     # --- request -------------------------------------------------------------------
 
     def parse_request(
-        self, body: bytes, *, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+        self, body: bytes, *, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES, model: str | None = None
     ) -> RequestFacts:
         """Validate a request body and extract its facts.
 
+        `model` comes from the path when the route names it (Azure's
+        `/openai/deployments/{deployment}/...`): the backend serves the
+        deployment whatever the body says, so the body's `model` is ignored.
         Raises BodyTooLarge above `max_bytes`, BadRequest (with `param`) for
         anything else the client got wrong; never anything else.
         """
@@ -92,12 +95,12 @@ class Schema:
         if not isinstance(obj, dict):
             raise BadRequest("request body must be a JSON object")
         try:
-            return self._facts(obj)
+            return self._facts(obj, model)
         except RecursionError:
             raise BadRequest("request body is nested too deeply") from None
 
-    def _facts(self, obj: dict[str, Any]) -> RequestFacts:
-        model = obj.get("model")
+    def _facts(self, obj: dict[str, Any], model_from_path: str | None = None) -> RequestFacts:
+        model = model_from_path or obj.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("`model` must be a non-empty string", param="model")
         stream = False
@@ -292,17 +295,3 @@ _BY_NAME = {s.name: s for s in SCHEMAS}
 
 def schema_by_name(name: str) -> Schema | None:
     return _BY_NAME.get(name)
-
-
-def schema_for_path(path: str) -> Schema | None:
-    """The schema served at `path`: exact, or under a prefix (`/openai/v1/chat/completions`).
-
-    The query string is ignored. Paths that merely start with a schema path
-    (`/v1/messages/count_tokens`, `/v1/responses/{id}`) are not inference calls
-    and match nothing.
-    """
-    path = path.partition("?")[0].partition("#")[0]
-    for schema in SCHEMAS:
-        if path.endswith(schema.path):
-            return schema
-    return None

@@ -14,7 +14,6 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as azg
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
-from ..protocols.schemas import schema_for_path
 from .session import Services, Session
 
 _OK = status_pb2.Status(code=code_pb2.OK)
@@ -34,10 +33,7 @@ class Authorization(azg.AuthorizationServicer):
         headers.setdefault(":method", http.method)
         peer = request.attributes.source.principal or None
         session = Session(self.services)
-        schema = schema_for_path(http.path)
-        if schema is not None:
-            session.envelope = schema.envelope
-        reply = await session.gate(headers, peer)
+        reply = await session.authorize(headers, peer)
         if reply is None or reply.immediate is None:
             return az.CheckResponse(status=_OK, ok_response=az.OkHttpResponse())
         imm = reply.immediate

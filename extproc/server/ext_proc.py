@@ -28,6 +28,11 @@ _SKIP_ALL = pm.ProcessingMode(
     response_header_mode=pm.ProcessingMode.SKIP,
     response_body_mode=pm.ProcessingMode.NONE,
 )
+_HEADERS_ONLY = pm.ProcessingMode(
+    request_body_mode=pm.ProcessingMode.NONE,
+    response_header_mode=pm.ProcessingMode.SEND,
+    response_body_mode=pm.ProcessingMode.NONE,
+)
 _STREAM_RESPONSE = pm.ProcessingMode(response_body_mode=pm.ProcessingMode.STREAMED)
 _NO_RESPONSE_BODY = pm.ProcessingMode(response_body_mode=pm.ProcessingMode.NONE)
 NAMESPACE = "extproc.budget"
@@ -91,6 +96,8 @@ def to_proto(phase: str, reply: Reply) -> ep.ProcessingResponse:
         getattr(resp, phase).response.CopyFrom(_common(reply))
         if reply.skip_rest:
             resp.mode_override.CopyFrom(_SKIP_ALL)
+        elif reply.headers_only:
+            resp.mode_override.CopyFrom(_HEADERS_ONLY)
         elif reply.stream_response:
             resp.mode_override.CopyFrom(_STREAM_RESPONSE)
         elif reply.skip_response_body:

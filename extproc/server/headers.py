@@ -20,3 +20,8 @@ COST = "x-budget-cost-usd"
 RUN_ID = "x-run-id"
 SHOULD_RETRY = "x-should-retry"
 FAILURE_MODE = "x-budget-failure-mode"
+
+# Set by the service on every request it lets through (value: the route's action). Envoy routes
+# only requests that carry it, so a request the service did not classify never reaches a
+# backend; the edge's header_mutation strips client copies of every x-extproc-* header.
+VERDICT = "x-extproc-route"

@@ -28,6 +28,7 @@ class Reply:
     immediate: Immediate | None = None
     # Processing-mode overrides (only honoured on header phases):
     skip_rest: bool = False  # no body, no response phases for this request
+    headers_only: bool = False  # no request or response body; response headers still sent (flat-priced routes)
     stream_response: bool = False  # switch the response body to STREAMED
     skip_response_body: bool = False  # response body not needed
     metadata: dict[str, Any] | None = None  # Envoy dynamic metadata (namespace extproc.budget)

@@ -20,14 +20,27 @@ from typing import Any, Mapping
 from ..engine.budget import AppliedLimit, Decision, Engine, Hold, Identity
 from ..engine.runs import run_overrides_from_headers
 from ..engine.downshift import Candidate, affordable_output, chain, missing_capabilities
-from ..errors import BadRequest, ClientError, StoreUnavailable, Unauthenticated, UnknownModel, UpstreamError
+from ..errors import (
+    BadRequest,
+    ClientError,
+    MethodNotAllowed,
+    NoRoute,
+    RouteDenied,
+    StoreUnavailable,
+    Unauthenticated,
+    UnknownModel,
+    UpstreamError,
+)
 from ..estimate import TokenCounter, estimate
-from ..money import nano_to_usd
+from ..money import nano_to_usd, usd_to_nano
 from ..policy.loader import PolicyHolder
 from ..policy.model import Policy
+from ..policy.routes import RouteMatch
 from ..protocols.envelopes import error_body
+from ..protocols.paths import BadPath, RequestPath
+from ..protocols.paths import normalize as normalize_path
 from ..protocols.request import RequestFacts
-from ..protocols.schemas import Schema, schema_for_path
+from ..protocols.schemas import Schema, schema_by_name
 from ..protocols.usage import Usage
 from ..stores.base import Kind, LineState, Mode
 from . import headers as H
@@ -145,16 +158,23 @@ def _past_soft(d: Decision, amount: int) -> bool:
     return any(_over_soft(lim, st, amount) for lim, st in zip(d.limits, d.states))
 
 
+def _envelope_guess(path: RequestPath) -> str:
+    """The error envelope before a route is known: Anthropic's under /v1/messages, else OpenAI's."""
+    return "anthropic" if [s.lower() for s in path.segments[:2]] == ["v1", "messages"] else "openai"
+
+
 class Session:
     def __init__(self, services: Services) -> None:
         self.s = services
         self.policy: Policy = services.policy.current  # one snapshot for the whole request
+        self.route: RouteMatch | None = None
         self.schema: Schema | None = None
         self.envelope = "openai"
         self.who: Identity | None = None
         self.run_id: str | None = None
         self.run_overrides: dict[str, int] | None = None  # x-run-budget-usd & co: lowered run limits
         self.request_id = ""
+        self.flat = False  # a flat-priced route: reserved on headers, settled on the response status
         self.early: Decision | None = None  # this caller's most recent decision in this process
         self.chosen: Candidate | None = None
         self.requested_model = ""
@@ -171,21 +191,68 @@ class Session:
     # -- request ---------------------------------------------------------------
 
     async def request_headers(self, headers: Mapping[str, str], end_of_stream: bool, peer_id: str | None = None) -> Reply:
-        path = headers.get(":path", "").split("?", 1)[0]
-        method = headers.get(":method", "POST")
+        """Closed world: the normalised path must match a route of the policy; the route says
+        whether the call is metered, flat-priced, unmetered, public or denied."""
+        method = headers.get(":method", "")
+        try:
+            path = normalize_path(headers.get(":path", ""))
+        except BadPath as e:
+            return self._client_error(e)
+        self.envelope = _envelope_guess(path)
         budget_path = self.policy.decisions.budget_path
-        if method == "GET" and (path == budget_path or path.startswith(budget_path + "/decisions/")):
-            return await self._budget_endpoint(path, headers, peer_id)
-        self.schema = schema_for_path(path)
-        if self.schema is None or method != "POST":
-            return Reply(skip_rest=True)
-        self.envelope = self.schema.envelope
+        if method == "GET" and (path.path == budget_path or path.path.startswith(budget_path + "/decisions/")):
+            return await self._budget_endpoint(path.path, headers, peer_id)
+        route, path_known = self.policy.route_table.find(path.segments, method)
+        if route is None:
+            if path_known:
+                return self._client_error(MethodNotAllowed(f"{method} is not allowed on {path.path}"))
+            return self._client_error(NoRoute(f"{path.path} is not a route of this gateway"))
+        spec = route.spec
+        self.route = route
+        if spec.api is not None:
+            self.schema = schema_by_name(spec.api)
+            assert self.schema is not None
+            self.envelope = self.schema.envelope
+        if spec.action == "deny":
+            return self._client_error(RouteDenied(f"{path.path} is not served through this gateway" + (f": {spec.note}" if spec.note else "")))
+        # Forward exactly the path that was matched (the backend must not read another one),
+        # marked as classified so that Envoy routes it (a request without the mark gets a 404).
+        target = route.path + ("?" + path.query if path.query else "")
+        let_through = [(H.VERDICT, spec.action)] + ([(":path", target)] if target != path.raw else [])
+        if spec.action == "public":
+            return Reply(set_headers=let_through, clear_route_cache=True, skip_rest=True)
         refused = await self.gate(headers, peer_id, ask_store=False)
         if refused is not None:
             return refused
-        if end_of_stream:
+        if spec.action == "unmetered":
+            return Reply(set_headers=let_through, clear_route_cache=True, skip_rest=True)
+        if spec.action == "flat":
+            reply = await self._reserve_flat(spec.price or "0")
+        elif end_of_stream:
             return self._client_error(BadRequest("request body is required"))
-        return Reply()
+        else:
+            reply = Reply()
+        if reply.immediate is None:
+            reply.set_headers += let_through
+            reply.clear_route_cache = True
+        return reply
+
+    async def authorize(self, headers: Mapping[str, str], peer_id: str | None) -> Reply | None:
+        """ext_authz: the same path rules, then identity and a store-checked refusal (None = allow).
+
+        ext_authz meters nothing, so any path that is not public or denied (an orchestrator's
+        dispatch endpoint, or an inference path) needs a verified identity and budget room."""
+        try:
+            path = normalize_path(headers.get(":path", ""))
+        except BadPath as e:
+            return self._client_error(e)
+        self.envelope = _envelope_guess(path)
+        route, _ = self.policy.route_table.find(path.segments, headers.get(":method", ""))
+        if route is not None and route.spec.action == "deny":
+            return self._client_error(RouteDenied(f"{path.path} is not served through this gateway"))
+        if route is not None and route.spec.action == "public":
+            return None
+        return await self.gate(headers, peer_id)
 
     async def gate(self, headers: Mapping[str, str], peer_id: str | None, *, ask_store: bool = True) -> Reply | None:
         """Identity, run id, and a refusal if a budget is already spent (no body needed).
@@ -237,10 +304,14 @@ class Session:
         return Reply(immediate=render.refusal(self.envelope, refusal, self._headers(refusal), []))
 
     async def request_body(self, body: bytes) -> Reply:
-        assert self.schema is not None and self.who is not None
+        assert self.schema is not None and self.who is not None and self.route is not None
         policy = self.policy
+        route_model = None
+        if self.route.spec.model_param:  # the path names the model (Azure deployments)
+            name = self.route.params[self.route.spec.model_param]
+            route_model = policy.deployments.get(name, name)
         try:
-            facts = self.schema.parse_request(body, max_bytes=policy.max_body_bytes)
+            facts = self.schema.parse_request(body, max_bytes=policy.max_body_bytes, model=route_model)
             if policy.model(facts.model) is None:
                 raise UnknownModel(f"model {facts.model!r} has no price in this gateway's policy", param="model")
         except ClientError as e:
@@ -248,7 +319,7 @@ class Session:
         self.requested_model = facts.model
         requested = self._candidate(facts, facts.model)
         options = [requested]
-        if policy.decisions.downshift:
+        if policy.decisions.downshift and route_model is None:  # a path-named model cannot be re-routed
             for name in chain(policy, facts.model):
                 c = self._candidate(facts, name)
                 if not missing_capabilities(c.spec, facts, c.input_tokens, c.output_tokens):
@@ -288,9 +359,8 @@ class Session:
             reply.body = new
             reply.set_headers.append(("content-length", str(len(new))))
         self._strip_usage = inject
-        route_header = policy.decisions.route_header
-        reply.set_headers.append((route_header, chosen.name))
-        reply.clear_route_cache = bool(new_model)
+        reply.set_headers.append((policy.decisions.route_header, chosen.name))
+        reply.clear_route_cache = True  # the route keys on the model header (and the model may have changed)
         return reply
 
     def _candidate(self, facts: RequestFacts, name: str, max_output: int | None = None) -> Candidate:
@@ -312,18 +382,37 @@ class Session:
         return Candidate(name, spec, price, est.input_tokens, est.output_tokens, cost, "cost_rate" if live else "static")
 
     async def _reserve(self, c: Candidate, attempt: int) -> Decision:
-        assert self.who is not None and self.schema is not None
+        return await self._reserve_estimate(c.estimate, c.name, attempt)
+
+    async def _reserve_estimate(self, estimate: Mapping[str, int], model: str, attempt: int) -> Decision:
+        assert self.who is not None and self.route is not None
         rid = self.request_id if attempt == 0 else f"{self.request_id}.{attempt}"
+        api = self.schema.name if self.schema is not None else f"flat:{self.route.spec.path}"
         with metrics.RESERVE_SECONDS.time():
             return await self.s.engine.reserve(
                 self.policy,
                 self.who,
                 run_id=self.run_id,
                 reservation_id=rid,
-                estimate=c.estimate,
-                meta={"model": c.name, "requested_model": self.requested_model, "api": self.schema.name, "request_id": self.request_id},
+                estimate=estimate,
+                meta={"model": model, "requested_model": self.requested_model, "api": api, "request_id": self.request_id},
                 run_overrides=self.run_overrides,
             )
+
+    async def _reserve_flat(self, price: str) -> Reply:
+        """A flat-priced route: reserve its price now (no body is read) and settle it on a 2xx."""
+        assert self.route is not None
+        try:
+            decision = await self._reserve_estimate({"cost": usd_to_nano(price), "requests": 1}, "", 0)
+        except StoreUnavailable as e:
+            return self._store_down(e)
+        self.decision, self.flat = decision, True
+        metrics.DECISIONS.labels(render.decision_value(decision, False), decision.blocking.scope if decision.blocking else "").inc()
+        if not decision.allowed:
+            self.closed = True
+            return Reply(immediate=render.refusal(self.envelope, decision, self._headers(decision), []))
+        metrics.INFLIGHT.inc()
+        return Reply(headers_only=True)
 
     async def _reserve_first_fit(self, options: list[Candidate], first_attempt: int = 0) -> tuple[Decision, Candidate]:
         """Try each model in order; stop at the first that fits or at a refusal a cheaper model cannot fix."""
@@ -410,6 +499,14 @@ class Session:
         if self.decision is None or self.closed:
             return Reply(skip_response_body=True)
         reply = Reply(set_headers=self._headers(self.decision))
+        if self.flat:  # no body to read: the status decides
+            if 200 <= self.status < 300:
+                cost = await self._settle(None, source="flat")
+                reply.set_headers.append((H.COST, nano_to_usd(cost)))
+                reply.metadata = self._metadata(cost)
+            else:
+                await self._release()
+            return reply
         if self.s.rates is not None and self.chosen is not None:
             reply.set_headers += self.s.rates.headers_for_model(self.chosen.name)
         if not 200 <= self.status < 300:
@@ -472,9 +569,9 @@ class Session:
 
     async def _settle(self, usage: Usage | None, *, source: str) -> int:
         """Charge `usage` (None → the reserved worst case). Returns the cost charged."""
-        assert self.decision is not None and self.chosen is not None
+        assert self.decision is not None
         self.closed = True
-        if usage is None:
+        if usage is None or self.chosen is None:
             charge = dict(self.decision.reserved)
         else:
             cost = self.chosen.price.cost(
@@ -484,13 +581,11 @@ class Session:
                 cache_write_tokens=usage.cache_write_tokens,
             )
             charge = {"cost": cost, "input_tokens": usage.total_input, "output_tokens": usage.output_tokens, "requests": 1}
-        p = self.chosen.price
-        meta: dict[str, Any] = {
-            "usage_source": source,
-            "status": self.status,
-            "price_source": self.chosen.price_source,
-            "price_pico_usd_per_token": {"input": p.input, "output": p.output, "cached_input": p.cached_input, "cache_write": p.cache_write},
-        }
+        meta: dict[str, Any] = {"usage_source": source, "status": self.status}
+        if self.chosen is not None:
+            p = self.chosen.price
+            meta["price_source"] = self.chosen.price_source
+            meta["price_pico_usd_per_token"] = {"input": p.input, "output": p.output, "cached_input": p.cached_input, "cache_write": p.cache_write}
         if usage is not None:
             meta["usage"] = {
                 "input": usage.input_tokens,

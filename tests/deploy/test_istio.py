@@ -144,6 +144,15 @@ def istio_bootstrap(*, listen_port: int, admin_port: int, app: tuple[str, int], 
         elif p["applyTo"] == "LISTENER":
             assert p["patch"]["operation"] == "MERGE"
             listener.update(value)
+        elif p["applyTo"] == "NETWORK_FILTER":
+            assert p["patch"]["operation"] == "MERGE" and p["match"]["listener"]["filterChain"]["filter"]["name"] == HCM
+            listener["filter_chains"][0]["filters"][0]["typed_config"].update(value["typed_config"])
+        elif p["applyTo"] == "HTTP_ROUTE":
+            assert p["patch"]["operation"] == "MERGE" and p["match"]["routeConfiguration"]["portNumber"] == 8000
+            vhosts = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
+            for route in (r for vh in vhosts for r in vh["routes"]):
+                route["match"].setdefault("headers", []).extend(value["match"]["headers"])
+                route.setdefault("request_headers_to_remove", []).extend(value["request_headers_to_remove"])
         elif p["applyTo"] == "CLUSTER":
             assert p["patch"]["operation"] == "MERGE" and p["match"]["cluster"]["portNumber"] == 8000
             app_cluster.update(value)

@@ -100,7 +100,7 @@ async def test_sidecar_for_real_over_a_unix_socket():
     async def echo(request: web.Request) -> web.Response:
         return web.json_response(dict(request.headers))
 
-    app.router.add_get("/echo", echo)
+    app.router.add_get("/version", echo)  # a listed unmetered route (identity required)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -128,11 +128,11 @@ async def test_sidecar_for_real_over_a_unix_socket():
 
             # a forged identity header never reaches the app (nor the service)
             forged = {"x-extproc-principal": "bob", "X-Extproc-Identity": "admin", "x-extproc-anything": "1"}
-            async with http.get(f"{stack.url}/echo", headers=forged) as r:
+            async with http.get(f"{stack.url}/version", headers={**ALICE, **forged}) as r:
                 assert r.status == 200
                 seen = {k.lower() for k in await r.json()}
             assert not any(k.startswith("x-extproc-") for k in seen)
-            assert "x-request-id" in seen  # Envoy's own, the reservation key
+            assert "x-request-id" in seen  # Envoy's own, a correlation id (never a reservation id)
 
             # the service is gone: fail closed with 503, nothing reaches the app
             stack.stop_service()

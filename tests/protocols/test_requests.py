@@ -18,7 +18,6 @@ from extproc.protocols import (
     OPENAI_RESPONSES,
     SCHEMAS,
     Schema,
-    schema_for_path,
 )
 
 TOOL = {
@@ -392,33 +391,6 @@ def test_facts_are_frozen_and_raw_is_out_of_eq_and_repr() -> None:
     assert "raw" not in repr(a)
     with pytest.raises(AttributeError):
         a.model = "x"  # type: ignore[misc]
-
-
-# --- schema_for_path -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("path", "name"),
-    [
-        ("/v1/chat/completions", "openai.chat"),
-        ("/v1/chat/completions?api-version=2024-10-21", "openai.chat"),
-        ("/openai/v1/chat/completions", "openai.chat"),
-        ("/v1/completions", "openai.completions"),
-        ("/v1/responses", "openai.responses"),
-        ("/v1/embeddings", "openai.embeddings"),
-        ("/v1/messages", "anthropic.messages"),
-        ("/anthropic/v1/messages?beta=true", "anthropic.messages"),
-        ("/v1/messages/count_tokens", None),
-        ("/v1/responses/resp_123", None),
-        ("/v1/models", None),
-        ("/xv1/messages", None),
-        ("/v1/budget", None),
-        ("", None),
-    ],
-)
-def test_schema_for_path(path: str, name: str | None) -> None:
-    schema = schema_for_path(path)
-    assert (schema.name if schema else None) == name
 
 
 def test_schema_descriptions() -> None:
