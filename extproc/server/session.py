@@ -173,6 +173,9 @@ class Session:
         self.who: Identity | None = None
         self.run_id: str | None = None
         self.run_overrides: dict[str, int] | None = None  # x-run-budget-usd & co: lowered run limits
+        # The reservation id is ours, one per stream: a header the client can set (x-request-id)
+        # must never name, replay or settle a reservation. The client's id is only correlation.
+        self.reservation_id = uuid.uuid4().hex
         self.request_id = ""
         self.flat = False  # a flat-priced route: reserved on headers, settled on the response status
         self.early: Decision | None = None  # this caller's most recent decision in this process
@@ -271,7 +274,7 @@ class Session:
                     return self._client_error(BadRequest(f"{name} must be at most 128 printable characters", param=name))
                 self.run_id = value
                 break
-        self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        self.request_id = headers.get("x-request-id", "")[:128] or self.reservation_id
         if self.run_id:
             try:  # a client may lower (never raise) its run's limits; the store keeps the lowest
                 self.run_overrides = run_overrides_from_headers(headers) or None
@@ -297,7 +300,7 @@ class Session:
 
     def _early_refusal(self, d: Decision, blocked: int | None) -> Reply:
         assert self.who is not None and blocked is not None
-        refusal = replace(d, allowed=False, decision_id=uuid.uuid4().hex, blocked=blocked, hold=Hold(self.who.tag, self.request_id))
+        refusal = replace(d, allowed=False, decision_id=uuid.uuid4().hex, blocked=blocked, hold=Hold(self.who.tag, self.reservation_id))
         lim = refusal.limits[blocked]
         metrics.DECISIONS.labels("block", lim.scope).inc()
         self.closed = True
@@ -386,7 +389,7 @@ class Session:
 
     async def _reserve_estimate(self, estimate: Mapping[str, int], model: str, attempt: int) -> Decision:
         assert self.who is not None and self.route is not None
-        rid = self.request_id if attempt == 0 else f"{self.request_id}.{attempt}"
+        rid = self.reservation_id if attempt == 0 else f"{self.reservation_id}.{attempt}"
         api = self.schema.name if self.schema is not None else f"flat:{self.route.spec.path}"
         with metrics.RESERVE_SECONDS.time():
             return await self.s.engine.reserve(

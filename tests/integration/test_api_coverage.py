@@ -116,7 +116,7 @@ async def test_each_schema_is_settled_to_the_nano_dollar(stack, case, stream):
     assert expected > 0
     entries = await ledger(stack, expect=before + 1)
     entry = entries[-1]
-    assert entry.meta["request_id"] == r.headers.get("x-budget-reservation-id")
+    assert entry.reservation_id == r.headers.get("x-budget-reservation-id")
     assert entry.charged["cost"] == expected, (entry.charged, u)
     assert entry.charged.get("output_tokens", 0) == u["output"]
     if case != "embeddings":

@@ -118,3 +118,18 @@ async def test_an_azure_deployment_path_names_the_model(services):
     await s.request_headers(headers("/openai/deployments/unknown/chat/completions", **AUTH), False)
     got, err = error(await s.request_body(body))
     assert got == 400 and err["error"]["code"] == "model_not_priced"
+
+
+async def test_a_client_request_id_never_names_the_reservation(services):
+    ids = set()
+    for _ in range(3):
+        s = Session(services)
+        await s.request_headers(headers("/v1/chat/completions", **AUTH, **{"x-request-id": "same"}), False)
+        r = await s.request_body(json.dumps({"model": "gpt-4o", "max_tokens": 10, "messages": []}).encode())
+        assert r.immediate is None
+        ids.add(s.decision.hold.reservation_id)
+        await s.response_headers({":status": "200", "content-type": "application/json"})
+        await s.response_body(b'{"usage": {"prompt_tokens": 10, "completion_tokens": 5}}', True)
+    assert len(ids) == 3
+    entries = await services.engine.store.ledger()
+    assert len(entries) == 3 and {e.meta["request_id"] for e in entries} == {"same"}
