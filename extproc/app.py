@@ -89,6 +89,7 @@ async def serve(
     reap_interval: float = 1.0,
 ) -> None:
     callers = CallerGate.configure(grpc_addr, caller_token_file, allow_unauthenticated=allow_unauthenticated_callers)
+    admin_tokens = load_token(admin_token_file) if admin_addr else None
     holder = PolicyHolder.from_file(policy_path)
     for enc in {m.encoding for m in holder.current.prices.models.values()}:
         get_encoding(enc)  # load BPE ranks now, not on the first request
@@ -113,8 +114,8 @@ async def serve(
         asyncio.create_task(_watch_policy(holder, 1.0)),
     ]
     admin_runner = None
-    if admin_addr:
-        admin_runner = await start_admin(make_admin_app(engine, holder, load_token(admin_token_file)), admin_addr)
+    if admin_addr and admin_tokens is not None:
+        admin_runner = await start_admin(make_admin_app(engine, holder, admin_tokens), admin_addr)
         log.info("admin API on http://%s", admin_addr)
     unauthenticated = callers.tokens is None and not callers.trusted_without_token
     log.log(logging.WARNING if unauthenticated else logging.INFO, "gRPC callers: %s", callers.describe())

@@ -36,9 +36,12 @@ def _serve_one(args: argparse.Namespace, admin: str | None, log: tuple[str, str]
 
 def _check_serve_settings(args: argparse.Namespace) -> None:
     """Refuse to start (once, before any worker) on unsafe or unreadable settings."""
+    from .server.admin import load_token
     from .server.callers import CallerGate
 
     CallerGate.configure(args.grpc, args.caller_token_file, allow_unauthenticated=args.allow_unauthenticated_callers)
+    if args.admin:
+        load_token(args.admin_token_file)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -219,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="worker processes sharing the gRPC port (TCP only)")
     s.add_argument("--admin", default=None, help="admin HTTP host:port (metrics, budgets, ledger); keep it on loopback")
     s.add_argument("--admin-token-file", default=None,
-                   help="file holding the admin bearer token (else $EXTPROC_ADMIN_TOKEN)")
+                   help="file holding the admin bearer token(s), one per line, re-read when it changes (else $EXTPROC_ADMIN_TOKEN)")
     s.add_argument("--caller-token-file", default=os.environ.get("EXTPROC_CALLER_TOKEN_FILE") or None,
                    help="file holding the token(s) Envoy must send in gRPC metadata x-extproc-caller-token, one per line, "
                         "re-read when it changes (default $EXTPROC_CALLER_TOKEN_FILE). Required on a TCP --grpc address")

@@ -1,7 +1,7 @@
 """Shared-secret tokens: fixed, or listed in a file that is re-read when it changes.
 
 Used for the gRPC caller token (`--caller-token-file`) and the admin API token
-XX. A file lists one token per line (blank lines and
+(`--admin-token-file`). A file lists one token per line (blank lines and
 `#` comments are skipped), so a rotation is: add the new token, move the
 callers over, remove the old one; no restart. Kubernetes Secret volumes swap
 the whole file atomically; elsewhere, write a new file and rename it over the

@@ -344,3 +344,20 @@ async def test_a_unix_socket_without_a_token_is_trusted_and_says_so(serve, tmp_p
         for p in short.iterdir():
             p.unlink()
         short.rmdir()
+
+
+async def test_the_admin_token_file_rotates_without_a_restart(serve, tmp_path):
+    admin_file = token_file(tmp_path, ADMIN_TOKEN, name="admin-token")
+    svc = serve("--caller-token-file", str(token_file(tmp_path, "t")), "--admin-token-file", str(admin_file))
+
+    def status(token: str) -> int:
+        return httpx.get(f"http://{svc.admin}/admin/ledger", headers={"authorization": f"Bearer {token}"}, timeout=10).status_code
+
+    assert (status(ADMIN_TOKEN), status("admin-2")) == (200, 401)
+    rotate(admin_file, "admin-2")
+    deadline = time.monotonic() + 10
+    while status("admin-2") != 200:
+        assert time.monotonic() < deadline, "the new admin token was never accepted"
+        time.sleep(0.2)
+    assert status(ADMIN_TOKEN) == 401
+    assert svc.proc.poll() is None
