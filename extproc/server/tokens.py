@@ -64,7 +64,9 @@ class Tokens:
         self._sig = _signature(self.path) if self.path else None
 
     @classmethod
-    def from_file(cls, path: str | Path, what: str, **kw: object) -> "Tokens":
+    def from_file(
+        cls, path: str | Path, what: str, *, check_every: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> "Tokens":
         """Read `path` now; ConfigError if it is unreadable, empty or holds the placeholder."""
         p = Path(path)
         try:
@@ -79,7 +81,7 @@ class Tokens:
         tokens = parse_tokens(text)
         if not tokens:
             raise ConfigError(f"{what} file {p} lists no token (one per line)")
-        return cls(tokens, p, **kw)  # type: ignore[arg-type]
+        return cls(tokens, p, check_every=check_every, clock=clock)
 
     @classmethod
     def from_env(cls, name: str) -> "Tokens":
