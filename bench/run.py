@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import secrets
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
 API_KEY = "sk-bench"
+CALLER_TOKEN = secrets.token_urlsafe(32)  # what Envoy sends the service (x-extproc-caller-token)
 STREAM_TOKENS = 16
 STREAM_DELAY_MS = 2
 LITELLM_VENV = HERE / "out" / "litellm-venv"
@@ -149,6 +151,7 @@ def envoy_config(spec: Spec, *, listen_port: int, admin_port: int, backend: str,
         admin_port=admin_port,
         backends={"backend": backend, "backend_small": backend},
         extproc=extproc_addrs[0] if extproc_addrs else "127.0.0.1:9",
+        caller_token=CALLER_TOKEN,
     )
     if spec.filter is None:
         return bare_envoy_config(cfg)
@@ -272,7 +275,10 @@ class Bench:
             base = [PY, "-m", "bench.noop_ext_proc"] + (["--one-round-trip"] if spec.filter == "noop-1rt" else [])
             ready = "noop ext_proc listening"
         else:
-            base = [PY, "-m", "extproc", "serve", "--policy", str(self.policy), "--store", store_url]
+            token_file = self.workdir / "caller-token"
+            token_file.write_text(CALLER_TOKEN + "\n")
+            base = [PY, "-m", "extproc", "serve", "--policy", str(self.policy), "--store", store_url,
+                    "--caller-token-file", str(token_file)]
             ready = "extproc listening"
         n = spec.workers
         if spec.transport == "uds":

@@ -16,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 from .engine.budget import Engine
 from .policy.loader import PolicyHolder
 from .server.admin import load_token, make_admin_app, start_admin
+from .server.callers import CallerGate
 from .server.ext_authz import Authorization
 from .server.ext_proc import ExternalProcessor
 from .server.session import Services
@@ -83,8 +84,12 @@ async def serve(
     *,
     admin_addr: str | None = None,
     admin_token_file: str | None = None,
+    caller_token_file: str | None = None,
+    allow_unauthenticated_callers: bool = False,
     reap_interval: float = 1.0,
 ) -> None:
+    callers = CallerGate.configure(grpc_addr, caller_token_file, allow_unauthenticated=allow_unauthenticated_callers)
+    admin_tokens = load_token(admin_token_file) if admin_addr else None
     holder = PolicyHolder.from_file(policy_path)
     for enc in {m.encoding for m in holder.current.prices.models.values()}:
         get_encoding(enc)  # load BPE ranks now, not on the first request
@@ -93,8 +98,8 @@ async def serve(
     rates = _cost_rates(holder, store_url)
     services = Services(holder, engine, rates=rates)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    epg.add_ExternalProcessorServicer_to_server(ExternalProcessor(services), server)
-    azg.add_AuthorizationServicer_to_server(Authorization(services), server)
+    epg.add_ExternalProcessorServicer_to_server(ExternalProcessor(services, callers), server)
+    azg.add_AuthorizationServicer_to_server(Authorization(services, callers), server)
     bound = server.add_insecure_port(grpc_addr)
     if not grpc_addr.startswith("unix:") and bound == 0:
         raise OSError(f"cannot bind gRPC address {grpc_addr}")
@@ -109,9 +114,11 @@ async def serve(
         asyncio.create_task(_watch_policy(holder, 1.0)),
     ]
     admin_runner = None
-    if admin_addr:
-        admin_runner = await start_admin(make_admin_app(engine, holder, load_token(admin_token_file)), admin_addr)
+    if admin_addr and admin_tokens is not None:
+        admin_runner = await start_admin(make_admin_app(engine, holder, admin_tokens), admin_addr)
         log.info("admin API on http://%s", admin_addr)
+    unauthenticated = callers.tokens is None and not callers.trusted_without_token
+    log.log(logging.WARNING if unauthenticated else logging.INFO, "gRPC callers: %s", callers.describe())
     log.info("extproc serving ext_proc on %s (store %s, policy %s)", grpc_addr, store_url, policy_path)
     print(f"extproc listening {grpc_addr}", flush=True)
     await stop.wait()

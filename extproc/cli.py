@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -13,9 +14,7 @@ from . import logs
 DEFAULT_STORE = "sqlite:var/budget.db"
 
 
-def _serve_one(
-    policy: str, store: str, grpc_addr: str, admin: str | None, token_file: str | None = None, log: tuple[str, str] | None = None
-) -> None:
+def _serve_one(args: argparse.Namespace, admin: str | None, log: tuple[str, str] | None = None) -> None:
     from .app import serve
 
     if log is not None:  # a spawned worker starts with no logging configured
@@ -27,18 +26,39 @@ def _serve_one(
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(policy, store, grpc_addr, admin_addr=admin, admin_token_file=token_file))
+    asyncio.run(
+        serve(
+            args.policy, args.store, args.grpc, admin_addr=admin, admin_token_file=args.admin_token_file,
+            caller_token_file=args.caller_token_file, allow_unauthenticated_callers=args.allow_unauthenticated_callers,
+        )
+    )
+
+
+def _check_serve_settings(args: argparse.Namespace) -> None:
+    """Refuse to start (once, before any worker) on unsafe or unreadable settings."""
+    from .server.admin import load_token
+    from .server.callers import CallerGate
+
+    CallerGate.configure(args.grpc, args.caller_token_file, allow_unauthenticated=args.allow_unauthenticated_callers)
+    if args.admin:
+        load_token(args.admin_token_file)
 
 
 def _serve(args: argparse.Namespace) -> int:
     """One process per core is the scaling unit: N workers share the gRPC port (SO_REUSEPORT)."""
+    from .errors import ConfigError
+
+    try:
+        _check_serve_settings(args)
+    except ConfigError as e:
+        print(f"extproc serve: {e}", file=sys.stderr)
+        return 2
     if args.workers <= 1:
-        _serve_one(args.policy, args.store, args.grpc, args.admin, args.admin_token_file)
+        _serve_one(args, args.admin)
         return 0
     if args.grpc.startswith("unix:"):
         raise SystemExit("--workers > 1 needs a TCP --grpc address (a Unix socket path cannot be shared)")
     import multiprocessing as mp
-    import os
     import tempfile
 
     # Metrics of all workers are aggregated by the admin endpoint of worker 0.
@@ -47,8 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
     workers = [
         ctx.Process(
             target=_serve_one,
-            args=(args.policy, args.store, args.grpc, args.admin if i == 0 else None, args.admin_token_file,
-                  (args.log_level, args.log_format or "json")),
+            args=(args, args.admin if i == 0 else None, (args.log_level, args.log_format or "json")),
             daemon=False,
         )
         for i in range(args.workers)
@@ -202,7 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc", default="127.0.0.1:50051", help="host:port or unix:/path (default %(default)s)")
     s.add_argument("--workers", type=int, default=1, help="worker processes sharing the gRPC port (TCP only)")
     s.add_argument("--admin", default=None, help="admin HTTP host:port (metrics, budgets, ledger); keep it on loopback")
-    s.add_argument("--admin-token-file", default=None, help="file holding the admin bearer token (else $EXTPROC_ADMIN_TOKEN)")
+    s.add_argument("--admin-token-file", default=None,
+                   help="file holding the admin bearer token(s), one per line, re-read when it changes (else $EXTPROC_ADMIN_TOKEN)")
+    s.add_argument("--caller-token-file", default=os.environ.get("EXTPROC_CALLER_TOKEN_FILE") or None,
+                   help="file holding the token(s) Envoy must send in gRPC metadata x-extproc-caller-token, one per line, "
+                        "re-read when it changes (default $EXTPROC_CALLER_TOKEN_FILE). Required on a TCP --grpc address")
+    s.add_argument("--allow-unauthenticated-callers", action="store_true",
+                   help="serve a TCP --grpc address without a caller token: for local development only, or a port that "
+                        "nothing but the pod's own Envoy can reach (prefer a unix: socket, which needs no token). "
+                        "Principals then come from API keys only")
     s.set_defaults(fn=_serve)
 
     m = sub.add_parser("mock-backend", help="run the mock GPU inference backend (OpenAI + Anthropic APIs)")

@@ -10,6 +10,7 @@
     │   └── UnknownModel       no price for the model and no override (400)
     ├── UpstreamError          the backend sent something unparseable (never the client's fault)
     ├── PolicyError            a policy file is invalid (raised at load, never per request)
+    ├── ConfigError            the service's start-up settings are unsafe or incomplete (never per request)
     └── StoreUnavailable       the budget store cannot be reached (503, fail closed)
 """
 
@@ -74,6 +75,10 @@ class UpstreamError(ExtprocError):
 
 class PolicyError(ExtprocError):
     """A policy file failed validation; the message lists every problem."""
+
+
+class ConfigError(ExtprocError):
+    """The service refuses to start: a setting is missing, unreadable or unsafe; the message says which."""
 
 
 class StoreUnavailable(ExtprocError):

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from .server.callers import CALLER_TOKEN_KEY
+
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 
 
@@ -57,6 +59,31 @@ def _endpoint(addr: str) -> dict[str, Any]:
     return {"socket_address": {"address": host or "127.0.0.1", "port_value": int(port)}}
 
 
+_CALLER_FILTERS = (
+    "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+    "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+)
+
+
+def caller_filters(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The typed_config of every ext_proc and ext_authz HTTP filter in a static config."""
+    out = []
+    for lst in cfg["static_resources"]["listeners"]:
+        for chain in lst["filter_chains"]:
+            for f in chain["filters"]:
+                for hf in f.get("typed_config", {}).get("http_filters", []):
+                    if hf.get("typed_config", {}).get("@type") in _CALLER_FILTERS:
+                        out.append(hf["typed_config"])
+    return out
+
+
+def set_caller_token(cfg: dict[str, Any], token: str) -> None:
+    """Put `token` in every ext_proc / ext_authz filter's grpc_service.initial_metadata."""
+    for f in caller_filters(cfg):
+        md = f["grpc_service"].setdefault("initial_metadata", [])
+        md[:] = [m for m in md if m["key"] != CALLER_TOKEN_KEY] + [{"key": CALLER_TOKEN_KEY, "value": token}]
+
+
 def render_envoy_config(
     src: Path | str,
     *,
@@ -64,10 +91,13 @@ def render_envoy_config(
     admin_port: int,
     backends: dict[str, str],
     extproc: str,
+    caller_token: str | None = None,
 ) -> dict[str, Any]:
-    """The shipped config with ports and endpoints replaced; nothing else changes."""
+    """The shipped config with ports, endpoints and (if given) the caller token replaced; nothing else changes."""
     cfg = yaml.safe_load(Path(src).read_text())
     cfg = copy.deepcopy(cfg)
+    if caller_token is not None:
+        set_caller_token(cfg, caller_token)
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
     for lst in cfg["static_resources"]["listeners"]:
         lst["address"]["socket_address"]["port_value"] = listen_port
@@ -149,6 +179,7 @@ class Stack:
     extra_service_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     admin_token: str = ""
+    caller_token: str = ""  # what Envoy sends in x-extproc-caller-token; the service reads caller_token_file
     procs: list[tuple[str, subprocess.Popen[Any]]] = field(default_factory=list)
     backend_ports: dict[str, int] = field(default_factory=dict)
 
@@ -161,6 +192,10 @@ class Stack:
         self.admin_port = free_port()  # Envoy's admin
         self.service_admin_port = free_port()  # extproc's admin API (metrics, budgets, ledger)
         self.admin_token = self.admin_token or secrets.token_urlsafe(24)
+        self.caller_token = self.caller_token or secrets.token_urlsafe(32)
+        self.caller_token_file = self.workdir / "caller-token"
+        self.caller_token_file.touch(mode=0o600)
+        self.caller_token_file.write_text(self.caller_token + "\n")
 
     @property
     def url(self) -> str:
@@ -204,7 +239,8 @@ class Stack:
         proc = self._spawn(
             "extproc",
             [sys.executable, "-m", "extproc", "serve", "--policy", self.policy, "--store", self.store, "--grpc", self.grpc,
-             "--admin", f"127.0.0.1:{self.service_admin_port}", *self.extra_service_args],
+             "--admin", f"127.0.0.1:{self.service_admin_port}", "--caller-token-file", str(self.caller_token_file),
+             *self.extra_service_args],
             env={"EXTPROC_ADMIN_TOKEN": self.admin_token},
         )
         wait_connect(self.grpc, 30, proc)
@@ -223,6 +259,7 @@ class Stack:
             admin_port=self.admin_port,
             backends={n: f"127.0.0.1:{p}" for n, p in self.backend_ports.items()},
             extproc=self.grpc,
+            caller_token=self.caller_token,
         )
         path = self.workdir / "envoy.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))

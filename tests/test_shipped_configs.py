@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from extproc.cli import main as cli
-from extproc.stack import envoy_binary, render_envoy_config
+from extproc.server.callers import CALLER_TOKEN_KEY
+from extproc.server.tokens import PLACEHOLDER
+from extproc.stack import caller_filters, envoy_binary, render_envoy_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_CONFIGS = sorted((ROOT / "envoy").glob("*.yaml"))
@@ -27,13 +29,37 @@ def test_shipped_envoy_config_validates(path):
     envoy_validate(path)
 
 
-def test_rendered_stack_config_validates(tmp_path):
+@pytest.mark.parametrize("path", ENVOY_CONFIGS, ids=lambda p: p.name)
+def test_rendered_stack_config_validates_and_sends_the_stacks_caller_token(tmp_path, path):
     cfg = render_envoy_config(
-        ROOT / "envoy" / "envoy.yaml", listen_port=18080, admin_port=18081, backends={"backend": "127.0.0.1:18082"}, extproc="unix:/tmp/x.sock"
+        path, listen_port=18080, admin_port=18081, backends={"backend": "127.0.0.1:18082"}, extproc="unix:/tmp/x.sock",
+        caller_token="tok-123",
     )
+    filters = caller_filters(cfg)
+    assert filters and all(f["grpc_service"]["initial_metadata"] == [{"key": CALLER_TOKEN_KEY, "value": "tok-123"}] for f in filters)
     out = tmp_path / "rendered.yaml"
     out.write_text(yaml.safe_dump(cfg))
     envoy_validate(out)
+
+
+@pytest.mark.parametrize("path", ENVOY_CONFIGS + [ROOT / "compose" / "envoy.yaml"], ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_gateway_authenticates_to_the_service_and_cleans_paths(path):
+    """Each ext_proc / ext_authz filter sends the caller token (the placeholder, except in the
+    compose demo, whose token file is checked in tests/deploy), and each HTTP connection
+    manager normalizes paths, merges slashes and refuses encoded slashes."""
+    cfg = yaml.safe_load(path.read_text())
+    filters = caller_filters(cfg)
+    assert filters
+    for f in filters:
+        (md,) = f["grpc_service"]["initial_metadata"]
+        assert md["key"] == CALLER_TOKEN_KEY
+        assert (md["value"] == PLACEHOLDER) == (path.parent.name == "envoy")
+    for lst in cfg["static_resources"]["listeners"]:
+        for chain in lst["filter_chains"]:
+            for f in chain["filters"]:
+                hcm = f["typed_config"]
+                assert hcm["normalize_path"] is True and hcm["merge_slashes"] is True
+                assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
 
 
 def test_ext_proc_filter_fails_closed_and_strips_internal_headers():

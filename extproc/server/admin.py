@@ -2,7 +2,9 @@
 
 Binds to loopback by default (DESIGN.md "Failure semantics"). Without a
 configured token the protected endpoints answer 403: an admin API is never
-open by accident.
+open by accident. A token file is re-read when it changes (tokens.py), so the
+token rotates without a restart. /metrics is open: its labels name budgets,
+so it is served only on the admin address the operator chooses.
 
     GET  /healthz                       GET /metrics
     GET  /admin/budgets?principal=P[&run=R]
@@ -13,7 +15,6 @@ open by accident.
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 from typing import Awaitable, Callable
@@ -25,6 +26,7 @@ from .. import admin
 from ..engine.budget import Engine
 from ..ledger import parse_since
 from ..policy.loader import PolicyHolder
+from .tokens import Tokens
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -43,14 +45,14 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status)
 
 
-def make_admin_app(engine: Engine, policy: PolicyHolder, token: str | None) -> web.Application:
+def make_admin_app(engine: Engine, policy: PolicyHolder, tokens: Tokens) -> web.Application:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/admin/"):
-            if not token:
+            if not tokens:
                 return _error(403, "admin API disabled: no admin token configured (EXTPROC_ADMIN_TOKEN or --admin-token-file)")
             given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            if given[:7].lower() != "bearer " or not tokens.accepts(given[7:].strip()):
                 return _error(401, "missing or wrong admin token")
         try:
             return await handler(request)
@@ -124,8 +126,8 @@ async def start_admin(app: web.Application, addr: str) -> web.AppRunner:
     return runner
 
 
-def load_token(path: str | None) -> str | None:
+def load_token(path: str | None) -> Tokens:
+    """The admin tokens: from `path` (re-read when it changes), else $EXTPROC_ADMIN_TOKEN (may be none)."""
     if path:
-        with open(path) as f:
-            return f.read().strip() or None
-    return os.environ.get("EXTPROC_ADMIN_TOKEN") or None
+        return Tokens.from_file(path, "admin token")
+    return Tokens.from_env("EXTPROC_ADMIN_TOKEN")

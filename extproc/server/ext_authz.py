@@ -1,5 +1,6 @@
 """The ext_authz gRPC servicer: the same identity and refusal rules, headers only.
 
+Calls not from an authenticated Envoy are refused first (callers.py).
 For callers that pass no inference body through the filter (an orchestrator's
 dispatch endpoint, meshes that allow only ext_authz): `Check` resolves the
 principal and run and denies with the same 429 envelope when a hard budget,
@@ -14,16 +15,19 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as azg
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
+from .callers import CallerGate
 from .session import Services, Session
 
 _OK = status_pb2.Status(code=code_pb2.OK)
 
 
 class Authorization(azg.AuthorizationServicer):
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, callers: CallerGate) -> None:
         self.services = services
+        self.callers = callers
 
     async def Check(self, request: az.CheckRequest, context) -> az.CheckResponse:  # type: ignore[override]
+        authenticated = await self.callers.authenticate(context)
         http = request.attributes.request.http
         headers = dict(http.headers)
         if http.header_map.headers:
@@ -32,7 +36,7 @@ class Authorization(azg.AuthorizationServicer):
         headers.setdefault(":path", http.path)
         headers.setdefault(":method", http.method)
         peer = request.attributes.source.principal or None
-        session = Session(self.services)
+        session = Session(self.services, caller_authenticated=authenticated)
         reply = await session.authorize(headers, peer)
         if reply is None or reply.immediate is None:
             return az.CheckResponse(status=_OK, ok_response=az.OkHttpResponse())

@@ -1,6 +1,8 @@
 """The ext_proc gRPC servicer: protobuf in, `Session` calls, protobuf out.
 
-Thin on purpose: all decisions live in `Session`. One session per stream;
+Thin on purpose: all decisions live in `Session`. A call that does not come
+from an authenticated Envoy is refused first (callers.py), before any session
+exists. One session per stream;
 when the stream ends (normally, or because the client went away) the session
 is closed in a background task so settlement never delays Envoy.
 """
@@ -17,6 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from .callers import CallerGate
 from .reply import Reply
 from .session import Services, Session
 
@@ -114,11 +117,13 @@ def to_proto(phase: str, reply: Reply) -> ep.ProcessingResponse:
 
 
 class ExternalProcessor(epg.ExternalProcessorServicer):
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, callers: CallerGate) -> None:
         self.services = services
+        self.callers = callers
 
     async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest], context) -> AsyncIterator[ep.ProcessingResponse]:  # type: ignore[override]
-        session = Session(self.services)
+        authenticated = await self.callers.authenticate(context)
+        session = Session(self.services, caller_authenticated=authenticated)
         try:
             async for req in request_iterator:
                 phase = req.WhichOneof("request")

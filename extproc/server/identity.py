@@ -4,6 +4,10 @@ Order: the API-key map (keys stored as sha256), then a principal header that
 the Envoy edge sets after jwt_authn (trusted only if the policy says the edge
 strips client copies, as the shipped configs do), then the mTLS peer's URI SAN
 (an Envoy attribute, which a client cannot set).
+
+The header and the attribute are Envoy's word, so they count only when the
+gRPC call itself came from an authenticated Envoy (`caller_authenticated`,
+see callers.py): anyone else can put anything in a ProcessingRequest.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ def _from_principal(p: PrincipalSpec) -> Identity:
     return Identity(p.name, p.team, p.org, p.user, dict(p.labels))
 
 
-def resolve(policy: Policy, headers: Mapping[str, str], peer_id: str | None = None) -> Identity:
+def resolve(
+    policy: Policy, headers: Mapping[str, str], peer_id: str | None = None, *, caller_authenticated: bool = False
+) -> Identity:
     """The caller's identity, or Unauthenticated with a message that says what was missing."""
     ident = policy.identity
     key = api_key(headers) if ident.api_keys else None
@@ -34,14 +40,14 @@ def resolve(policy: Policy, headers: Mapping[str, str], peer_id: str | None = No
         spec = policy.key_spec(key)
         if spec is not None:
             return Identity.from_key(spec)
-    if ident.principal_header and ident.edge_strips_headers:
+    if ident.principal_header and ident.edge_strips_headers and caller_authenticated:
         name = headers.get(ident.principal_header)
         if name:
             p = policy.principals_by_name.get(name)
             if p is None:
                 raise Unauthenticated(f"principal {name!r} is not known to this gateway's policy")
             return _from_principal(p)
-    if ident.mtls_peer and peer_id:
+    if ident.mtls_peer and peer_id and caller_authenticated:
         p = policy.principals_by_peer.get(peer_id)
         if p is not None:
             return _from_principal(p)

@@ -26,3 +26,6 @@ STORE_ERRORS = Counter("extproc_store_errors_total", "Budget store operations th
 INFLIGHT = Gauge("extproc_inflight_reservations", "Reservations held by this process", multiprocess_mode="livesum")
 SPEND = Counter("extproc_spend_nano_usd_total", "Settled spend in nano-USD per budget (runs excluded)", ["budget"])
 FAIL_OPEN = Counter("extproc_fail_open_total", "Requests let through unmetered because the store was down (fail_open)")
+CALLERS_REFUSED = Counter(
+    "extproc_grpc_callers_refused_total", "gRPC calls refused before any work: missing, wrong or placeholder caller token", ["reason"]
+)

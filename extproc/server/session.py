@@ -164,8 +164,11 @@ def _envelope_guess(path: RequestPath) -> str:
 
 
 class Session:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, *, caller_authenticated: bool = False) -> None:
         self.s = services
+        # The gRPC caller proved it is our Envoy (callers.py): only then do Envoy's
+        # attributes and trusted principal headers name the principal.
+        self.caller_authenticated = caller_authenticated
         self.policy: Policy = services.policy.current  # one snapshot for the whole request
         self.route: RouteMatch | None = None
         self.schema: Schema | None = None
@@ -264,7 +267,7 @@ class Session:
         ext_proc's request headers use this process's recent states and leave
         the authoritative answer to the reservation on the body."""
         try:
-            self.who = identity.resolve(self.policy, headers, peer_id)
+            self.who = identity.resolve(self.policy, headers, peer_id, caller_authenticated=self.caller_authenticated)
         except Unauthenticated as e:
             return self._client_error(e)
         for name in self.policy.runs.headers:
@@ -651,7 +654,7 @@ class Session:
 
     async def _budget_endpoint(self, path: str, headers: Mapping[str, str], peer_id: str | None) -> Reply:
         try:
-            who = identity.resolve(self.policy, headers, peer_id)
+            who = identity.resolve(self.policy, headers, peer_id, caller_authenticated=self.caller_authenticated)
         except Unauthenticated as e:
             return self._client_error(e)
         if "/decisions/" in path:

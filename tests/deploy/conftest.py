@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from extproc.server.callers import CALLER_TOKEN_KEY
 from extproc.stack import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,10 +55,22 @@ def endpoint(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def without_grpc_cluster(ext_proc: dict[str, Any]) -> dict[str, Any]:
-    """An ext_proc config with the service's address taken out: what must not drift."""
+    """An ext_proc config with the service's address and the caller token's value taken
+    out (both belong to the deployment): what must not drift."""
     out = json.loads(json.dumps(ext_proc))
     out["grpc_service"]["envoy_grpc"].pop("cluster_name")
+    for md in out["grpc_service"].get("initial_metadata", []):
+        md.pop("value")
     return out
+
+
+def caller_token(ext_filter: dict[str, Any]) -> str:
+    """The caller token an ext_proc / ext_authz filter sends (exactly one entry)."""
+    (value,) = [m["value"] for m in ext_filter["grpc_service"]["initial_metadata"] if m["key"] == CALLER_TOKEN_KEY]
+    return value
+
+
+PATH_HYGIENE = {"normalize_path": True, "merge_slashes": True, "path_with_escaped_slashes_action": "REJECT_REQUEST"}
 
 
 def access_log(text: str) -> list[dict[str, Any]]:

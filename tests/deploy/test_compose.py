@@ -14,14 +14,17 @@ import pytest
 from extproc.cli import build_parser
 from extproc.costrate.__main__ import load_spec
 from extproc.policy.loader import load_policy
+from extproc.server.tokens import PLACEHOLDER, Tokens
 from extproc.stack import Stack
 
 from .conftest import (
     EXT_PROC,
     HEADER_MUTATION,
     ROOT,
+    PATH_HYGIENE,
     ROUTER,
     access_log,
+    caller_token,
     cluster,
     endpoint,
     envoy_validate,
@@ -144,6 +147,17 @@ def test_extproc_policy_exists_and_passes_validation_and_the_store_is_the_redis_
     assert args.grpc.startswith("0.0.0.0:")  # reachable from the envoy container
     assert args.admin.startswith("127.0.0.1:")  # admin API stays inside the container
     assert SERVICES["extproc"]["environment"]["EXTPROC_ADMIN_TOKEN"]
+
+
+def test_envoy_sends_the_caller_token_the_service_reads():
+    """The token in compose/envoy.yaml is one the extproc container's --caller-token-file lists,
+    and not the placeholder the service refuses to start with."""
+    args = build_parser().parse_args(argv("extproc"))
+    tokens = Tokens.from_file(host_file("extproc", args.caller_token_file), "caller token")
+    h = hcm(load(COMPOSE_DIR / "envoy.yaml"))
+    sent = caller_token(http_filter(h, EXT_PROC))
+    assert tokens.accepts(sent) and sent != PLACEHOLDER
+    assert PATH_HYGIENE.items() <= h.items()
 
 
 def test_costrate_samples_the_mock_gpu_and_publishes_to_redis():

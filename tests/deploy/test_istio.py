@@ -15,6 +15,7 @@ import yaml
 
 from extproc.cli import build_parser
 from extproc.policy.loader import parse_policy
+from extproc.server.tokens import PLACEHOLDER
 from extproc.stack import Stack, free_port
 
 from .conftest import (
@@ -22,7 +23,9 @@ from .conftest import (
     HEADER_MUTATION,
     ROOT,
     ROUTER,
+    PATH_HYGIENE,
     access_log,
+    caller_token,
     docs,
     envoy_validate,
     hcm,
@@ -132,7 +135,8 @@ def istio_bootstrap(*, listen_port: int, admin_port: int, app: tuple[str, int], 
         },
         "load_assignment": {"cluster_name": ext_cluster, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": extproc[0], "port_value": extproc[1]}}}}]}]},
     }
-    chain = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    hcm_config = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    chain = hcm_config["http_filters"]
     for p in envoy_filter()["spec"]["configPatches"]:
         assert p["match"]["context"] == "SIDECAR_INBOUND"
         value = copy.deepcopy(p["patch"]["value"])
@@ -141,6 +145,10 @@ def istio_bootstrap(*, listen_port: int, admin_port: int, app: tuple[str, int], 
             assert p["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == ROUTER
             at = next(i for i, f in enumerate(chain) if f["name"] == ROUTER)
             chain.insert(at, value)
+        elif p["applyTo"] == "NETWORK_FILTER":
+            assert p["patch"]["operation"] == "MERGE" and value["name"] == HCM
+            assert value["typed_config"]["@type"] == hcm_config["@type"]
+            hcm_config.update(value["typed_config"])
         elif p["applyTo"] == "LISTENER":
             assert p["patch"]["operation"] == "MERGE"
             listener.update(value)
@@ -174,6 +182,7 @@ def test_envoyfilter_config_validates_with_real_envoy(tmp_path):
     envoy_validate(path)
     names = [f["name"] for f in hcm(cfg)["http_filters"]]
     assert names == [HEADER_MUTATION, EXT_PROC, ROUTER]  # patches in order: strip first
+    assert PATH_HYGIENE.items() <= hcm(cfg).items()
     assert cfg["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] == 16 * 1024 * 1024
 
 
@@ -182,8 +191,8 @@ def test_envoyfilter_selects_by_label_on_the_inbound_inference_port():
     assert ef["apiVersion"] == "networking.istio.io/v1alpha3"
     assert ef["metadata"]["namespace"] == "istio-system"  # root namespace: every namespace's workloads
     assert ef["spec"]["workloadSelector"]["labels"] == SELECTOR
-    for name in (HEADER_MUTATION, EXT_PROC):
-        match = inserted_filter(name)["match"]
+    (hygiene,) = patches("NETWORK_FILTER")
+    for match in [inserted_filter(name)["match"] for name in (HEADER_MUTATION, EXT_PROC)] + [hygiene["match"]]:
         assert match["context"] == "SIDECAR_INBOUND"
         assert match["listener"]["filterChain"]["filter"]["name"] == HCM
         assert match["listener"]["portNumber"] == 8000
@@ -214,8 +223,8 @@ def test_kustomization_lists_every_manifest():
 def test_every_object_is_well_formed():
     kinds = sorted(o["kind"] for o in objects())
     assert kinds == sorted(
-        ["Namespace", "Deployment", "Service", "Deployment", "Service", "ServiceAccount", "Secret", "ConfigMap",
-         "ClusterRole", "ClusterRoleBinding", "EnvoyFilter"]
+        ["Namespace", "Deployment", "Service", "Deployment", "Service", "ServiceAccount", "ConfigMap",
+         "ClusterRole", "ClusterRoleBinding", "EnvoyFilter", "AuthorizationPolicy", "NetworkPolicy", "NetworkPolicy"]
     )
     for o in objects() + objects(ISTIO / "example"):
         assert o["apiVersion"] and o["metadata"]["name"], o
@@ -269,24 +278,95 @@ def test_policy_configmap_is_the_demo_policy_and_is_mounted_where_serve_reads_it
     assert set(policy.prices.models) >= {"gpt-4o", "gpt-4o-mini"} and policy.keys
 
 
-def test_admin_token_comes_from_the_secret_and_the_admin_binds_loopback():
-    dep = one("Deployment", "extproc")
-    pod = dep["spec"]["template"]["spec"]
+def secret_mount(flag: str) -> tuple[str, str]:
+    """(Secret name, key) behind the file a `serve` flag names, from the Deployment's mounts."""
+    pod = one("Deployment", "extproc")["spec"]["template"]["spec"]
     (c,) = pod["containers"]
+    path = Path(getattr(build_parser().parse_args(c["args"]), flag))
+    (mount,) = [m for m in c["volumeMounts"] if path.is_relative_to(m["mountPath"])]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return vol["secret"]["secretName"], str(path.relative_to(mount["mountPath"]))
+
+
+def test_admin_token_comes_from_a_secret_and_the_admin_binds_loopback():
+    dep = one("Deployment", "extproc")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
     args = build_parser().parse_args(c["args"])
     assert args.admin.startswith("127.0.0.1:")  # never exposed by the Service
     assert all(p["containerPort"] != int(args.admin.rsplit(":", 1)[1]) for p in c["ports"])
-    token = Path(args.admin_token_file)
-    (mount,) = [m for m in c["volumeMounts"] if token.is_relative_to(m["mountPath"])]
-    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-    secret = one("Secret", vol["secret"]["secretName"])
-    assert str(token.relative_to(mount["mountPath"])) in secret["stringData"]
+    assert secret_mount("admin_token_file") == ("extproc-admin", "token")
     assert dep["spec"]["template"]["spec"]["serviceAccountName"] == one("ServiceAccount")["metadata"]["name"]
     binding = one("ClusterRoleBinding")
     assert binding["subjects"][0]["name"] == "extproc" and binding["subjects"][0]["namespace"] == "extproc-system"
     rule = one("ClusterRole")["rules"][0]
     assert rule["apiGroups"] == ["serving.kserve.io"] and rule["resources"] == ["inferenceservices/status"]
     assert "patch" in rule["verbs"]
+
+
+def test_secrets_are_created_once_never_applied_with_a_placeholder():
+    """`kubectl apply -k` must not overwrite a real token with a placeholder: no Secret is
+    in the kustomization, and the documented `kubectl create secret` commands create the
+    Secrets (and keys) the Deployment mounts."""
+    assert not [o for o in objects() if o["kind"] == "Secret"]
+    assert "secretGenerator" not in load(ISTIO / "kustomization.yaml")
+    how = (ISTIO / "kustomization.yaml").read_text()
+    for flag in ("admin_token_file", "caller_token_file"):
+        name, key = secret_mount(flag)
+        assert f"-n extproc-system create secret generic {name} --from-literal={key}=" in how, name
+
+
+def test_the_service_requires_the_caller_token_the_envoyfilter_sends():
+    assert secret_mount("caller_token_file") == ("extproc-caller", "token")
+    ext = inserted_filter(EXT_PROC)["patch"]["value"]["typed_config"]
+    assert caller_token(ext) == PLACEHOLDER  # the service refuses to start on this value
+    text = (ISTIO / "envoyfilter.yaml").read_text()
+    assert "extproc-caller" in text  # the comment says where the real value lives
+
+
+def test_only_budgeted_workloads_reach_the_grpc_port():
+    port, name, _ = _service_for_cluster()
+    svc = one("Service", name)
+    labels = one("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+    (container,) = one("Deployment", name)["spec"]["template"]["spec"]["containers"]
+    (sp,) = [p for p in svc["spec"]["ports"] if p["port"] == port]
+    (cp,) = [p for p in container["ports"] if p["name"] == sp["targetPort"]]
+
+    netpol = one("NetworkPolicy", "extproc-grpc")
+    assert netpol["metadata"]["namespace"] == svc["metadata"]["namespace"]
+    assert netpol["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert netpol["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = netpol["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer == {"namespaceSelector": {}, "podSelector": {"matchLabels": SELECTOR}}  # any namespace, labelled pods
+    assert rule["ports"] == [{"port": cp["containerPort"], "protocol": "TCP"}]
+
+    authz = one("AuthorizationPolicy")
+    assert authz["apiVersion"] == "security.istio.io/v1" and authz["spec"]["action"] == "ALLOW"
+    assert authz["metadata"]["namespace"] == svc["metadata"]["namespace"]
+    assert authz["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (allow,) = authz["spec"]["rules"]
+    (source,) = allow["from"]
+    principals = source["source"]["principals"]
+    assert principals and all(re.fullmatch(r"[a-z0-9.-]+/ns/[a-z0-9-]+/sa/[a-z0-9-]+", p) for p in principals)
+    example = one("Deployment", "mock-gpu", ISTIO / "example")
+    sa = example["spec"]["template"]["spec"].get("serviceAccountName", "default")
+    assert f"cluster.local/ns/{example['metadata']['namespace']}/sa/{sa}" in principals
+    (op,) = allow["to"]
+    assert op["operation"]["ports"] == [str(cp["containerPort"])]
+    assert sorted(op["operation"]["paths"]) == [
+        "/envoy.service.auth.v3.Authorization/Check", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+    ]
+
+
+def test_only_the_service_reaches_redis():
+    netpol = one("NetworkPolicy", "redis")
+    redis_labels = one("Deployment", "redis")["spec"]["template"]["metadata"]["labels"]
+    extproc_labels = one("Deployment", "extproc")["spec"]["template"]["metadata"]["labels"]
+    assert netpol["spec"]["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    (rule,) = netpol["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= extproc_labels.items() and "namespaceSelector" not in peer
+    assert rule["ports"] == [{"port": one("Service", "redis")["spec"]["ports"][0]["port"], "protocol": "TCP"}]
 
 
 def test_example_workload_is_selected_on_the_patched_port():

@@ -14,14 +14,17 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from extproc.mock_backend import BACKEND, MockConfig, make_app
+from extproc.server.tokens import PLACEHOLDER
 from extproc.stack import Stack, free_port
 
 from .conftest import (
     EXT_PROC,
     HEADER_MUTATION,
+    PATH_HYGIENE,
     ROOT,
     ROUTER,
     access_log,
+    caller_token,
     cluster,
     endpoint,
     envoy_validate,
@@ -61,6 +64,8 @@ def test_sidecar_filter_chain_and_settings():
         "response_trailer_mode": "SKIP",
     }
     assert ext["message_timeout"] == "2s"
+    assert caller_token(ext) == PLACEHOLDER  # `extproc stack` and operators replace it
+    assert PATH_HYGIENE.items() <= h.items()
     assert ext["metadata_options"]["receiving_namespaces"]["untyped"] == ["extproc.budget"]
     # the service is in the pod, over a Unix socket; the app only on loopback
     assert endpoint(cluster(cfg, ext["grpc_service"]["envoy_grpc"]["cluster_name"])) == {

@@ -188,7 +188,7 @@ async def test_ext_authz_gate_refuses_a_spent_run_with_the_same_envelope(make_st
     from extproc.stack import Stack
 
     gate = Stack(policy=stack.policy, store=stack.store, grpc=stack.grpc, envoy_config=str(Path(__file__).parents[2] / "envoy" / "ext_authz.yaml"),
-                 backends=("backend",), workdir=tmp_path / "gate")
+                 backends=("backend",), workdir=tmp_path / "gate", caller_token=stack.caller_token)  # the service's token
     gate.start_backends()
     gate.start_envoy()
     try:
