@@ -123,8 +123,9 @@ def _content_block_delta(obj: dict[str, Any]) -> Observation:
 
 
 def _message_delta(obj: dict[str, Any]) -> Observation:
+    """The cumulative, final usage of the message (`message_stop` follows)."""
     usage = anthropic_usage(obj.get("usage"))
-    return Observation((), usage) if usage is not None else NOTHING
+    return Observation((), usage, final=True) if usage is not None else NOTHING
 
 
 _DONE = Observation(done=True)

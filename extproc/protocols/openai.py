@@ -25,7 +25,13 @@ from extproc.protocols.request import (
     kind_of,
 )
 from extproc.protocols.stream import NOTHING, Observation
-from extproc.protocols.usage import openai_usage, responses_usage
+from extproc.protocols.usage import (
+    RESPONSES_TOOL_ITEMS,
+    Usage,
+    openai_usage,
+    responses_tool_calls,
+    responses_usage,
+)
 
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
 _IMAGE_PARTS = frozenset({"image_url", "input_image"})
@@ -207,7 +213,8 @@ def observe_chat(event: str | None, obj: dict[str, Any]) -> Observation:
         _call_delta(delta.get("function_call"), texts)
     if usage is None and not texts:
         return NOTHING
-    return Observation(tuple(texts), usage, False, usage is not None and empty)
+    usage_only = usage is not None and empty
+    return Observation(tuple(texts), usage, False, usage_only, usage_only)
 
 
 def observe_completions(event: str | None, obj: dict[str, Any]) -> Observation:
@@ -220,7 +227,8 @@ def observe_completions(event: str | None, obj: dict[str, Any]) -> Observation:
     )
     if usage is None and not texts:
         return NOTHING
-    return Observation(texts, usage, False, usage is not None and empty)
+    usage_only = usage is not None and empty
+    return Observation(texts, usage, False, usage_only, usage_only)
 
 
 _RESPONSES_DELTAS = frozenset(
@@ -237,14 +245,25 @@ _RESPONSES_DELTAS = frozenset(
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
+def responses_body(obj: dict[str, Any]) -> Usage | None:
+    """Usage of a whole Responses object: `usage` plus the per-call tools of `output`
+    (None without `usage`: tool calls alone are not a usage report)."""
+    usage = responses_usage(obj.get("usage"))
+    return usage.merge(responses_tool_calls(obj.get("output"))) if usage is not None else None
+
+
 def observe_responses(event: str | None, obj: dict[str, Any]) -> Observation:
     kind = kind_of(obj) or event
     if kind in _RESPONSES_DELTAS:
         delta = obj.get("delta")
         return Observation((delta,)) if isinstance(delta, str) and delta else NOTHING
+    if kind == "response.output_item.done":
+        item = obj.get("item")
+        field = RESPONSES_TOOL_ITEMS.get(kind_of(item) or "") if isinstance(item, dict) else None
+        return Observation(calls=Usage(**{field: 1})) if field else NOTHING
     response = obj.get("response")
-    usage = responses_usage(response.get("usage")) if isinstance(response, dict) else None
+    usage = responses_body(response) if isinstance(response, dict) else None
     done = kind in _RESPONSES_TERMINAL
     if usage is None and not done:
         return NOTHING
-    return Observation((), usage, done)
+    return Observation((), usage, done, final=done and usage is not None)

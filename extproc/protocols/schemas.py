@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from extproc.errors import BadRequest, BodyTooLarge, UpstreamError
 from extproc.protocols import anthropic, openai
+from extproc.protocols.encoding import DEFAULT_MAX_DECODED_BYTES, content_decoder
 from extproc.protocols.request import (
     MAX_N,
     MAX_OUTPUT_TOKENS_LIMIT,
@@ -70,6 +71,8 @@ class Schema:
     read_content: Callable[[dict[str, Any]], Content] = field(repr=False)
     read_usage: Callable[[Any], Usage | None] = field(repr=False)
     observe: Observer | None = field(repr=False)
+    read_body: Callable[[dict[str, Any]], Usage | None] | None = field(default=None, repr=False)
+    """Usage of a whole buffered response object; None: `read_usage` of its `usage`."""
 
     # --- request -------------------------------------------------------------------
 
@@ -181,14 +184,30 @@ class Schema:
 
     # --- response ------------------------------------------------------------------
 
-    def usage_from_body(self, body: bytes) -> Usage | None:
-        """Usage of a buffered (non-streamed) JSON response; None if it has none."""
+    def usage_from_body(
+        self,
+        body: bytes,
+        *,
+        content_encoding: str | None = None,
+        max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    ) -> Usage | None:
+        """Usage of a buffered (non-streamed) JSON response; None if it has none.
+
+        `content_encoding` is the response's header: a compressed body is
+        decoded (a copy, at most `max_decoded_bytes`) before it is read.
+        Raises UpstreamError (DecodeError and its kinds for the encoding).
+        """
+        decoder = content_decoder(content_encoding, max_decoded_bytes=max_decoded_bytes)
+        if decoder is not None:
+            body = decoder.decode_all(body)
         try:
             obj = json.loads(body)
         except (ValueError, RecursionError) as e:
             raise UpstreamError(f"{self.name} response body is not valid JSON: {e}") from None
         if not isinstance(obj, dict):
             raise UpstreamError(f"{self.name} response body is not a JSON object")
+        if self.read_body is not None:
+            return self.read_body(obj)
         return self.read_usage(obj.get("usage"))
 
     def stream_reader(
@@ -197,12 +216,14 @@ class Schema:
         strip_usage_chunk: bool,
         count_tokens: Callable[[str], int] | None,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        content_encoding: str | None = None,
     ) -> StreamReader:
         """A reader for one SSE response body of this schema.
 
         `strip_usage_chunk` only means something where the gateway can inject
         `include_usage` (OpenAI chat/completions); elsewhere usage is always
-        reported and the flag is ignored.
+        reported and the flag is ignored. `content_encoding` is the response's
+        header: an encoded stream is observed, never rewritten (see stream.py).
         """
         if self.observe is None:
             raise ValueError(f"{self.name} responses do not stream")
@@ -211,6 +232,7 @@ class Schema:
             strip_usage_chunk=strip_usage_chunk and self.include_usage_option,
             count_tokens=count_tokens,
             max_event_bytes=max_event_bytes,
+            content_encoding=content_encoding,
         )
 
 
@@ -251,6 +273,7 @@ OPENAI_RESPONSES = Schema(
     read_content=openai.read_responses,
     read_usage=responses_usage,
     observe=openai.observe_responses,
+    read_body=openai.responses_body,
 )
 
 OPENAI_EMBEDDINGS = Schema(

@@ -53,7 +53,6 @@ from extproc.errors import UpstreamError
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 
 _EOL = re.compile(rb"\r\n|\r|\n")
-_EOL_BYTE = re.compile(rb"[\r\n]")
 _NAME_END = re.compile(rb"[:\r\n]")
 _BOM = b"\xef\xbb\xbf"
 
@@ -62,6 +61,13 @@ _MAX_SMALL_VALUE = 1024  # an `event:`/`id:` value of an oversize event; longer 
 
 # states of the line reader of an oversize event
 _START, _NAME, _DATA_SP, _DATA, _SMALL_SP, _SMALL, _SKIP, _BLANK_CR = range(8)
+
+
+def _line_break(data: bytes, i: int, n: int) -> int:
+    """Index of the first "\r" or "\n" at or after `i`, or `n` (two memchr scans)."""
+    lf = data.find(b"\n", i)
+    cr = data.find(b"\r", i, lf if lf >= 0 else n)
+    return cr if cr >= 0 else lf if lf >= 0 else n
 
 
 class DataSink(Protocol):
@@ -404,8 +410,7 @@ class SSEParser:
                     i += 1
                 self._state = _DATA if state == _DATA_SP else _SMALL
             else:  # _DATA, _SMALL, _SKIP: up to the end of the line
-                m = _EOL_BYTE.search(data, i)
-                j = m.start() if m is not None else n
+                j = _line_break(data, i, n)
                 if state == _DATA:
                     if j > i:
                         sink.feed(data[i:j])
@@ -415,7 +420,7 @@ class SSEParser:
                         self._small_over = True
                     else:
                         self._small += data[i:j]
-                if m is None:
+                if j == n:
                     i = n
                     break
                 if state == _SMALL:

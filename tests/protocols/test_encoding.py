@@ -107,7 +107,8 @@ def test_decode_all_for_buffered_bodies() -> None:
 
 @pytest.mark.parametrize("name", ["gzip", "deflate", "br", "zstd"])
 def test_bomb_stops_at_the_cap_without_expanding(name: str) -> None:
-    bomb = ENCODERS[name](b"\0" * (64 << 20))  # a few KiB that decode to 64 MiB
+    zeros = b"\0" * (64 << 20)
+    bomb = brotli.compress(zeros, quality=4) if name == "br" else ENCODERS[name](zeros)  # KiB -> 64 MiB
     cap = 1 << 20
     d = content_decoder(name, max_decoded_bytes=cap, step=64 << 10)
     assert d is not None

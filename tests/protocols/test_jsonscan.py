@@ -86,11 +86,11 @@ def test_five_mib_terminal_event_split_at_many_offsets() -> None:
     assert len(raw) > 5 << 20
     want = {"type": "response.completed", "response": {"usage": usage}}
     assert scan(raw) == want
-    step = len(raw) // 37
+    step = len(raw) // 13
     for i in range(0, len(raw), step):  # including inside the usage object and its key
         assert scan(raw, [i]) == want
     tail = raw.rindex(b'"usage"')
-    for i in range(tail - 3, tail + 40):
+    for i in range(tail - 3, tail + 40, 3):
         assert scan(raw, [i, i + 1]) == want
     assert scan(raw, list(range(64 << 10, len(raw), 64 << 10))) == want
 
