@@ -146,6 +146,9 @@ class Schema:
             has_tools=c.has_tools,
             json_mode=c.json_mode,
             pretokenized=c.pretokenized,
+            media=tuple(c.media),
+            previous_response_id=c.previous_response_id,
+            builtin_tools=frozenset(c.builtin_tools),
             raw=obj,
         )
 

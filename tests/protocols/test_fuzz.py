@@ -30,14 +30,16 @@ KEYS = st.sampled_from(
     "output summary source data choices delta usage prompt_tokens completion_tokens "
     "prompt_tokens_details cached_tokens input_tokens output_tokens input_tokens_details "
     "cache_read_input_tokens cache_creation_input_tokens message content_block partial_json "
-    "thinking response reasoning_content refusal custom output_format".split()
+    "thinking response reasoning_content refusal custom output_format input_audio file file_data "
+    "file_id file_url detail url previous_response_id web_search_options media_type".split()
 )
 WORDS = st.sampled_from(
     "text image_url input_image input_text output_text image tool_use tool_result search_result "
     "document message function_call function_call_output reasoning refusal text_delta "
     "input_json_delta thinking_delta message_start message_delta message_stop content_block_start "
     "content_block_delta response.completed response.output_text.delta json_object json_schema "
-    "user assistant system tool content".split()
+    "user assistant system tool content input_audio file input_file base64 web_search_20250305 "
+    "data:image/png;base64,iVBORw0KGgo= data:,x".split()
 )
 SCALARS = (
     st.none()
@@ -139,7 +141,7 @@ def test_parse_adversarial_bodies_and_round_trip(schema: Schema, obj: dict[str, 
         return
     assert facts.raw == obj
     assert all(isinstance(s, str) for s in facts.segments)
-    assert facts.n >= 1 and facts.images >= 0
+    assert facts.n >= 1 and facts.images == sum(m.kind == "image" for m in facts.media)
     again = schema.parse_request(schema.rewrite_request(facts))
     assert again == facts
     capped = schema.parse_request(schema.rewrite_request(facts, model="x", include_usage=True, max_output=7))
