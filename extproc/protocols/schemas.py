@@ -159,11 +159,13 @@ class Schema:
         model: str | None = None,
         include_usage: bool = False,
         max_output: int | None = None,
+        cap_field: str | None = None,
     ) -> bytes:
         """New body bytes with `model` replaced, `stream_options.include_usage`
-        injected (streaming chat/completions only) and the output cap set in
-        every cap field the client used, or the schema's first one. Other
-        fields are kept as they were; `facts.raw` is not touched."""
+        injected (streaming chat/completions only) and the per-choice output
+        cap set in the fields `cap_fields(facts, cap_field)` names (the other
+        cap fields are removed when `cap_field` is given). Other fields are
+        kept as they were; `facts.raw` is not touched."""
         new = dict(facts.raw)
         if model is not None:
             if not isinstance(model, str) or not model:
@@ -177,13 +179,40 @@ class Schema:
         if max_output is not None and self.max_output_fields:
             if type(max_output) is not int or max_output < 1:
                 raise ValueError("max_output must be a positive integer")
-            used = [k for k in self.max_output_fields if new.get(k) is not None]
-            for key in used or self.max_output_fields[:1]:
-                new[key] = max_output
+            keys = self.cap_fields(facts, cap_field)
+            for key in self.max_output_fields:
+                if key in keys:
+                    new[key] = max_output
+                elif cap_field is not None:
+                    new.pop(key, None)
         try:
             return _dumps(new)
         except RecursionError:
             raise BadRequest("request body is nested too deeply") from None
+
+    def cap_fields(self, facts: RequestFacts, cap_field: str | None = None) -> tuple[str, ...]:
+        """The fields `rewrite_request` writes the output cap into.
+
+        Every cap field the client used, so the backend sees the request as
+        the client shaped it; if it used none, the schema's first: chat
+        `max_completion_tokens` (the one reasoning models accept; `max_tokens`
+        is deprecated there), completions `max_tokens`, Responses
+        `max_output_tokens`, Anthropic `max_tokens`. Each caps one choice:
+        with `n` choices the backend may generate `n` times the cap.
+
+        `cap_field` forces one field (and the rewrite drops the others): a
+        downshift to a reasoning model needs `max_completion_tokens` even if
+        the client wrote `max_tokens`; an older OpenAI-compatible backend may
+        know only `max_tokens`. Empty for schemas without output (embeddings).
+        """
+        if not self.max_output_fields:
+            return ()
+        if cap_field is not None:
+            if cap_field not in self.max_output_fields:
+                raise ValueError(f"{self.name} caps output with {self.max_output_fields}, not {cap_field!r}")
+            return (cap_field,)
+        used = tuple(k for k in self.max_output_fields if facts.raw.get(k) is not None)
+        return used or self.max_output_fields[:1]
 
     # --- response ------------------------------------------------------------------
 
