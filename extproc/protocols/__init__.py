@@ -6,13 +6,22 @@ a stream, record) `UpstreamError`.
 
     path = normalize(":path value")                   # RequestPath, or BadPath (400)
     schema = schema_by_name("openai.chat")            # the route that matched names the API
-    facts = schema.parse_request(body)                # RequestFacts
-    body = schema.rewrite_request(facts, model=..., include_usage=True, max_output=...)
-    usage = schema.usage_from_body(response_body)     # buffered JSON response
-    reader = schema.stream_reader(strip_usage_chunk=..., count_tokens=...)
+    facts = schema.parse_request(body)                # RequestFacts (media, builtin_tools, …)
+    body = schema.rewrite_request(facts, model=..., include_usage=True, max_output=..., cap_field=None)
+    usage = schema.usage_from_body(response_body, content_encoding=...)   # buffered JSON response
+    reader = schema.stream_reader(strip_usage_chunk=..., count_tokens=..., content_encoding=...)
     forward = reader.feed(chunk) ... reader.finish(); reader.usage, reader.counted_output_tokens
+    reader.may_rewrite, reader.usage_complete, reader.terminal, reader.decode_error
 """
 
+from extproc.protocols.encoding import (
+    ContentDecoder,
+    DecodedTooLarge,
+    DecodeError,
+    UnsupportedEncoding,
+    content_decoder,
+)
+from extproc.protocols.media import MediaPart
 from extproc.protocols.paths import BadPath, RequestPath, normalize
 from extproc.protocols.request import MAX_OUTPUT_TOKENS_LIMIT, RequestFacts
 from extproc.protocols.schemas import (
@@ -32,6 +41,12 @@ from extproc.protocols.usage import Usage
 
 __all__ = [
     "ANTHROPIC_MESSAGES",
+    "ContentDecoder",
+    "DecodeError",
+    "DecodedTooLarge",
+    "MediaPart",
+    "UnsupportedEncoding",
+    "content_decoder",
     "DEFAULT_MAX_EVENT_BYTES",
     "DEFAULT_MAX_REQUEST_BYTES",
     "MAX_OUTPUT_TOKENS_LIMIT",

@@ -2,8 +2,9 @@
 
 Requests: `system` (a string or text blocks) is one segment, `tools` one,
 and each message one (role, then the text of its blocks; tool_use input as
-compact JSON; tool_result content read recursively). Image blocks are
-counted, not tokenised as text.
+compact JSON; tool_result content read recursively). Image blocks and
+base64/URL/file documents are reported in `media`, not tokenised as text;
+server tools (`web_search_20250305`, …) in `builtin_tools`.
 
 Streams: usage arrives in two halves. `message_start.message.usage` carries
 the input side (uncached, cache read, cache write) and an initial output
@@ -16,6 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.errors import BadRequest
+from extproc.protocols import media
+from extproc.protocols.media import MediaKind, MediaPart
 from extproc.protocols.request import (
     Content,
     add_tools,
@@ -26,6 +29,24 @@ from extproc.protocols.request import (
 )
 from extproc.protocols.stream import NOTHING, Observation
 from extproc.protocols.usage import anthropic_usage
+
+
+def _source(kind: MediaKind, source: Any) -> MediaPart:
+    """An image/document `source`: base64 (`data`, `media_type`), url, or file."""
+    if not isinstance(source, dict):
+        return MediaPart(kind, "unknown")
+    form = kind_of(source)
+    mime = source.get("media_type")
+    mime = mime if isinstance(mime, str) else None
+    data = source.get("data")
+    if form == "base64" and isinstance(data, str):
+        return media.inline(kind, data, mime=mime)
+    url = source.get("url")
+    if form == "url" and isinstance(url, str):
+        return media.from_url(kind, url)
+    if form == "file":
+        return MediaPart(kind, "file_id", mime=mime)
+    return MediaPart(kind, "unknown", mime=mime)
 
 
 def _blocks(value: Any, where: str, parts: list[str], c: Content) -> None:
@@ -42,7 +63,7 @@ def _blocks(value: Any, where: str, parts: list[str], c: Content) -> None:
         if kind == "text":
             parts.append(expect_str(b.get("text"), f"{here}.text"))
         elif kind == "image":
-            c.images += 1
+            c.add_media(_source("image", b.get("source")))
         elif kind in ("tool_use", "server_tool_use"):
             name = b.get("name")
             parts.append(f"{name if isinstance(name, str) else ''} {compact_json(b.get('input'))}")
@@ -65,7 +86,9 @@ def _blocks(value: Any, where: str, parts: list[str], c: Content) -> None:
                     parts.append(data)
             elif isinstance(source, dict) and kind_of(source) == "content":
                 _blocks(source.get("content"), f"{here}.source.content", parts, c)
-        # redacted_thinking, base64/url documents, …: not estimated from text
+            else:  # base64 (PDF), url, file: priced by the estimator from `media`
+                c.add_media(_source("document", source))
+        # redacted_thinking, …: not estimated from text
 
 
 def read_messages(obj: dict[str, Any]) -> Content:
@@ -76,6 +99,8 @@ def read_messages(obj: dict[str, Any]) -> Content:
         _blocks(system, "system", parts, c)
         c.segments.append("\n".join(parts))
     add_tools(c, obj, "tools")
+    if obj.get("mcp_servers"):
+        c.builtin_tools.add("mcp")
     fmt = obj.get("output_format")
     c.json_mode = isinstance(fmt, dict) and kind_of(fmt) == "json_schema"
     messages = obj.get("messages")
@@ -123,8 +148,9 @@ def _content_block_delta(obj: dict[str, Any]) -> Observation:
 
 
 def _message_delta(obj: dict[str, Any]) -> Observation:
+    """The cumulative, final usage of the message (`message_stop` follows)."""
     usage = anthropic_usage(obj.get("usage"))
-    return Observation((), usage) if usage is not None else NOTHING
+    return Observation((), usage, final=True) if usage is not None else NOTHING
 
 
 _DONE = Observation(done=True)

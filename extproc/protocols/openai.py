@@ -6,9 +6,9 @@ text is in a request (`read_*`) and what one streamed event says
 `Schema` from its declarative description in `schemas.py`.
 
 Segments are canonical strings, one per message/item: the role, then the
-text of each part and each tool call, joined by newlines. Image parts are
-counted, not put in text (a base64 payload is not tokens); audio and file
-parts are not estimated.
+text of each part and each tool call, joined by newlines. Image, audio and
+file parts are not put in text (a base64 payload is not tokens): they are
+reported in `media` (see `media.py`) for the estimator to price.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.errors import BadRequest
+from extproc.protocols import media
+from extproc.protocols.media import MediaPart
 from extproc.protocols.request import (
     Content,
     add_prompt_items,
@@ -25,11 +27,64 @@ from extproc.protocols.request import (
     kind_of,
 )
 from extproc.protocols.stream import NOTHING, Observation
-from extproc.protocols.usage import openai_usage, responses_usage
+from extproc.protocols.usage import (
+    RESPONSES_TOOL_ITEMS,
+    Usage,
+    openai_usage,
+    responses_tool_calls,
+    responses_usage,
+)
 
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
-_IMAGE_PARTS = frozenset({"image_url", "input_image"})
 _JSON_FORMATS = frozenset({"json_object", "json_schema"})
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _image_part(p: dict[str, Any]) -> MediaPart:
+    """Chat `image_url: {url, detail}` (or a bare string); Responses `input_image`
+    (`image_url` a string, or `file_id`; `detail` beside it)."""
+    image = p.get("image_url")
+    detail = _str(p.get("detail"))
+    if isinstance(image, dict):
+        detail = _str(image.get("detail")) or detail
+        image = image.get("url")
+    if isinstance(image, str):
+        return media.from_url("image", image, detail=detail)
+    return MediaPart("image", "file_id" if p.get("file_id") is not None else "unknown", detail)
+
+
+def _audio_part(p: dict[str, Any]) -> MediaPart:
+    audio = p.get("input_audio")
+    audio = audio if isinstance(audio, dict) else p
+    data = _str(audio.get("data"))
+    fmt = _str(audio.get("format"))
+    return media.inline("audio", data, mime=fmt) if data is not None else MediaPart("audio", "unknown", mime=fmt)
+
+
+def _file_part(p: dict[str, Any]) -> MediaPart:
+    """Chat `file: {file_data, file_id}`; Responses `input_file` (its fields inline):
+    `file_data` is a data URL (or bare base64), else `file_url` or `file_id`."""
+    f = p.get("file")
+    f = f if isinstance(f, dict) else p
+    data = _str(f.get("file_data"))
+    if data is not None:
+        return media.from_url("file", data) if data.startswith("data:") else media.inline("file", data)
+    url = _str(f.get("file_url"))
+    if url is not None:
+        return media.from_url("file", url)
+    return MediaPart("file", "file_id" if f.get("file_id") is not None else "unknown")
+
+
+_MEDIA_PARTS = {
+    "image_url": _image_part,
+    "input_image": _image_part,
+    "input_audio": _audio_part,
+    "file": _file_part,
+    "input_file": _file_part,
+}
 
 
 def _json_format(fmt: Any) -> bool:
@@ -50,13 +105,12 @@ def _content(value: Any, where: str, parts: list[str], c: Content) -> None:
         kind = kind_of(p)
         if kind in _TEXT_PARTS:
             parts.append(expect_str(p.get("text"), f"{where}[{j}].text"))
-        elif kind in _IMAGE_PARTS:
-            c.images += 1
+        elif kind in _MEDIA_PARTS:
+            c.add_media(_MEDIA_PARTS[kind](p))
         elif kind == "refusal":
             refusal = p.get("refusal")
             if isinstance(refusal, str):
                 parts.append(refusal)
-        # input_audio, file, input_file…: not estimated from text
 
 
 def _function_call(fn: Any, parts: list[str]) -> None:
@@ -86,6 +140,8 @@ def _chat_message(m: Any, where: str, c: Content) -> str:
 def read_chat(obj: dict[str, Any]) -> Content:
     c = Content()
     add_tools(c, obj, "tools", "functions")
+    if obj.get("web_search_options") is not None:  # the search models' built-in search
+        c.builtin_tools.add("web_search")
     c.json_mode = _json_format(obj.get("response_format"))
     messages = obj.get("messages")
     if not isinstance(messages, list):
@@ -151,6 +207,9 @@ def _responses_item(item: Any, where: str, c: Content) -> str:
 
 def read_responses(obj: dict[str, Any]) -> Content:
     c = Content()
+    previous = obj.get("previous_response_id")
+    if previous is not None:
+        c.previous_response_id = expect_str(previous, "previous_response_id")
     instructions = obj.get("instructions")
     if instructions is not None:
         c.segments.append("system\n" + expect_str(instructions, "instructions"))
@@ -207,7 +266,8 @@ def observe_chat(event: str | None, obj: dict[str, Any]) -> Observation:
         _call_delta(delta.get("function_call"), texts)
     if usage is None and not texts:
         return NOTHING
-    return Observation(tuple(texts), usage, False, usage is not None and empty)
+    usage_only = usage is not None and empty
+    return Observation(tuple(texts), usage, False, usage_only, usage_only)
 
 
 def observe_completions(event: str | None, obj: dict[str, Any]) -> Observation:
@@ -220,7 +280,8 @@ def observe_completions(event: str | None, obj: dict[str, Any]) -> Observation:
     )
     if usage is None and not texts:
         return NOTHING
-    return Observation(texts, usage, False, usage is not None and empty)
+    usage_only = usage is not None and empty
+    return Observation(texts, usage, False, usage_only, usage_only)
 
 
 _RESPONSES_DELTAS = frozenset(
@@ -237,14 +298,25 @@ _RESPONSES_DELTAS = frozenset(
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
+def responses_body(obj: dict[str, Any]) -> Usage | None:
+    """Usage of a whole Responses object: `usage` plus the per-call tools of `output`
+    (None without `usage`: tool calls alone are not a usage report)."""
+    usage = responses_usage(obj.get("usage"))
+    return usage.merge(responses_tool_calls(obj.get("output"))) if usage is not None else None
+
+
 def observe_responses(event: str | None, obj: dict[str, Any]) -> Observation:
     kind = kind_of(obj) or event
     if kind in _RESPONSES_DELTAS:
         delta = obj.get("delta")
         return Observation((delta,)) if isinstance(delta, str) and delta else NOTHING
+    if kind == "response.output_item.done":
+        item = obj.get("item")
+        field = RESPONSES_TOOL_ITEMS.get(kind_of(item) or "") if isinstance(item, dict) else None
+        return Observation(calls=Usage(**{field: 1})) if field else NOTHING
     response = obj.get("response")
-    usage = responses_usage(response.get("usage")) if isinstance(response, dict) else None
+    usage = responses_body(response) if isinstance(response, dict) else None
     done = kind in _RESPONSES_TERMINAL
     if usage is None and not done:
         return NOTHING
-    return Observation((), usage, done)
+    return Observation((), usage, done, final=done and usage is not None)

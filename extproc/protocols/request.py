@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extproc.errors import BadRequest
+from extproc.protocols.media import MediaPart, tool_kind
 
 MAX_OUTPUT_TOKENS_LIMIT = 10_000_000
 """An explicit max output above this is not a budget request, it is a typo."""
@@ -39,10 +40,18 @@ class RequestFacts:
     """The client itself asked for `stream_options.include_usage`."""
     segments: tuple[str, ...]
     images: int = 0
+    """Image parts (also in `media`, with their details)."""
     has_tools: bool = False
     json_mode: bool = False
     pretokenized: int = 0
     """Input given as token ids (completions `prompt`, embeddings `input`): exact, not in segments."""
+    media: tuple[MediaPart, ...] = ()
+    """Non-text input parts (images, audio, files, documents), in request order."""
+    previous_response_id: str | None = None
+    """Responses API: the stored response this one continues (its input is billed, unseen here)."""
+    builtin_tools: frozenset[str] = frozenset()
+    """Provider-run tools requested, by undated type (`web_search`, `code_interpreter`,
+    `file_search`, `web_fetch`, `code_execution`, `mcp`, …): not function tools."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -55,6 +64,14 @@ class Content:
     has_tools: bool = False
     json_mode: bool = False
     pretokenized: int = 0
+    media: list[MediaPart] = field(default_factory=list)
+    previous_response_id: str | None = None
+    builtin_tools: set[str] = field(default_factory=set)
+
+    def add_media(self, part: MediaPart) -> None:
+        self.media.append(part)
+        if part.kind == "image":
+            self.images += 1
 
 
 def compact_json(value: Any) -> str:
@@ -98,13 +115,21 @@ def expect_str(value: Any, param: str) -> str:
     return value
 
 
+_CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
+
+
 def add_tools(content: Content, obj: dict[str, Any], *keys: str) -> None:
-    """One segment for all tool/function definitions of the request."""
+    """One segment for all tool/function definitions of the request; the
+    typed, provider-run ones are also named in `builtin_tools`."""
     parts = []
     for key in keys:
         tools = optional_list(obj, key)
         if tools:
             parts.append(compact_json(tools))
+            for tool in tools:
+                kind = kind_of(tool) if isinstance(tool, dict) else None
+                if kind and kind not in _CLIENT_TOOL_TYPES:
+                    content.builtin_tools.add(tool_kind(kind))
     if parts:
         content.has_tools = True
         content.segments.append("tools\n" + "\n".join(parts))

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from extproc.errors import BadRequest, BodyTooLarge, UpstreamError
 from extproc.protocols import anthropic, openai
+from extproc.protocols.encoding import DEFAULT_MAX_DECODED_BYTES, content_decoder
 from extproc.protocols.request import (
     MAX_N,
     MAX_OUTPUT_TOKENS_LIMIT,
@@ -70,6 +71,8 @@ class Schema:
     read_content: Callable[[dict[str, Any]], Content] = field(repr=False)
     read_usage: Callable[[Any], Usage | None] = field(repr=False)
     observe: Observer | None = field(repr=False)
+    read_body: Callable[[dict[str, Any]], Usage | None] | None = field(default=None, repr=False)
+    """Usage of a whole buffered response object; None: `read_usage` of its `usage`."""
 
     # --- request -------------------------------------------------------------------
 
@@ -146,6 +149,9 @@ class Schema:
             has_tools=c.has_tools,
             json_mode=c.json_mode,
             pretokenized=c.pretokenized,
+            media=tuple(c.media),
+            previous_response_id=c.previous_response_id,
+            builtin_tools=frozenset(c.builtin_tools),
             raw=obj,
         )
 
@@ -156,11 +162,13 @@ class Schema:
         model: str | None = None,
         include_usage: bool = False,
         max_output: int | None = None,
+        cap_field: str | None = None,
     ) -> bytes:
         """New body bytes with `model` replaced, `stream_options.include_usage`
-        injected (streaming chat/completions only) and the output cap set in
-        every cap field the client used, or the schema's first one. Other
-        fields are kept as they were; `facts.raw` is not touched."""
+        injected (streaming chat/completions only) and the per-choice output
+        cap set in the fields `cap_fields(facts, cap_field)` names (the other
+        cap fields are removed when `cap_field` is given). Other fields are
+        kept as they were; `facts.raw` is not touched."""
         new = dict(facts.raw)
         if model is not None:
             if not isinstance(model, str) or not model:
@@ -174,24 +182,67 @@ class Schema:
         if max_output is not None and self.max_output_fields:
             if type(max_output) is not int or max_output < 1:
                 raise ValueError("max_output must be a positive integer")
-            used = [k for k in self.max_output_fields if new.get(k) is not None]
-            for key in used or self.max_output_fields[:1]:
-                new[key] = max_output
+            keys = self.cap_fields(facts, cap_field)
+            for key in self.max_output_fields:
+                if key in keys:
+                    new[key] = max_output
+                elif cap_field is not None:
+                    new.pop(key, None)
         try:
             return _dumps(new)
         except RecursionError:
             raise BadRequest("request body is nested too deeply") from None
 
+    def cap_fields(self, facts: RequestFacts, cap_field: str | None = None) -> tuple[str, ...]:
+        """The fields `rewrite_request` writes the output cap into.
+
+        Every cap field the client used, so the backend sees the request as
+        the client shaped it; if it used none, the schema's first: chat
+        `max_completion_tokens` (the one reasoning models accept; `max_tokens`
+        is deprecated there), completions `max_tokens`, Responses
+        `max_output_tokens`, Anthropic `max_tokens`. Each caps one choice:
+        with `n` choices the backend may generate `n` times the cap.
+
+        `cap_field` forces one field (and the rewrite drops the others): a
+        downshift to a reasoning model needs `max_completion_tokens` even if
+        the client wrote `max_tokens`; an older OpenAI-compatible backend may
+        know only `max_tokens`. Empty for schemas without output (embeddings).
+        """
+        if not self.max_output_fields:
+            return ()
+        if cap_field is not None:
+            if cap_field not in self.max_output_fields:
+                raise ValueError(f"{self.name} caps output with {self.max_output_fields}, not {cap_field!r}")
+            return (cap_field,)
+        used = tuple(k for k in self.max_output_fields if facts.raw.get(k) is not None)
+        return used or self.max_output_fields[:1]
+
     # --- response ------------------------------------------------------------------
 
-    def usage_from_body(self, body: bytes) -> Usage | None:
-        """Usage of a buffered (non-streamed) JSON response; None if it has none."""
+    def usage_from_body(
+        self,
+        body: bytes,
+        *,
+        content_encoding: str | None = None,
+        max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    ) -> Usage | None:
+        """Usage of a buffered (non-streamed) JSON response; None if it has none.
+
+        `content_encoding` is the response's header: a compressed body is
+        decoded (a copy, at most `max_decoded_bytes`) before it is read.
+        Raises UpstreamError (DecodeError and its kinds for the encoding).
+        """
+        decoder = content_decoder(content_encoding, max_decoded_bytes=max_decoded_bytes)
+        if decoder is not None:
+            body = decoder.decode_all(body)
         try:
             obj = json.loads(body)
         except (ValueError, RecursionError) as e:
             raise UpstreamError(f"{self.name} response body is not valid JSON: {e}") from None
         if not isinstance(obj, dict):
             raise UpstreamError(f"{self.name} response body is not a JSON object")
+        if self.read_body is not None:
+            return self.read_body(obj)
         return self.read_usage(obj.get("usage"))
 
     def stream_reader(
@@ -200,12 +251,14 @@ class Schema:
         strip_usage_chunk: bool,
         count_tokens: Callable[[str], int] | None,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        content_encoding: str | None = None,
     ) -> StreamReader:
         """A reader for one SSE response body of this schema.
 
         `strip_usage_chunk` only means something where the gateway can inject
         `include_usage` (OpenAI chat/completions); elsewhere usage is always
-        reported and the flag is ignored.
+        reported and the flag is ignored. `content_encoding` is the response's
+        header: an encoded stream is observed, never rewritten (see stream.py).
         """
         if self.observe is None:
             raise ValueError(f"{self.name} responses do not stream")
@@ -214,6 +267,7 @@ class Schema:
             strip_usage_chunk=strip_usage_chunk and self.include_usage_option,
             count_tokens=count_tokens,
             max_event_bytes=max_event_bytes,
+            content_encoding=content_encoding,
         )
 
 
@@ -254,6 +308,7 @@ OPENAI_RESPONSES = Schema(
     read_content=openai.read_responses,
     read_usage=responses_usage,
     observe=openai.observe_responses,
+    read_body=openai.responses_body,
 )
 
 OPENAI_EMBEDDINGS = Schema(

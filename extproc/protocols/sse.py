@@ -11,6 +11,19 @@ Every event carries `raw`, its exact bytes up to and including the blank line
 that ended it, so a caller forwarding the stream can drop one event and pass
 every other byte through untouched.
 
+Oversize events. By default an event over the cap raises. With an
+`oversize` sink factory the parser instead *streams* such an event: from
+the moment it passes the cap, its bytes are no longer held; the values of
+its `data:` lines (joined by `\n`, as `data` would be) go to a fresh
+`DataSink` piece by piece, and when the event ends, one event is dispatched
+in its place with `oversize=True`, `data` = what the sink returned and
+`raw=b""`. With `include_empty`, the event's raw bytes are returned as they
+arrive, as non-dispatched fragments, so forwarding stays byte-exact. Memory
+stays bounded whatever the event's size: the sink decides what it keeps
+(`StreamReader` keeps only the usage object, see `jsonscan.py`). An
+`event:`/`id:` value longer than 1 KiB (or the cap) read after the event
+passed the cap is ignored, the one way the result can depend on chunking.
+
 Deliberate choices where the spec leaves room or says otherwise:
 
 - Lines are decoded one by one as UTF-8 with replacement characters; a line
@@ -31,14 +44,40 @@ Deliberate choices where the spec leaves room or says otherwise:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from extproc.errors import UpstreamError
 
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 
 _EOL = re.compile(rb"\r\n|\r|\n")
+_NAME_END = re.compile(rb"[:\r\n]")
 _BOM = b"\xef\xbb\xbf"
+
+_MAX_FIELD_NAME = 8  # longer than any field we read ("event", "data", "id")
+_MAX_SMALL_VALUE = 1024  # an `event:`/`id:` value of an oversize event; longer is ignored
+
+# states of the line reader of an oversize event
+_START, _NAME, _DATA_SP, _DATA, _SMALL_SP, _SMALL, _SKIP, _BLANK_CR = range(8)
+
+
+def _line_break(data: bytes, i: int, n: int) -> int:
+    """Index of the first "\r" or "\n" at or after `i`, or `n` (two memchr scans)."""
+    lf = data.find(b"\n", i)
+    cr = data.find(b"\r", i, lf if lf >= 0 else n)
+    return cr if cr >= 0 else lf if lf >= 0 else n
+
+
+class DataSink(Protocol):
+    """Receives the data of one oversize event, in pieces of any size."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def result(self) -> str:
+        """The `data` of the event dispatched in place of the oversize one."""
+        ...
 
 
 class EventTooLarge(UpstreamError):
@@ -65,6 +104,8 @@ class SSEEvent:
     raw: bytes
     id: str | None = None
     dispatch: bool = True
+    oversize: bool = False
+    """Stands for an event over the cap: `data` came from the sink, `raw` is empty."""
 
 
 def _decode(b: bytes | bytearray) -> str:
@@ -83,10 +124,24 @@ class SSEParser:
         "_event",
         "_id",
         "_first_line",
+        "_oversize",
+        "_sink",
+        "_state",
+        "_small",
+        "_small_field",
+        "_small_over",
+        "_name_limit",
+        "_value_limit",
+        "_skip_lf",
+        "_data_lines",
     )
 
     def __init__(
-        self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, *, include_empty: bool = False
+        self,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        *,
+        include_empty: bool = False,
+        oversize: Callable[[], DataSink] | None = None,
     ) -> None:
         if max_event_bytes < 1:
             raise ValueError("max_event_bytes must be positive")
@@ -98,25 +153,49 @@ class SSEParser:
         self._event: str | None = None
         self._id: str | None = None  # persists across events, as the spec says
         self._first_line = True  # the BOM may only start the stream
+        self._oversize = oversize
+        # an oversize event in progress (see the module docstring)
+        self._sink: DataSink | None = None
+        self._state = _START
+        self._small = bytearray()  # a field name, or an event/id value
+        self._small_field = b""
+        self._small_over = False
+        # held bytes stay within the cap, however small it is
+        self._name_limit = min(_MAX_FIELD_NAME, max_event_bytes)
+        self._value_limit = min(_MAX_SMALL_VALUE, max_event_bytes)
+        self._skip_lf = False  # the last line ended with "\r": a "\n" next is part of it
+        self._data_lines = 0
 
     @property
     def pending(self) -> int:
         """Bytes held for the event in progress (never above the cap after a call)."""
-        return len(self._buf)
+        return len(self._buf) + len(self._small)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[SSEEvent]:
         """Consume a chunk; return the events it completed, in order."""
-        self._buf += data
         out: list[SSEEvent] = []
+        if self._sink is not None:
+            data = bytes(data)
+            end = self._stream_oversize(data, out)
+            if end < 0:
+                return out
+            data = data[end:]
+        self._buf += data
         self._scan(out, final=False)
         if len(self._buf) > self._max:
-            self._reset()
-            raise EventTooLarge(f"SSE event exceeds {self._max} bytes without ending", out)
+            if self._oversize is None:
+                self._reset()
+                raise EventTooLarge(f"SSE event exceeds {self._max} bytes without ending", out)
+            self._start_oversize(out)
         return out
 
     def finish(self) -> list[SSEEvent]:
         """End of stream: interpret what is left (see the module docstring) and reset."""
         out: list[SSEEvent] = []
+        if self._sink is not None:
+            self._end_oversize(out)
+            self._reset()
+            return out
         self._scan(out, final=True)
         buf = self._buf
         pos = self._pos
@@ -139,6 +218,11 @@ class SSEParser:
         self._event = None
         self._id = None
         self._first_line = True
+        self._sink = None
+        self._small = bytearray()
+        self._small_over = False
+        self._skip_lf = False
+        self._data_lines = 0
 
     def _scan(self, out: list[SSEEvent], *, final: bool) -> None:
         buf = self._buf
@@ -158,9 +242,13 @@ class SSEParser:
             if eol == pos:  # blank line: the block ends here
                 size = nxt - start
                 if size > self._max:
-                    self._reset()
-                    raise EventTooLarge(f"SSE event of {size} bytes exceeds {self._max}", out)
-                self._emit(out, bytes(buf[start:nxt]))
+                    if self._oversize is None:
+                        self._reset()
+                        raise EventTooLarge(f"SSE event of {size} bytes exceeds {self._max}", out)
+                    self._open_sink(out, bytes(buf[start:nxt]))
+                    self._end_oversize(out)
+                else:
+                    self._emit(out, bytes(buf[start:nxt]))
                 start = nxt
             else:
                 self._line(buf[pos:eol])
@@ -201,3 +289,164 @@ class SSEParser:
         elif self._include_empty:
             out.append(SSEEvent(None, "", raw, self._id, dispatch=False))
         self._event = None
+
+    # --- oversize events -------------------------------------------------------------
+
+    def _open_sink(self, out: list[SSEEvent], raw: bytes) -> None:
+        """Hand the event in progress to a new sink: the data lines read so far,
+        and `raw` (its bytes up to here) as a fragment."""
+        assert self._oversize is not None
+        sink = self._sink = self._oversize()
+        for i, line in enumerate(self._data):
+            if i:
+                sink.feed(b"\n")
+            sink.feed(line.encode("utf-8", "surrogatepass"))
+        self._data_lines = len(self._data)
+        self._data = []
+        self._state = _START
+        if self._include_empty and raw:
+            out.append(SSEEvent(None, "", raw, self._id, dispatch=False))
+
+    def _start_oversize(self, out: list[SSEEvent]) -> None:
+        """The pending event passed the cap: stream the rest of it."""
+        buf = self._buf
+        pos = self._pos
+        self._open_sink(out, bytes(buf[:pos]))
+        partial = bytes(buf[pos:])  # a line not ended yet (maybe a lone "\r")
+        self._buf = bytearray()
+        self._pos = 0
+        if self._first_line:
+            self._first_line = False
+            if partial.startswith(_BOM):
+                if self._include_empty:
+                    out.append(SSEEvent(None, "", _BOM, self._id, dispatch=False))
+                partial = partial[3:]
+        end = self._stream_oversize(partial, out)
+        assert end < 0  # no blank line can be in a partial line
+
+    def _end_oversize(self, out: list[SSEEvent]) -> None:
+        sink = self._sink
+        assert sink is not None
+        if self._data_lines:
+            out.append(SSEEvent(self._event, sink.result(), b"", self._id, oversize=True))
+        self._sink = None
+        self._event = None
+        self._small = bytearray()
+        self._small_over = False
+        self._data_lines = 0
+
+    def _line_end(self, data: bytes, j: int) -> int:
+        """Index after the line ending at `j`; a "\r" at the very end may pair with a "\n" to come."""
+        if data[j] == 13:
+            if j + 1 == len(data):
+                self._skip_lf = True
+            elif data[j + 1] == 10:
+                return j + 2
+        return j + 1
+
+    def _stream_oversize(self, data: bytes, out: list[SSEEvent]) -> int:
+        """Read `data` as the continuation of an oversize event. Returns the index
+        after the blank line that ended it, or -1 if it goes on."""
+        sink = self._sink
+        assert sink is not None
+        n = len(data)
+        i = 0
+        end = -1
+        while i < n:
+            if self._skip_lf:
+                self._skip_lf = False
+                if data[i] == 10:
+                    i += 1
+                    continue
+            state = self._state
+            if state == _BLANK_CR:  # a blank line "\r" ended the last chunk
+                end = i + 1 if data[i] == 10 else i
+                break
+            if state == _START:
+                c = data[i]
+                if c == 10 or c == 13:  # a blank line: the event ends
+                    if c == 13 and i + 1 == n:
+                        self._state = _BLANK_CR
+                        i = n
+                        break
+                    end = i + 2 if c == 13 and data[i + 1] == 10 else i + 1
+                    break
+                self._small = bytearray()
+                self._state = _NAME
+            elif state == _NAME:
+                m = _NAME_END.search(data, i)
+                j = m.start() if m is not None else n
+                if len(self._small) + (j - i) > self._name_limit:
+                    self._small = bytearray()
+                    self._state = _SKIP
+                    continue
+                self._small += data[i:j]
+                if m is None:
+                    i = n
+                    break
+                name = bytes(self._small)
+                self._small = bytearray()
+                if data[j] == 0x3A:  # ":"
+                    i = j + 1
+                    if name == b"data":
+                        self._data_line(sink)
+                        self._state = _DATA_SP
+                    elif name in (b"event", b"id"):
+                        self._small_field = name
+                        self._small_over = False
+                        self._state = _SMALL_SP
+                    else:  # a comment (no name), retry, unknown fields
+                        self._state = _SKIP
+                else:  # a field name alone on its line: an empty value
+                    if name == b"data":
+                        self._data_line(sink)
+                    else:
+                        self._small_field = name
+                        self._set_small()
+                    i = self._line_end(data, j)
+                    self._state = _START
+            elif state == _DATA_SP or state == _SMALL_SP:
+                if data[i] == 0x20:
+                    i += 1
+                self._state = _DATA if state == _DATA_SP else _SMALL
+            else:  # _DATA, _SMALL, _SKIP: up to the end of the line
+                j = _line_break(data, i, n)
+                if state == _DATA:
+                    if j > i:
+                        sink.feed(data[i:j])
+                elif state == _SMALL and not self._small_over:
+                    if len(self._small) + (j - i) > self._value_limit:
+                        self._small = bytearray()
+                        self._small_over = True
+                    else:
+                        self._small += data[i:j]
+                if j == n:
+                    i = n
+                    break
+                if state == _SMALL:
+                    self._set_small()
+                i = self._line_end(data, j)
+                self._state = _START
+        if self._include_empty:
+            fragment = data[: n if end < 0 else end]
+            if fragment:
+                out.append(SSEEvent(None, "", fragment, self._id, dispatch=False))
+        if end >= 0:
+            self._end_oversize(out)
+        return end
+
+    def _data_line(self, sink: DataSink) -> None:
+        if self._data_lines:
+            sink.feed(b"\n")
+        self._data_lines += 1
+
+    def _set_small(self) -> None:
+        value = self._small
+        self._small = bytearray()
+        if self._small_over:
+            self._small_over = False
+            return
+        if self._small_field == b"event":
+            self._event = _decode(value) or None
+        elif self._small_field == b"id" and b"\x00" not in value:
+            self._id = _decode(value)

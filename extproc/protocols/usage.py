@@ -8,6 +8,24 @@ the three buckets apart (uncached, cache read, cache write), so every
 provider's numbers are mapped here into disjoint fields, once, and nothing
 downstream asks which provider it came from.
 
+Beyond tokens, `Usage` carries what else a response reports that has a
+price: audio tokens (a part of the input/output, priced higher), and the
+server-side tool calls the API ran (web search, web fetch, file search,
+code interpreter), counted per call.
+
+Cache writes. OpenAI reports them as `prompt_tokens_details.cache_write_tokens`
+(Responses: `input_tokens_details.cache_write_tokens`), inside the prompt
+total like `cached_tokens`; OpenAI-compatible proxies in front of Anthropic
+models put `cache_creation_input_tokens` at the top level instead. Either is
+read. If the cache fields add up to more than the total, the write tokens are
+taken as additional (never charge less than reported).
+
+Anthropic iterations. With server-side compaction (and server tool loops),
+`usage.iterations` lists one entry per sampling step, and the top-level
+fields do not include the `compaction` steps. When `iterations` is present,
+each field is the larger of the top-level value and the sum over the
+iterations, so a compaction's tokens are billed and nothing is counted twice.
+
 Usage is what we bill on, so a backend's numbers are validated rather than
 trusted: a negative, absurd or non-integer count is an `UpstreamError` (the
 backend is wrong, not the client), never a `TypeError` deep inside pricing.
@@ -32,6 +50,11 @@ class Usage:
     `input_tokens` is the *uncached* input only; the three input fields add
     up to everything the model read. `output_tokens` includes reasoning;
     `reasoning_tokens` is informational (already inside `output_tokens`).
+
+    `audio_input_tokens` is a part of `total_input` and `audio_output_tokens`
+    a part of `output_tokens` (like `reasoning_tokens`): price the audio
+    premium on them, not the tokens a second time. The `*_calls` fields are
+    server-side tool invocations, priced per call, not tokens.
     """
 
     input_tokens: int = 0
@@ -39,6 +62,12 @@ class Usage:
     cache_write_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
+    web_search_calls: int = 0
+    web_fetch_calls: int = 0
+    file_search_calls: int = 0
+    code_interpreter_calls: int = 0
 
     @property
     def total_input(self) -> int:
@@ -55,13 +84,23 @@ class Usage:
         `message_delta` with only `output_tokens`) keeps the other fields."""
         if other is None or other == self:
             return self
-        return Usage(
-            max(self.input_tokens, other.input_tokens),
-            max(self.cached_input_tokens, other.cached_input_tokens),
-            max(self.cache_write_tokens, other.cache_write_tokens),
-            max(self.output_tokens, other.output_tokens),
-            max(self.reasoning_tokens, other.reasoning_tokens),
-        )
+        return Usage(*map(max, self._values(), other._values()))
+
+    def plus(self, other: Usage) -> Usage:
+        """Field-wise sum: separate reports of separate work (iterations, tool calls)."""
+        return Usage(*map(sum, zip(self._values(), other._values())))
+
+    def _values(self) -> tuple[int, ...]:
+        return tuple(getattr(self, f) for f in _FIELDS)
+
+    @property
+    def tool_calls(self) -> Usage:
+        """Only the per-call fields (for merging into a usage built another way)."""
+        return Usage(**{f: getattr(self, f) for f in _CALL_FIELDS})
+
+
+_FIELDS = tuple(Usage.__dataclass_fields__)
+_CALL_FIELDS = tuple(f for f in _FIELDS if f.endswith("_calls"))
 
 
 def merge_usage(a: Usage | None, b: Usage | None) -> Usage | None:
@@ -105,59 +144,123 @@ def _split_cached(total: int, cached: int, key: str) -> int:
     return total - cached
 
 
+def _split_writes(total: int, cached: int, writes: int, key: str) -> int:
+    """Uncached input out of a total that includes cache reads and, normally, writes."""
+    rest = _split_cached(total, cached, key)
+    return rest - writes if writes <= rest else rest  # writes past the total: additional
+
+
+def _tools_anthropic(u: Mapping[str, Any]) -> dict[str, int]:
+    tools = _details(u, "server_tool_use")
+    where = "server_tool_use."
+    return {
+        "web_search_calls": _count(tools, "web_search_requests", where),
+        "web_fetch_calls": _count(tools, "web_fetch_requests", where),
+    }
+
+
 def openai_usage(usage: Any) -> Usage | None:
     """Chat Completions, Completions and Embeddings `usage` (None stays None).
 
-    `prompt_tokens` includes `prompt_tokens_details.cached_tokens`.
+    `prompt_tokens` includes `prompt_tokens_details.cached_tokens` and
+    `cache_write_tokens`, and the audio tokens of both details objects.
     """
     u = _object(usage)
     if u is None:
         return None
     prompt = _count(u, "prompt_tokens", "")
-    cached = _count(_details(u, "prompt_tokens_details"), "cached_tokens", "prompt_tokens_details.")
-    output = _count(u, "completion_tokens", "")
-    reasoning = _count(
-        _details(u, "completion_tokens_details"), "reasoning_tokens", "completion_tokens_details."
+    details = _details(u, "prompt_tokens_details")
+    cached = _count(details, "cached_tokens", "prompt_tokens_details.")
+    writes = max(
+        _count(details, "cache_write_tokens", "prompt_tokens_details."),
+        _count(u, "cache_creation_input_tokens", ""),
     )
+    output = _count(u, "completion_tokens", "")
+    out_details = _details(u, "completion_tokens_details")
     return Usage(
-        input_tokens=_split_cached(prompt, cached, "prompt_tokens"),
+        input_tokens=_split_writes(prompt, cached, writes, "prompt_tokens"),
         cached_input_tokens=cached,
+        cache_write_tokens=writes,
         output_tokens=output,
-        reasoning_tokens=reasoning,
+        reasoning_tokens=_count(out_details, "reasoning_tokens", "completion_tokens_details."),
+        audio_input_tokens=_count(details, "audio_tokens", "prompt_tokens_details."),
+        audio_output_tokens=_count(out_details, "audio_tokens", "completion_tokens_details."),
     )
 
 
 def responses_usage(usage: Any) -> Usage | None:
-    """Responses API `usage`: `input_tokens` includes `input_tokens_details.cached_tokens`."""
+    """Responses API `usage`: `input_tokens` includes `input_tokens_details.cached_tokens`
+    and `cache_write_tokens`. Tool calls are not in `usage`: see `responses_tool_calls`."""
     u = _object(usage)
     if u is None:
         return None
     total_in = _count(u, "input_tokens", "")
-    cached = _count(_details(u, "input_tokens_details"), "cached_tokens", "input_tokens_details.")
+    details = _details(u, "input_tokens_details")
+    cached = _count(details, "cached_tokens", "input_tokens_details.")
+    writes = _count(details, "cache_write_tokens", "input_tokens_details.")
     output = _count(u, "output_tokens", "")
     reasoning = _count(
         _details(u, "output_tokens_details"), "reasoning_tokens", "output_tokens_details."
     )
     return Usage(
-        input_tokens=_split_cached(total_in, cached, "input_tokens"),
+        input_tokens=_split_writes(total_in, cached, writes, "input_tokens"),
         cached_input_tokens=cached,
+        cache_write_tokens=writes,
         output_tokens=output,
         reasoning_tokens=reasoning,
     )
+
+
+RESPONSES_TOOL_ITEMS = {
+    "web_search_call": "web_search_calls",
+    "file_search_call": "file_search_calls",
+    "code_interpreter_call": "code_interpreter_calls",
+}
+"""Responses output item types billed per call, and the `Usage` field counting them."""
+
+
+def responses_tool_calls(output: Any) -> Usage | None:
+    """Per-call tools run by the Responses API, from a response's `output` items."""
+    if not isinstance(output, list):
+        return None
+    counts = dict.fromkeys(RESPONSES_TOOL_ITEMS.values(), 0)
+    for item in output:
+        kind = item.get("type") if isinstance(item, dict) else None
+        field = RESPONSES_TOOL_ITEMS.get(kind) if isinstance(kind, str) else None
+        if field is not None:
+            counts[field] += 1
+    return Usage(**counts) if any(counts.values()) else None
 
 
 def anthropic_usage(usage: Any) -> Usage | None:
     """Anthropic `usage`: the three input fields are already disjoint.
 
     Thinking tokens are billed as output and not reported apart, so
-    `reasoning_tokens` stays 0.
+    `reasoning_tokens` stays 0. `iterations` (compaction, server tool loops)
+    is summed, see the module docstring.
     """
     u = _object(usage)
     if u is None:
         return None
+    top = _anthropic_tokens(u, "", _tools_anthropic(u))
+    iterations = u.get("iterations")
+    if iterations is None:
+        return top
+    if not isinstance(iterations, list):
+        raise UpstreamError("backend usage iterations is not an array")
+    total = Usage()
+    for i, step in enumerate(iterations):
+        if not isinstance(step, dict):
+            raise UpstreamError(f"backend usage iterations[{i}] is not an object")
+        total = total.plus(_anthropic_tokens(step, f"iterations[{i}].", {}))
+    return top.merge(total)
+
+
+def _anthropic_tokens(u: Mapping[str, Any], where: str, tools: dict[str, int]) -> Usage:
     return Usage(
-        input_tokens=_count(u, "input_tokens", ""),
-        cached_input_tokens=_count(u, "cache_read_input_tokens", ""),
-        cache_write_tokens=_count(u, "cache_creation_input_tokens", ""),
-        output_tokens=_count(u, "output_tokens", ""),
+        input_tokens=_count(u, "input_tokens", where),
+        cached_input_tokens=_count(u, "cache_read_input_tokens", where),
+        cache_write_tokens=_count(u, "cache_creation_input_tokens", where),
+        output_tokens=_count(u, "output_tokens", where),
+        **tools,
     )

@@ -123,3 +123,16 @@ def usage_chunk_raw(body: bytes) -> bytes:
         if b'"choices":[]' in block and b'"usage":{' in block:
             return block + b"\n\n"
     raise AssertionError("no usage chunk")
+
+
+class KeepAll:
+    """An SSE oversize sink that keeps everything: compares with an uncapped parse."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.data += data
+
+    def result(self) -> str:
+        return self.data.decode("utf-8", "replace")

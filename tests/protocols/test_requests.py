@@ -403,3 +403,40 @@ def test_schema_descriptions() -> None:
     ]
     assert [s.envelope for s in SCHEMAS] == ["openai"] * 4 + ["anthropic"]
     assert [s.streams for s in SCHEMAS] == [True, True, True, False, True]
+
+
+@pytest.mark.parametrize(
+    ("schema", "req", "fields"),
+    [
+        (OPENAI_CHAT, {"messages": [], "n": 3}, ("max_completion_tokens",)),
+        (OPENAI_CHAT, {"messages": [], "n": 3, "max_tokens": 50}, ("max_tokens",)),
+        (OPENAI_CHAT, {"messages": [], "max_tokens": 5, "max_completion_tokens": 9}, ("max_completion_tokens", "max_tokens")),
+        (OPENAI_COMPLETIONS, {"prompt": "x", "n": 2, "best_of": 4}, ("max_tokens",)),
+        (OPENAI_RESPONSES, {"input": "x"}, ("max_output_tokens",)),
+        (ANTHROPIC_MESSAGES, {"messages": [], "max_tokens": 10}, ("max_tokens",)),
+        (OPENAI_EMBEDDINGS, {"input": "x"}, ()),
+    ],
+    ids=lambda v: getattr(v, "name", None),
+)
+def test_cap_fields_and_the_cap_is_per_choice(schema: Schema, req: dict, fields: tuple[str, ...]) -> None:
+    facts = schema.parse_request(body({"model": "m", **req}))
+    assert schema.cap_fields(facts) == fields
+    out = json.loads(schema.rewrite_request(facts, max_output=64))
+    assert {k: out[k] for k in schema.max_output_fields if k in out} == dict.fromkeys(fields, 64)
+    again = schema.parse_request(json.dumps(out).encode())
+    assert again.n == facts.n  # the cap is per choice: n is neither folded in nor changed
+    assert again.max_output == (64 if fields else 0)
+
+
+def test_cap_field_forces_one_field_and_drops_the_others() -> None:
+    facts = OPENAI_CHAT.parse_request(body({"model": "gpt-4o", "messages": [], "max_tokens": 900, "n": 2}))
+    # a downshift to a reasoning model: max_tokens would be refused there
+    out = json.loads(OPENAI_CHAT.rewrite_request(facts, model="o4-mini", max_output=300, cap_field="max_completion_tokens"))
+    assert out["max_completion_tokens"] == 300 and "max_tokens" not in out and out["n"] == 2
+    # an older OpenAI-compatible backend that only knows max_tokens
+    facts = OPENAI_CHAT.parse_request(body({"model": "m", "messages": [], "max_completion_tokens": 90}))
+    out = json.loads(OPENAI_CHAT.rewrite_request(facts, max_output=30, cap_field="max_tokens"))
+    assert out["max_tokens"] == 30 and "max_completion_tokens" not in out
+    assert OPENAI_CHAT.cap_fields(facts, "max_tokens") == ("max_tokens",)
+    with pytest.raises(ValueError):
+        OPENAI_CHAT.cap_fields(facts, "max_output_tokens")

@@ -6,6 +6,7 @@ import pytest
 
 from extproc.errors import UpstreamError
 from extproc.protocols import EventTooLarge, SSEEvent, SSEParser
+from tests.protocols.fixtures import KeepAll
 
 
 def parse(stream: bytes, **kw: object) -> list[SSEEvent]:
@@ -128,3 +129,60 @@ def test_many_small_events_in_one_chunk_do_not_trip_the_cap() -> None:
 def test_invalid_cap() -> None:
     with pytest.raises(ValueError):
         SSEParser(max_event_bytes=0)
+
+
+# --- oversize events streamed to a sink ------------------------------------------------
+
+
+def dispatched(events: list[SSEEvent]) -> list[tuple[str | None, str, str | None]]:
+    return [(e.event, e.data, e.id) for e in events if e.dispatch]
+
+
+OVERSIZE = (
+    b"\xef\xbb\xbfdata: a\n\n"
+    b"event: big\r\nid: 7\r\ndata: " + b"x" * 50 + b"\r\n: comment\r\ndata\r\nretry: 1\r\ndata: yy\r\n\r\n"
+    b"data: small\r\r"
+    b"data:" + "é".encode() * 20 + b"\nevent: late\n\n"
+    b"id: " + b"9" * 10 + b"\ndata: z" + b"!" * 20 + b"\n\n"
+    b"data: tail"
+)
+
+
+def test_oversize_event_streams_to_the_sink_at_every_split() -> None:
+    whole = parse(OVERSIZE, max_event_bytes=16, include_empty=True, oversize=KeepAll)
+    uncapped = parse(OVERSIZE)
+    assert dispatched(whole) == dispatched(uncapped)
+    assert [e.oversize for e in whole if e.dispatch] == [False, True, False, True, True, False]
+    assert all(e.raw == b"" for e in whole if e.oversize)
+    for i in range(len(OVERSIZE) + 1):
+        for j in range(i, len(OVERSIZE) + 1, 5):
+            p = SSEParser(16, include_empty=True, oversize=KeepAll)
+            events = []
+            for chunk in (OVERSIZE[:i], OVERSIZE[i:j], OVERSIZE[j:]):
+                events += p.feed(chunk)
+                assert p.pending <= 16
+            events += p.finish()
+            assert dispatched(events) == dispatched(uncapped), (i, j)
+            assert b"".join(e.raw for e in events) == OVERSIZE
+
+
+def test_oversize_event_byte_at_a_time_holds_nothing() -> None:
+    p = SSEParser(16, oversize=KeepAll)
+    events = []
+    for i in range(len(OVERSIZE)):
+        events += p.feed(OVERSIZE[i : i + 1])
+        assert p.pending <= 16
+    events += p.finish()
+    assert dispatched(events) == dispatched(parse(OVERSIZE))
+
+
+def test_unterminated_oversize_event_is_dispatched_at_finish() -> None:
+    p = SSEParser(8, oversize=KeepAll)
+    assert p.feed(b"event: e\ndata: " + b"q" * 30) == []
+    [ev] = p.finish()
+    assert (ev.event, ev.data, ev.oversize) == ("e", "q" * 30, True)
+
+
+def test_oversize_block_without_data_dispatches_nothing() -> None:
+    stream = b": " + b"c" * 40 + b"\nevent: " + b"e" * 40 + b"\n\ndata: ok\n\n"
+    assert dispatched(parse(stream, max_event_bytes=8, oversize=KeepAll)) == [(None, "ok", None)]

@@ -143,3 +143,130 @@ def test_usage_from_body_without_usage_or_with_bad_json() -> None:
             OPENAI_CHAT.usage_from_body(bad)
     with pytest.raises(UpstreamError):
         OPENAI_CHAT.usage_from_body(_body({"prompt_tokens": -3}))
+
+
+# --- fields added for accounting truth ----------------------------------------------------
+
+
+def test_openai_cache_writes_and_audio() -> None:
+    u = openai_usage(
+        {
+            "prompt_tokens": 3000,
+            "completion_tokens": 500,
+            "prompt_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 1500, "audio_tokens": 200},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 300},
+        }
+    )
+    assert u == Usage(
+        input_tokens=500,
+        cached_input_tokens=1000,
+        cache_write_tokens=1500,
+        output_tokens=500,
+        audio_input_tokens=200,
+        audio_output_tokens=300,
+    )
+    assert u.total_input == 3000  # nothing counted twice
+
+
+def test_openai_compatible_cache_creation_at_top_level() -> None:
+    # proxies in front of Anthropic models: prompt_tokens includes both cache fields
+    u = openai_usage(
+        {
+            "prompt_tokens": 1000,
+            "completion_tokens": 1,
+            "cache_creation_input_tokens": 600,
+            "prompt_tokens_details": {"cached_tokens": 300},
+        }
+    )
+    assert u == Usage(input_tokens=100, cached_input_tokens=300, cache_write_tokens=600, output_tokens=1)
+
+
+def test_cache_writes_beyond_the_total_are_taken_as_additional() -> None:
+    u = openai_usage({"prompt_tokens": 100, "prompt_tokens_details": {"cached_tokens": 40, "cache_write_tokens": 90}})
+    assert u == Usage(input_tokens=60, cached_input_tokens=40, cache_write_tokens=90)
+    assert u.total_input == 190  # never less than reported
+
+
+def test_responses_cache_writes() -> None:
+    u = responses_usage(
+        {
+            "input_tokens": 1000,
+            "input_tokens_details": {"cached_tokens": 200, "cache_write_tokens": 700},
+            "output_tokens": 9,
+            "output_tokens_details": {"reasoning_tokens": 0},
+        }
+    )
+    assert u == Usage(input_tokens=100, cached_input_tokens=200, cache_write_tokens=700, output_tokens=9)
+
+
+def test_anthropic_iterations_add_the_compaction_step() -> None:
+    # the documented compaction example: top level = the final message iteration only
+    u = anthropic_usage(
+        {
+            "input_tokens": 23000,
+            "output_tokens": 1000,
+            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": 0,
+            "iterations": [
+                {"type": "compaction", "input_tokens": 180000, "output_tokens": 3500,
+                 "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+                {"type": "message", "input_tokens": 23000, "output_tokens": 1000,
+                 "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+            ],
+        }
+    )
+    assert u == Usage(input_tokens=203000, output_tokens=4500)
+
+
+def test_anthropic_cumulative_top_level_is_not_doubled_by_iterations() -> None:
+    # a server-tool loop whose top level already sums its message iterations
+    steps = [
+        {"type": "message", "input_tokens": 100, "output_tokens": 10, "cache_read_input_tokens": 50},
+        {"type": "message", "input_tokens": 120, "output_tokens": 20, "cache_read_input_tokens": 50},
+    ]
+    u = anthropic_usage(
+        {"input_tokens": 220, "output_tokens": 30, "cache_read_input_tokens": 100, "iterations": steps}
+    )
+    assert u == Usage(input_tokens=220, cached_input_tokens=100, output_tokens=30)
+
+
+@pytest.mark.parametrize("iterations", ["x", [1], [{"input_tokens": -1}], [{"output_tokens": "3"}]])
+def test_anthropic_bad_iterations_are_upstream_errors(iterations: object) -> None:
+    with pytest.raises(UpstreamError):
+        anthropic_usage({"input_tokens": 1, "iterations": iterations})
+
+
+def test_anthropic_server_tool_use() -> None:
+    u = anthropic_usage(
+        {"input_tokens": 5, "output_tokens": 6, "server_tool_use": {"web_search_requests": 2, "web_fetch_requests": 1}}
+    )
+    assert u == Usage(input_tokens=5, output_tokens=6, web_search_calls=2, web_fetch_calls=1)
+    with pytest.raises(UpstreamError):
+        anthropic_usage({"server_tool_use": {"web_search_requests": -1}})
+    with pytest.raises(UpstreamError):
+        anthropic_usage({"server_tool_use": 3})
+
+
+def test_responses_tool_calls_from_output_items() -> None:
+    from extproc.protocols.usage import responses_tool_calls
+
+    output = [
+        {"type": "web_search_call"},
+        {"type": "web_search_call"},
+        {"type": "file_search_call"},
+        {"type": "code_interpreter_call"},
+        {"type": "message"},
+        {"type": ["odd"]},
+        "junk",
+    ]
+    assert responses_tool_calls(output) == Usage(web_search_calls=2, file_search_calls=1, code_interpreter_calls=1)
+    assert responses_tool_calls([{"type": "message"}]) is None
+    assert responses_tool_calls(None) is None
+
+
+def test_merge_plus_and_tool_calls_cover_every_field() -> None:
+    a = Usage(*range(1, 12))
+    b = Usage(*range(11, 0, -1))
+    assert a.merge(b) == Usage(*(max(x, y) for x, y in zip(range(1, 12), range(11, 0, -1))))
+    assert a.plus(b) == Usage(*([12] * 11))
+    assert a.tool_calls == Usage(web_search_calls=8, web_fetch_calls=9, file_search_calls=10, code_interpreter_calls=11)
