@@ -2,26 +2,40 @@
 
 Input: tiktoken counts of the request's segments (one per message, system
 prompt, tool definitions) with the model's encoding, plus a fixed overhead per
-segment and a fixed count per image, times the model's safety factor. Counts
-are cached per segment, so an agent that resends its growing context only
-tokenizes the new messages.
+segment and a fixed count per image, times the model's safety factor.
 
 Output: the explicit max output, else the model's output limit, else the
 policy fallback; times `n`.
+
+Bounded work per caller (issue 10). Counting never raises (see
+`tokenizers.count_text`). `TokenCounter.count_async` counts small uncached
+work inline and sends large work to a small thread pool (tiktoken releases
+the GIL), at most one large count per owner at a time, so one principal's
+8 MB prompt never blocks the event loop nor takes the whole pool. Counts are
+cached per segment, so an agent resending its growing context only tokenizes
+the new messages; but counting does not fill the cache: `remember(counts)`
+does, once the call was allowed, and the cache is bounded in entries and bytes.
+`lower_bound_tokens` / `upper_bound_tokens` bound a request from byte lengths
+alone, before any tokenizing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import sys
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
-from .tokenizers import get_encoding
+from .errors import ClientError
+from .tokenizers import count_text, get_encoding, lower_bound, utf8_len
 
 PER_SEGMENT_OVERHEAD = 4  # role/name/separators per message (OpenAI's documented 3, rounded up)
 PER_REQUEST_OVERHEAD = 3  # the assistant reply primer
+ENTRY_OVERHEAD = 160  # bytes per cache entry besides the text: dict slot, LRU links, key tuple
 
 
 class Facts(Protocol):
@@ -37,52 +51,296 @@ class Estimate:
     output_tokens: int  # all choices together
 
 
-class TokenCounter:
-    """tiktoken counts with an LRU cache keyed by segment text, bounded by total characters."""
+class CountingBusy(ClientError):
+    """This caller already has large token counts running and queued (429; retry later)."""
 
-    def __init__(self, max_chars: int = 64 * 1024 * 1024) -> None:
+    status = 429
+    type = "rate_limit_error"
+    code = "tokenizer_busy"
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """The text tokens of one request's segments in one encoding."""
+
+    encoding: str
+    tokens: int
+    """Sum over segments: tiktoken's exact count, or an upper bound where `exact` is False."""
+    exact: bool
+    fresh: tuple[tuple[str, int], ...] = ()
+    """Segments counted now that the cache may keep; `TokenCounter.remember` stores them."""
+
+
+def lower_bound_tokens(segments: Sequence[str], encoding: str) -> int:
+    """Fewest text tokens these segments can have (no token is longer than 128 bytes)."""
+    texts = [s for s in segments if s]
+    return lower_bound(_bytes(texts), len(texts), encoding) if texts else 0
+
+
+def upper_bound_tokens(segments: Sequence[str], encoding: str) -> int:
+    """Most text tokens these segments can have (every token is at least one byte)."""
+    return _bytes(segments)
+
+
+def _bytes(segments: Sequence[str]) -> int:
+    chars = sum(map(len, segments))
+    if all(s.isascii() for s in segments):
+        return chars
+    return utf8_len("".join(segments))
+
+
+class TokenCounter:
+    """Token counts with an LRU cache bounded in entries and bytes, and bounded work per owner.
+
+    - `count_async` (the service): small uncached work inline, large work on the pool.
+    - `count_segments` (sync, blocking): tests, benches, tools.
+    - `count(text, encoding)`: one text, e.g. a stream's output delta; reads the cache only.
+    - `remember(counts)`: store what an allowed call counted.
+
+    Segments shorter than `min_segment_chars` (cheaper to recount than to keep) or
+    longer than `max_segment_chars` are never cached. Cache bytes are accounted as
+    `sys.getsizeof(text) + ENTRY_OVERHEAD` per entry.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = 100_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        min_segment_chars: int = 32,
+        max_segment_chars: int = 1024 * 1024,
+        remember_per_call: int = 2048,
+        inline_chars: int = 32 * 1024,
+        inline_segments: int = 512,
+        workers: int = 2,
+        max_queued_per_owner: int = 2,
+        max_wait_s: float = 1.0,
+    ) -> None:
         self._cache: OrderedDict[tuple[str, str], int] = OrderedDict()
-        self._max_chars = max_chars
-        self._chars = 0
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.min_segment_chars = min_segment_chars
+        self.max_segment_chars = max_segment_chars
+        self.remember_per_call = remember_per_call
+        self.inline_chars = inline_chars
+        self.inline_segments = inline_segments
         self.hits = 0
         self.misses = 0
+        self.offloaded = 0  # counts sent to the pool
+        self._lanes = _Lanes(workers, max_queued_per_owner, max_wait_s)
 
-    def count(self, text: str, encoding: str) -> int:
+    # -- cache -----------------------------------------------------------------
+
+    @property
+    def entries(self) -> int:
+        return len(self._cache)
+
+    def _cacheable(self, text: str) -> bool:
+        return self.min_segment_chars <= len(text) <= self.max_segment_chars
+
+    def _lookup(self, text: str, encoding: str) -> int | None:
+        if not self._cacheable(text):
+            return None
         key = (encoding, text)
-        cache = self._cache
-        n = cache.get(key)
+        n = self._cache.get(key)
         if n is not None:
             self.hits += 1
-            cache.move_to_end(key)
-            return n
-        self.misses += 1
-        n = len(get_encoding(encoding).encode(text, disallowed_special=()))
-        if len(text) <= self._max_chars:
-            cache[key] = n
-            self._chars += len(text)
-            while self._chars > self._max_chars:
-                (_, old), _ = cache.popitem(last=False)
-                self._chars -= len(old)
+            self._cache.move_to_end(key)
         return n
 
-    def count_all(self, segments: Sequence[str], encoding: str) -> int:
-        return sum(self.count(s, encoding) for s in segments)
+    def remember(self, counts: Counts) -> None:
+        """Cache the segments of `counts` (call once the request was allowed).
+
+        Keeps the last `remember_per_call` of them (an agent's new messages come
+        last), so this stays a few milliseconds on the event loop."""
+        cache = self._cache
+        for text, n in counts.fresh[-min(self.max_entries, self.remember_per_call) :]:
+            key = (counts.encoding, text)
+            if key in cache:
+                continue
+            cache[key] = n
+            self.bytes += sys.getsizeof(text) + ENTRY_OVERHEAD
+            # evict as we go: the table never grows past the caps, even for one huge request
+            while len(cache) > self.max_entries or self.bytes > self.max_bytes:
+                (_, old), _ = cache.popitem(last=False)
+                self.bytes -= sys.getsizeof(old) + ENTRY_OVERHEAD
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self.bytes = 0
+
+    # -- counting --------------------------------------------------------------
+
+    def count(self, text: str, encoding: str) -> int:
+        """Tokens of one text (cache read, never written): for small texts such as stream deltas."""
+        n = self._lookup(text, encoding)
+        return n if n is not None else count_text(text, encoding)[0]
+
+    def count_segments(self, segments: Sequence[str], encoding: str) -> Counts:
+        """Count inline (blocking). Nothing is cached until `remember`."""
+        known, missing = self._split(segments, encoding)
+        return self._finish(encoding, known, missing, _count_all(missing, encoding))
+
+    async def count_async(self, segments: Sequence[str], encoding: str, *, owner: str) -> Counts:
+        """Count without blocking the event loop for long. Raises `CountingBusy` (429)
+        when `owner` already has a large count running and `max_queued_per_owner`
+        waiting, or when its turn does not come within `max_wait_s`. Nothing is
+        cached until `remember`."""
+        get_encoding(encoding)  # unknown encodings fail here, on the caller's side
+        if len(segments) > self.inline_segments:
+            known, missing = await self._split_yielding(segments, encoding)
+        else:
+            known, missing = self._split(segments, encoding)
+        if len(missing) <= self.inline_segments and sum(map(len, missing)) <= self.inline_chars:
+            results = _count_all(missing, encoding)
+        else:
+            self.offloaded += 1
+            results = await self._lanes.run(owner, _count_all, missing, encoding)
+        return self._finish(encoding, known, missing, results)
+
+    def _split(self, segments: Sequence[str], encoding: str) -> tuple[int, list[str]]:
+        known, missing = 0, []
+        for s in segments:
+            n = self._lookup(s, encoding)
+            if n is None:
+                missing.append(s)
+            else:
+                known += n
+        return known, missing
+
+    async def _split_yielding(self, segments: Sequence[str], encoding: str) -> tuple[int, list[str]]:
+        """`_split` in slices, letting other requests run between them."""
+        known, missing = 0, []
+        step = self.inline_segments
+        for i in range(0, len(segments), step):
+            k, m = self._split(segments[i : i + step], encoding)
+            known += k
+            missing += m
+            await asyncio.sleep(0)
+        return known, missing
+
+    def _finish(self, encoding: str, known: int, missing: list[str], results: list[tuple[int, bool]]) -> Counts:
+        self.misses += len(missing)
+        fresh = tuple((s, n) for s, (n, _) in zip(missing, results) if self._cacheable(s))
+        return Counts(encoding, known + sum(n for n, _ in results), all(ok for _, ok in results), fresh)
+
+    def close(self) -> None:
+        self._lanes.close()
+
+
+def _count_all(texts: Sequence[str], encoding: str) -> list[tuple[int, bool]]:
+    return [count_text(t, encoding) for t in texts]
+
+
+class _Lanes:
+    """A thread pool where each owner has one lane: at most one task per owner runs,
+    at most `max_queued` more wait (FIFO), none waits longer than `max_wait_s`.
+
+    A task keeps its lane and its worker until its thread finishes, even when the
+    awaiting request is cancelled (Envoy timed out), so cancelling and resending
+    cannot pile up work."""
+
+    def __init__(self, workers: int, max_queued: int, max_wait_s: float) -> None:
+        self.workers = workers
+        self.max_queued = max_queued
+        self.max_wait_s = max_wait_s
+        self._pool: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._owners: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new event loop (tests): fresh primitives
+            self._loop, self._slots, self._owners = loop, asyncio.Semaphore(self.workers), {}
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="extproc-tokens")
+        return loop
+
+    def busy(self, owner: str) -> int:
+        """Tasks of `owner` running or waiting."""
+        entry = self._owners.get(owner)
+        return entry[1][0] if entry else 0
+
+    async def run(self, owner: str, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = self._bind()
+        assert self._slots is not None and self._pool is not None
+        lock, pending = self._owners.setdefault(owner, (asyncio.Lock(), [0]))
+        if pending[0] > self.max_queued:
+            raise CountingBusy(
+                f"{pending[0]} large requests of this caller are already being counted; retry when they finish"
+            )
+        pending[0] += 1
+        slots = self._slots
+        got_lane = got_slot = False
+        try:
+            async with asyncio.timeout(self.max_wait_s):
+                await lock.acquire()
+                got_lane = True
+                await slots.acquire()
+                got_slot = True
+        except TimeoutError:
+            raise CountingBusy("token counting is busy; retry shortly") from None
+        finally:
+            if not got_slot:
+                if got_lane:
+                    lock.release()
+                self._done(owner, pending)
+
+        def finish(_: Future[Any]) -> None:
+            try:
+                loop.call_soon_threadsafe(release)
+            except RuntimeError:  # the loop is closed (shutdown): nothing left to release
+                pass
+
+        def release() -> None:
+            slots.release()
+            lock.release()
+            self._done(owner, pending)
+
+        try:
+            future = self._pool.submit(fn, *args)
+        except BaseException:
+            release()
+            raise
+        future.add_done_callback(finish)
+        return await asyncio.wrap_future(future)
+
+    def _done(self, owner: str, pending: list[int]) -> None:
+        pending[0] -= 1
+        if pending[0] == 0 and self._owners.get(owner, (None, None))[1] is pending:
+            del self._owners[owner]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 def estimate(
     facts: Facts,
     *,
-    counter: TokenCounter,
     encoding: str,
     safety_factor: Decimal,
     output_limit: int | None,
     fallback_output: int,
     image_tokens: int,
     max_output_override: int | None = None,
+    text_tokens: int | None = None,
+    counter: TokenCounter | None = None,
 ) -> Estimate:
-    """Worst-case tokens of this request. `max_output_override` is a clamp already decided."""
-    raw = counter.count_all(facts.segments, encoding)
-    raw += PER_SEGMENT_OVERHEAD * len(facts.segments) + PER_REQUEST_OVERHEAD
+    """Worst-case tokens of this request. `max_output_override` is a clamp already decided.
+
+    `text_tokens` is `Counts.tokens` of `facts.segments` in `encoding` (or a bound:
+    `lower_bound_tokens` gives the least this request can cost). Without it, the
+    segments are counted here, inline, and cached at once (the old synchronous path)."""
+    if text_tokens is None:
+        assert counter is not None, "estimate needs text_tokens or a counter"
+        counts = counter.count_segments(facts.segments, encoding)
+        counter.remember(counts)
+        text_tokens = counts.tokens
+    raw = text_tokens + PER_SEGMENT_OVERHEAD * len(facts.segments) + PER_REQUEST_OVERHEAD
     raw += image_tokens * facts.images + getattr(facts, "pretokenized", 0)
     input_tokens = raw if safety_factor == 1 else math.ceil(raw * safety_factor)
     per_choice = max_output_override or facts.max_output
