@@ -132,6 +132,9 @@ SELECTION: list[tuple[str, str, str, int]] = [
 # Derived exchanges: the recorded response gzip-compressed (as a provider would send it with
 # Content-Encoding: gzip). Real compressed recordings are in the corpus too; these add SSE.
 GZIP_DERIVED = ["oai-chat-sse-usage", "oai-responses-sse", "ant-sse-cache-read"]
+# Derived exchanges: a compressed recording decompressed (Content-Encoding removed), so what the
+# recording shows about usage is tested apart from compression (only compressed copies exist).
+IDENTITY_DERIVED = ["oai-chat-json-cache-write-gpt56", "oai-responses-json-cache-write-gpt56", "ant-json-thinking", "oai-chat-json-reasoning-o3mini"]
 
 APIS = {
     "/v1/chat/completions": "openai.chat_completions",
@@ -218,6 +221,16 @@ def gzip_variant(ex: dict[str, Any]) -> dict[str, Any]:
     return new
 
 
+def identity_variant(ex: dict[str, Any]) -> dict[str, Any]:
+    body = gzip.decompress(base64.b64decode(ex["response"]["body_base64"]))
+    headers = [[k, v] for k, v in ex["response"]["headers"] if k.lower() not in ("content-length", "content-encoding")]
+    new = json.loads(json.dumps(ex))
+    new["id"] = ex["id"] + "-identity-derived"
+    new["derived"] = {"from": ex["id"], "how": "recorded gzip body decompressed, Content-Encoding removed"}
+    new["response"] = {"status": ex["response"]["status"], "headers": headers, "body": body.decode("utf-8")}
+    return new
+
+
 def check_no_secrets(text: str, where: str) -> None:
     for p in SECRET_PATTERNS:
         if p.search(text):
@@ -240,6 +253,9 @@ def main() -> None:
         built[ident] = exchange_from_interaction(ident, repo, licence, commit, path, index, doc["interactions"][index])
     for ident in GZIP_DERIVED:
         v = gzip_variant(built[ident])
+        built[v["id"]] = v
+    for ident in IDENTITY_DERIVED:
+        v = identity_variant(built[ident])
         built[v["id"]] = v
     for ident, ex in built.items():
         text = json.dumps(ex, indent=1, ensure_ascii=False) + "\n"
