@@ -172,6 +172,7 @@ class Stack:
     store: str | None = None
     envoy_config: str | None = None
     backends: tuple[str, ...] = ("backend", "backend_small")  # cluster names served by mock backends
+    backend_addrs: dict[str, str] = field(default_factory=dict)  # cluster name -> "host:port" served by someone else
     token_delay_ms: float = 0.0
     workdir: Path | None = None
     grpc: str | None = None
@@ -257,7 +258,7 @@ class Stack:
             self.envoy_config or shipped_envoy_config(),
             listen_port=self.port,
             admin_port=self.admin_port,
-            backends={n: f"127.0.0.1:{p}" for n, p in self.backend_ports.items()},
+            backends={**{n: f"127.0.0.1:{p}" for n, p in self.backend_ports.items()}, **self.backend_addrs},
             extproc=self.grpc,
             caller_token=self.caller_token,
         )
