@@ -7,7 +7,8 @@
     │   ├── RouteDenied        a path the policy lists as denied (403)
     │   ├── NoRoute            a path that is no route of the policy (404)
     │   ├── MethodNotAllowed   a route's path with a method it does not list (405)
-    │   └── UnknownModel       no price for the model and no override (400)
+    │   ├── UnknownModel       no price for the model and no override (400)
+    │   └── ToolNotPriced      a built-in tool with no per-call price in the policy (400)
     ├── UpstreamError          the backend sent something unparseable (never the client's fault)
     ├── PolicyError            a policy file is invalid (raised at load, never per request)
     ├── ConfigError            the service's start-up settings are unsafe or incomplete (never per request)
@@ -67,6 +68,11 @@ class MethodNotAllowed(ClientError):
 class UnknownModel(ClientError):
     status = 400
     code = "model_not_priced"
+
+
+class ToolNotPriced(ClientError):
+    status = 400
+    code = "tool_not_priced"
 
 
 class UpstreamError(ExtprocError):

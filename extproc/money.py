@@ -94,10 +94,24 @@ class Price:
         cache_write_tokens: int = 0,
     ) -> int:
         """Cost in nano-USD, rounded up to the next nano-dollar (never under-charge)."""
-        pico = (
+        return pico_to_nano(self.pico(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens))
+
+    def pico(
+        self,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+    ) -> int:
+        """Exact cost in pico-USD (for sums that are rounded once)."""
+        return (
             input_tokens * self.input
             + output_tokens * self.output
             + cached_input_tokens * self.cached_input
             + cache_write_tokens * self.cache_write
         )
-        return -(-pico // 1000)
+
+
+def pico_to_nano(pico: int) -> int:
+    """Round pico-USD up to whole nano-USD (never under-charge)."""
+    return -(-pico // 1000)

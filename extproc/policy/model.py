@@ -50,14 +50,31 @@ class ModelSpec(_Frozen):
     token_safety_factor: Decimal = Field(Decimal("1.0"), ge=1, le=10, description="multiplies input estimates for non-OpenAI tokenizers")
     capabilities: Capabilities = Capabilities()
     downshift_to: tuple[str, ...] = ()
+    reasoning: bool = Field(False, description="generates hidden reasoning: a stream whose usage is lost is charged its reservation")
+    audio_input: str | None = Field(None, description="USD per 1M audio input tokens (default: `input`)")
+    audio_output: str | None = Field(None, description="USD per 1M audio output tokens (default: `output`)")
+    tool_calls: dict[str, str] = Field({}, description="USD per call of a built-in tool (web_search, file_search, ...); a request enabling an unlisted one is refused")
+    tool_calls_reserved: int = Field(4, ge=0, le=1000, description="calls of the priciest enabled tool reserved per request")
 
-    _money = field_validator("input", "output", "cached_input", "cache_write", mode="before")(
+    _money = field_validator("input", "output", "cached_input", "cache_write", "audio_input", "audio_output", mode="before")(
         lambda cls, v: None if v is None else decimal_str(v)
+    )
+    _tool_money = field_validator("tool_calls", mode="before")(
+        lambda cls, v: {k: decimal_str(x) for k, x in v.items()} if isinstance(v, dict) else v
     )
 
     @cached_property
     def price(self) -> Price:
         return Price.per_million(self.input, self.output, self.cached_input, self.cache_write)
+
+    @cached_property
+    def audio_price(self) -> Price:
+        """Audio token prices (input, output), for the premium over the text price."""
+        return Price.per_million(self.audio_input or self.input, self.audio_output or self.output)
+
+    @cached_property
+    def tool_call_nano(self) -> dict[str, int]:
+        return {k: usd_to_nano(v) for k, v in self.tool_calls.items()}
 
 
 class PriceTable(_Frozen):

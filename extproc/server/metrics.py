@@ -29,3 +29,4 @@ FAIL_OPEN = Counter("extproc_fail_open_total", "Requests let through unmetered b
 CALLERS_REFUSED = Counter(
     "extproc_grpc_callers_refused_total", "gRPC calls refused before any work: missing, wrong or placeholder caller token", ["reason"]
 )
+OVERRUNS = Counter("extproc_overruns_total", "Settlements that charged more than the call's reservation (ledger meta: overrun)")

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from ..engine.budget import AppliedLimit, Decision, Engine, Hold, Identity
 from ..engine.runs import run_overrides_from_headers
+from ..engine.pricing import ledger_usage, settlement, tool_reserve, unpriced_tools, usage_cost
 from ..engine.downshift import Candidate, affordable_output, chain, missing_capabilities
 from ..errors import (
     BadRequest,
@@ -27,11 +28,12 @@ from ..errors import (
     NoRoute,
     RouteDenied,
     StoreUnavailable,
+    ToolNotPriced,
     Unauthenticated,
     UnknownModel,
     UpstreamError,
 )
-from ..estimate import TokenCounter, estimate
+from ..estimate import Counts, TokenCounter, estimate, lower_bound_tokens
 from ..money import nano_to_usd, usd_to_nano
 from ..policy.loader import PolicyHolder
 from ..policy.model import Policy
@@ -48,6 +50,8 @@ from . import identity, metrics, render
 from .reply import Immediate, Reply
 
 log = logging.getLogger("extproc.session")
+
+LARGE_BODY_BYTES = 256 * 1024  # above this, bound the request by its bytes before tokenizing it
 
 
 class DecisionLog:
@@ -192,7 +196,9 @@ class Session:
         self.status = 0
         self._strip_usage = False  # we injected include_usage, so hide the usage chunk
         self.cost: int | None = None
-        self.fail_open = False  # the store was down and the policy says fail_open
+        self.fail_open = False
+        self.content_encoding: str | None = None
+        self._counts: dict[str, Counts] = {}  # text tokens of the request per encoding  # the store was down and the policy says fail_open
 
     # -- request ---------------------------------------------------------------
 
@@ -237,7 +243,9 @@ class Session:
         elif end_of_stream:
             return self._client_error(BadRequest("request body is required"))
         else:
-            reply = Reply()
+            # usage must be readable: ask the backend for an uncompressed body (a body
+            # compressed anyway is decoded on the side, see protocols/encoding.py)
+            reply = Reply(set_headers=[("accept-encoding", "identity")])
         if reply.immediate is None:
             reply.set_headers += let_through
             reply.clear_route_cache = True
@@ -318,18 +326,32 @@ class Session:
             route_model = policy.deployments.get(name, name)
         try:
             facts = self.schema.parse_request(body, max_bytes=policy.max_body_bytes, model=route_model)
-            if policy.model(facts.model) is None:
+            spec = policy.model(facts.model)
+            if spec is None:
                 raise UnknownModel(f"model {facts.model!r} has no price in this gateway's policy", param="model")
+            missing = unpriced_tools(spec, facts.builtin_tools)
+            if missing:
+                raise ToolNotPriced(f"built-in tool(s) {', '.join(missing)} have no per-call price for {facts.model!r} in this gateway's policy", param="tools")
         except ClientError as e:
             return self._client_error(e)
         self.requested_model = facts.model
+        names = [facts.model]
+        if policy.decisions.downshift and route_model is None:  # a path-named model cannot be re-routed
+            names += [n for n in chain(policy, facts.model) if not unpriced_tools(policy.prices.models[n], facts.builtin_tools)]
+        early = await self._refuse_from_size(facts, names, len(body))
+        if early is not None:
+            return early
+        try:  # count each encoding once, off the event loop when large (estimate.TokenCounter)
+            for enc in {policy.prices.models[n].encoding if n in policy.prices.models else spec.encoding for n in names}:
+                self._counts[enc] = await self.s.counter.count_async(facts.segments, enc, owner=self.who.principal)
+        except ClientError as e:
+            return self._client_error(e, retry_after=1)
         requested = self._candidate(facts, facts.model)
         options = [requested]
-        if policy.decisions.downshift and route_model is None:  # a path-named model cannot be re-routed
-            for name in chain(policy, facts.model):
-                c = self._candidate(facts, name)
-                if not missing_capabilities(c.spec, facts, c.input_tokens, c.output_tokens):
-                    options.append(c)
+        for name in names[1:]:
+            c = self._candidate(facts, name)
+            if not missing_capabilities(c.spec, facts, c.input_tokens, c.output_tokens):
+                options.append(c)
         start = 0
         if len(options) > 1 and self.early is not None and _past_soft(self.early, requested.cost):
             start = 1  # past a soft threshold: go straight to the cheaper model
@@ -352,6 +374,8 @@ class Session:
         metrics.DECISIONS.labels(outcome, decision.blocking.scope if decision.blocking else "").inc()
         if decision.allowed:
             metrics.INFLIGHT.inc()
+            for counts in self._counts.values():  # only allowed calls fill the token cache
+                self.s.counter.remember(counts)
         if not decision.allowed:
             self.closed = True
             alternatives = self._alternatives(facts, decision)
@@ -359,9 +383,12 @@ class Session:
         reply = Reply()
         inject = facts.stream and not facts.include_usage and self.schema.include_usage_option
         new_model = chosen.name if chosen.name != facts.model else None
-        clamp = chosen.output_tokens // max(1, facts.n) if self.clamped else None
-        if inject or new_model or clamp:
-            new = self.schema.rewrite_request(facts, model=new_model, include_usage=inject, max_output=clamp)
+        # The backend must not outgrow what was reserved: forward the reserved cap per choice
+        # whenever the request has none, or one above it (a clamp, a model's output limit).
+        per_choice = chosen.output_tokens // max(1, facts.n)
+        cap = per_choice if per_choice and (facts.max_output is None or facts.max_output > per_choice) else None
+        if inject or new_model or cap:
+            new = self.schema.rewrite_request(facts, model=new_model, include_usage=inject, max_output=cap)
             reply.body = new
             reply.set_headers.append(("content-length", str(len(new))))
         self._strip_usage = inject
@@ -369,12 +396,29 @@ class Session:
         reply.clear_route_cache = True  # the route keys on the model header (and the model may have changed)
         return reply
 
-    def _candidate(self, facts: RequestFacts, name: str, max_output: int | None = None) -> Candidate:
+    async def _refuse_from_size(self, facts: RequestFacts, names: list[str], size: int) -> Reply | None:
+        """A large body whose byte length alone proves it cannot fit is refused before any
+        tokenizing (no token is longer than 128 bytes): one store check, only for large bodies."""
+        if size < LARGE_BODY_BYTES:
+            return None
+        assert self.who is not None
+        cheapest = min((self._candidate(facts, n, lower_bound=True) for n in names), key=lambda c: c.cost)
+        try:
+            checked = await self.s.engine.check(self.policy, self.who, run_id=self.run_id, estimate=cheapest.estimate, run_overrides=self.run_overrides)
+        except StoreUnavailable as e:
+            return self._store_down(e)
+        if checked.allowed:
+            return None
+        self.chosen = cheapest
+        return self._early_refusal(checked, checked.blocked)
+
+    def _candidate(self, facts: RequestFacts, name: str, max_output: int | None = None, *, lower_bound: bool = False) -> Candidate:
         spec = self.policy.model(name)
         assert spec is not None
+        text = lower_bound_tokens(facts.segments, spec.encoding) if lower_bound else self._counts[spec.encoding].tokens
         est = estimate(
             facts,
-            counter=self.s.counter,
+            text_tokens=text,
             encoding=spec.encoding,
             safety_factor=spec.token_safety_factor,
             output_limit=spec.output_limit,
@@ -384,7 +428,7 @@ class Session:
         )
         live = self.s.rates.price_for_model(name) if self.s.rates is not None else None
         price = live or spec.price
-        cost = price.cost(input_tokens=est.input_tokens, output_tokens=est.output_tokens)
+        cost = price.cost(input_tokens=est.input_tokens, output_tokens=est.output_tokens) + tool_reserve(spec, facts.builtin_tools)
         return Candidate(name, spec, price, est.input_tokens, est.output_tokens, cost, "cost_rate" if live else "static")
 
     async def _reserve(self, c: Candidate, attempt: int) -> Decision:
@@ -519,11 +563,16 @@ class Session:
             await self._release()
             reply.skip_response_body = True
             return reply
+        self.content_encoding = headers.get("content-encoding")
         if "text/event-stream" in headers.get("content-type", ""):
             assert self.schema is not None and self.chosen is not None
             enc = self.chosen.spec.encoding
             counter = self.s.counter
-            self.reader = self.schema.stream_reader(strip_usage_chunk=self._strip_usage, count_tokens=lambda t: counter.count(t, enc))
+            self.reader = self.schema.stream_reader(
+                strip_usage_chunk=self._strip_usage,
+                count_tokens=lambda t: counter.count(t, enc),
+                content_encoding=self.content_encoding,
+            )
             reply.stream_response = True
         return reply
 
@@ -533,7 +582,7 @@ class Session:
         assert self.schema is not None
         if self.reader is None:  # buffered JSON
             try:
-                usage = self.schema.usage_from_body(chunk)
+                usage = self.schema.usage_from_body(chunk, content_encoding=self.content_encoding)
             except UpstreamError as e:
                 log.warning("unparseable response body for %s: %s; charging the reservation", self.request_id, e)
                 usage = None
@@ -548,30 +597,50 @@ class Session:
             out = chunk
         if not end_of_stream:
             return Reply(body=None if out is chunk else out)
-        usage = self.reader.usage
         if self.reader.malformed_events:  # never silent: a skipped frame could be unbilled spend
             log.warning(
                 "stream %s had %d malformed event(s): %s", self.request_id, self.reader.malformed_events, self.reader.last_error
             )
-        cost = await self._settle(usage if usage is not None else self._counted_usage(), source="stream" if usage else "counted")
-        out = out + f": {H.COST}={nano_to_usd(cost)}\n\n".encode()
+        cost = await self._settle_stream(ended=True)
+        if self.reader.may_rewrite:  # never inside a compressed body
+            out = out + f": {H.COST}={nano_to_usd(cost)}\n\n".encode()
         return Reply(body=out, metadata=self._metadata(cost))
 
     async def close(self) -> None:
-        """The stream ended. If the call was served but never settled, charge what was observed."""
+        """The stream ended. If the call was served but never settled, charge what was observed:
+        the usage already parsed (an SDK that hangs up at [DONE] beats the end of the body),
+        else the lost-usage rule (engine/pricing.py)."""
         if self.decision is None or self.closed:
             return
         if self.response_started and not 200 <= self.status < 300:
             await self._release()
             return
-        await self._settle(self._counted_usage(), source="aborted")
+        await self._settle_stream(ended=False)
+
+    async def _settle_stream(self, *, ended: bool) -> int:
+        reader, chosen = self.reader, self.chosen
+        if chosen is None or reader is None:  # gone before any response body: input estimate
+            return await self._settle(self._counted_usage(), source="aborted")
+        if reader.decode_error is not None and reader.usage is None:
+            log.warning("stream %s could not be decoded (%s); charging the reservation", self.request_id, reader.decode_error)
+            return await self._settle(None, source="undecodable")
+        plan = settlement(
+            seen=reader.usage,
+            complete=reader.usage_complete or (ended and reader.usage is not None),
+            counted=self._counted_usage(),
+            reasoning=chosen.spec.reasoning,
+        )
+        source = plan.source if ended or plan.source == "stream" else f"aborted_{plan.source}"
+        return await self._settle(plan.usage, source=source)
 
     # -- helpers ---------------------------------------------------------------
 
     def _counted_usage(self) -> Usage:
         c = self.chosen
-        out = self.reader.counted_output_tokens if self.reader is not None else 0
-        return Usage(input_tokens=c.input_tokens if c else 0, output_tokens=out)
+        counted = Usage(input_tokens=c.input_tokens if c else 0)
+        if self.reader is None:
+            return counted
+        return counted.plus(Usage(output_tokens=self.reader.counted_output_tokens)).plus(self.reader.tool_calls)
 
     async def _settle(self, usage: Usage | None, *, source: str) -> int:
         """Charge `usage` (None → the reserved worst case). Returns the cost charged."""
@@ -580,12 +649,7 @@ class Session:
         if usage is None or self.chosen is None:
             charge = dict(self.decision.reserved)
         else:
-            cost = self.chosen.price.cost(
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                cached_input_tokens=usage.cached_input_tokens,
-                cache_write_tokens=usage.cache_write_tokens,
-            )
+            cost = usage_cost(self.chosen.spec, self.chosen.price, usage)
             charge = {"cost": cost, "input_tokens": usage.total_input, "output_tokens": usage.output_tokens, "requests": 1}
         meta: dict[str, Any] = {"usage_source": source, "status": self.status}
         if self.chosen is not None:
@@ -593,13 +657,12 @@ class Session:
             meta["price_source"] = self.chosen.price_source
             meta["price_pico_usd_per_token"] = {"input": p.input, "output": p.output, "cached_input": p.cached_input, "cache_write": p.cache_write}
         if usage is not None:
-            meta["usage"] = {
-                "input": usage.input_tokens,
-                "cached_input": usage.cached_input_tokens,
-                "cache_write": usage.cache_write_tokens,
-                "output": usage.output_tokens,
-                "reasoning": usage.reasoning_tokens,
-            }
+            meta["usage"] = ledger_usage(usage)
+        reserved_cost = self.decision.reserved.get("cost", 0)
+        if charge.get("cost", 0) > reserved_cost:  # the backend outgrew the reservation
+            meta["overrun"] = charge["cost"] - reserved_cost
+            metrics.OVERRUNS.inc()
+            log.warning("%s charged %s USD above its reservation", self.request_id, nano_to_usd(meta["overrun"]))
         self.cost = charge["cost"]
         metrics.INFLIGHT.dec()
         reserved = self.decision.reserved.get("cost", 0)
@@ -684,10 +747,10 @@ class Session:
     def _json(self, status: int, body: bytes, extra: list[tuple[str, str]] | None = None) -> Reply:
         return Reply(immediate=Immediate(status, (("content-type", "application/json"), *(extra or [])), body))
 
-    def _client_error(self, e: ClientError) -> Reply:
+    def _client_error(self, e: ClientError, retry_after: int | None = None) -> Reply:
         self.closed = True
         body = error_body(self.envelope, status=e.status, message=e.message, type=e.type, code=e.code, param=e.param)
-        return self._json(e.status, body)
+        return self._json(e.status, body, [("retry-after", str(retry_after))] if retry_after else None)
 
     def _store_down(self, e: StoreUnavailable) -> Reply:
         self.closed = True

@@ -21,7 +21,7 @@ from extproc.estimate import (
     lower_bound_tokens,
     upper_bound_tokens,
 )
-from extproc.protocols.schemas import schema_for_path
+from extproc.protocols.schemas import schema_by_name
 from extproc.tokenizers import count_text
 
 ENC = "o200k_base"
@@ -175,7 +175,7 @@ async def test_a_cancelled_request_keeps_its_lane_until_its_thread_ends():
 
 
 def test_estimate_from_counts_and_from_bounds(counter):
-    schema = schema_for_path("/v1/chat/completions")
+    schema = schema_by_name("openai.chat")
     assert schema is not None
     body = json.dumps({"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": c} for c in CONTEXT]})
     facts = schema.parse_request(body.encode(), max_bytes=1 << 20)
@@ -199,7 +199,7 @@ async def test_many_tiny_messages_leave_memory_bounded():
     """20 bodies of ~6 MB, 150k tiny messages each, parsed and counted as the
     service does, each remembered as if allowed (the worst case for the cache).
     Before issue 10 each such call kept about 40 MB for good."""
-    schema = schema_for_path("/v1/chat/completions")
+    schema = schema_by_name("openai.chat")
     assert schema is not None
     counter = TokenCounter(max_entries=100_000, max_bytes=16 * 1024 * 1024, remember_per_call=200_000)
     rss = []

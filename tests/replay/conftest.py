@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from extproc.errors import BadRequest
 from extproc.money import Price
+from extproc.protocols.schemas import schema_by_name
 from extproc.stack import Stack
 from tests.replay.server import ReplayServer, load_corpus
 
@@ -28,13 +30,16 @@ def price() -> Price:
     return Price.per_million(PRICE["input"], PRICE["output"], PRICE["cached_input"], PRICE["cache_write"])
 
 
-def policy_text(models: list[str]) -> str:
+def policy_text(models: list[str], tools: set[str] = frozenset()) -> str:
+    """Every model at one price; every built-in tool the corpus enables priced at $0 per call
+    (the recorded usage carries no tool fees; an unpriced tool would be refused)."""
     lines = ["version: 1", "prices:", "  version: replay-corpus", "  models:"]
+    fees = json.dumps({t: "0" for t in sorted(tools)})
     for m in models:
         lines.append(
             f"    {json.dumps(m)}: {{input: \"{PRICE['input']}\", output: \"{PRICE['output']}\", "
             f"cached_input: \"{PRICE['cached_input']}\", cache_write: \"{PRICE['cache_write']}\", "
-            "output_limit: 128000, context_window: 2000000}"
+            f"output_limit: 128000, context_window: 2000000, tool_calls: {fees}}}"
         )
     sha = hashlib.sha256(KEY.encode()).hexdigest()
     lines += [
@@ -45,6 +50,27 @@ def policy_text(models: list[str]) -> str:
         '    limits: [{dimension: cost, limit: "1000000"}]',
     ]
     return "\n".join(lines) + "\n"
+
+
+API_SCHEMA = {
+    "anthropic.messages": "anthropic.messages",
+    "openai.chat_completions": "openai.chat",
+    "openai.completions": "openai.completions",
+    "openai.embeddings": "openai.embeddings",
+    "openai.responses": "openai.responses",
+}
+
+
+def builtin_tools(corpus) -> set[str]:
+    """The built-in tools the recorded requests enable, as extproc names them."""
+    tools: set[str] = set()
+    for ex in corpus.values():
+        schema = schema_by_name(API_SCHEMA[ex["api"]])
+        try:
+            tools |= schema.parse_request(ex["request"]["body"].encode()).builtin_tools
+        except BadRequest:
+            pass  # recorded malformed requests are refused before pricing
+    return tools
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +90,7 @@ def stack(tmp_path_factory, corpus, replay):
     work: Path = tmp_path_factory.mktemp("replay-stack")
     models = sorted({json.loads(ex["request"]["body"])["model"] for ex in corpus.values()})
     policy = work / "policy.yaml"
-    policy.write_text(policy_text(models))
+    policy.write_text(policy_text(models, builtin_tools(corpus)))
     s = Stack(
         policy=str(policy),
         store=f"sqlite:{work / 'budget.db'}",
