@@ -9,6 +9,7 @@ is read back through the service's own admin API.
 from __future__ import annotations
 
 import hashlib
+import asyncio
 import json
 import os
 import subprocess
@@ -171,7 +172,7 @@ async def metered_call(addr: str, token: str | None, rid: str, run: str) -> list
     async with grpc.aio.insecure_channel(addr) as ch:
         call = epg.ExternalProcessorStub(ch).Process(metadata=metadata(token))
         for m in msgs:
-            await write(call, m)
+            await call.write(m)
             resp = await call.read()
             out.append(resp)
             if resp.HasField("immediate_response"):
@@ -180,20 +181,22 @@ async def metered_call(addr: str, token: str | None, rid: str, run: str) -> list
     return out
 
 
-async def write(call, msg: ep.ProcessingRequest) -> None:
-    """Send one message; if the server already ended the call (a refused caller is aborted
-    at once), raise the status it ended it with rather than the client's own send error."""
-    try:
-        await call.write(msg)
-    except Exception:
-        code, details = await call.code(), await call.details()
-        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details) from None
+async def refused_with(addr: str, token: str | None, wait: float = 10.0) -> grpc.StatusCode | None:
+    """How the server ends a Process call it refuses, before anything is sent (a refused
+    caller is aborted at once; writing first would race that abort). None: still open."""
+    async with grpc.aio.insecure_channel(addr) as ch:
+        call = epg.ExternalProcessorStub(ch).Process(metadata=metadata(token))
+        try:
+            return await asyncio.wait_for(call.code(), wait)
+        except asyncio.TimeoutError:
+            call.cancel()
+            return None
 
 
 async def first_reply(addr: str, token: str | None, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
     async with grpc.aio.insecure_channel(addr) as ch:
         call = epg.ExternalProcessorStub(ch).Process(metadata=metadata(token))
-        await write(call, msg)
+        await call.write(msg)
         resp = await call.read()
         await call.done_writing()
         return resp
@@ -223,9 +226,7 @@ async def settled(svc: Service, n: int, timeout: float = 5.0) -> list[dict[str, 
 async def test_a_caller_without_the_token_is_refused_before_the_store_is_touched(serve, tmp_path, token):
     svc = serve("--caller-token-file", str(token_file(tmp_path, "right-token")))
 
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await metered_call(svc.grpc, token, "rid-1", "run-1")
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await refused_with(svc.grpc, token) == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.aio.AioRpcError) as refused_authz:
         await check(svc.grpc, token, chat_headers("rid-2", authorization=f"Bearer {VICTIM_KEY}", **{"x-run-id": "run-2"}))
     assert refused_authz.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -257,21 +258,16 @@ async def test_the_token_file_rotates_without_a_restart(serve, tmp_path):
     rotate(path, "old-token", "new-token")  # overlap: both Envoys generations work
     deadline = time.monotonic() + 10
     while True:
-        try:
-            await first_reply(svc.grpc, "new-token", probe)
+        if await refused_with(svc.grpc, "new-token", wait=0.5) is None:  # accepted: left open
             break
-        except grpc.aio.AioRpcError as e:
-            assert e.code() == grpc.StatusCode.UNAUTHENTICATED and time.monotonic() < deadline
-            time.sleep(0.2)
+        assert time.monotonic() < deadline, "the new token is not accepted"
+        time.sleep(0.2)
     assert (await first_reply(svc.grpc, "old-token", probe)).HasField("request_headers")
 
     rotate(path, "new-token")  # the old token is retired
     deadline = time.monotonic() + 10
     while True:
-        try:
-            await first_reply(svc.grpc, "old-token", probe)
-        except grpc.aio.AioRpcError as e:
-            assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+        if await refused_with(svc.grpc, "old-token", wait=0.5) == grpc.StatusCode.UNAUTHENTICATED:
             break
         assert time.monotonic() < deadline, "the retired token is still accepted"
         time.sleep(0.2)
