@@ -174,6 +174,10 @@ class Stack:
     backends: tuple[str, ...] = ("backend", "backend_small")  # cluster names served by mock backends
     backend_addrs: dict[str, str] = field(default_factory=dict)  # cluster name -> "host:port" served by someone else
     token_delay_ms: float = 0.0
+    # Run this instead of the mock backend, once per cluster in `backends`; "{port}" and
+    # "{name}" in its arguments are filled in. Ready when GET backend_ready_path answers 200.
+    backend_command: tuple[str, ...] = ()
+    backend_ready_path: str = "/healthz"
     workdir: Path | None = None
     grpc: str | None = None
     quiet: bool = True
@@ -228,12 +232,11 @@ class Stack:
         for name in self.backends:
             port = free_port()
             self.backend_ports[name] = port
-            proc = self._spawn(
-                f"mock-{name}",
-                [sys.executable, "-m", "extproc", "mock-backend", "--port", str(port), "--name", name,
-                 "--token-delay-ms", str(self.token_delay_ms)],
-            )
-            wait_http(f"http://127.0.0.1:{port}/healthz", 30, proc)
+            args = [a.format(port=port, name=name) for a in self.backend_command] or [
+                sys.executable, "-m", "extproc", "mock-backend", "--port", str(port), "--name", name,
+                "--token-delay-ms", str(self.token_delay_ms)]
+            proc = self._spawn(f"mock-{name}", args)
+            wait_http(f"http://127.0.0.1:{port}{self.backend_ready_path}", 30, proc)
 
     def start_service(self) -> None:
         assert self.grpc is not None and self.store is not None

@@ -10,11 +10,12 @@ from extproc.stack import Stack
 from tests.integration.conftest import open_store
 
 
-async def reconcile(stack: Stack, *, timeout: float = 15.0) -> dict[str, tuple[int, int]]:
+async def reconcile(stack: Stack, *, timeout: float = 15.0, within_limits: bool = False) -> dict[str, tuple[int, int]]:
     """Wait until no cost line holds a reservation, then check sum(ledger charges) == spent per line.
 
     Returns {line key: (spent, ledger sum)}. Expired reservations count: the
     reaper settles them at their reserved amount and the ledger says so.
+    `within_limits` also checks spent <= limit on every line (hard-gate policies).
     """
     policy = load_policy(stack.policy)
     store = open_store(stack.store or "")
@@ -45,6 +46,7 @@ async def reconcile(stack: Stack, *, timeout: float = 15.0) -> dict[str, tuple[i
             out[line.key] = (st.spent, total)
             assert st.reserved == 0, f"{line.key}: {st.reserved} still reserved past the TTL"
             assert st.spent == total, f"{line.key}: spent {st.spent} != ledger {total}"
+            assert not within_limits or st.spent <= st.limit, f"{line.key}: spent {st.spent} > limit {st.limit}"
         return out
     finally:
         await store.close()
