@@ -252,20 +252,28 @@ class Session:
         return reply
 
     async def authorize(self, headers: Mapping[str, str], peer_id: str | None) -> Reply | None:
-        """ext_authz: the same path rules, then identity and a store-checked refusal (None = allow).
+        """ext_authz: the same closed world, then identity and a store-checked refusal (None = allow).
 
-        ext_authz meters nothing, so any path that is not public or denied (an orchestrator's
-        dispatch endpoint, or an inference path) needs a verified identity and budget room."""
+        ext_authz sees no body and meters nothing, so it lets through only `public` routes and
+        `unmetered` ones (an orchestrator's dispatch endpoint, listed in the policy) with a
+        verified identity and budget room; a metered route must pass the ext_proc filter."""
         try:
             path = normalize_path(headers.get(":path", ""))
         except BadPath as e:
             return self._client_error(e)
         self.envelope = _envelope_guess(path)
-        route, _ = self.policy.route_table.find(path.segments, headers.get(":method", ""))
-        if route is not None and route.spec.action == "deny":
-            return self._client_error(RouteDenied(f"{path.path} is not served through this gateway"))
-        if route is not None and route.spec.action == "public":
+        method = headers.get(":method", "")
+        route, path_known = self.policy.route_table.find(path.segments, method)
+        if route is None:
+            if path_known:
+                return self._client_error(MethodNotAllowed(f"{method} is not allowed on {path.path}"))
+            return self._client_error(NoRoute(f"{path.path} is not a route of this gateway"))
+        action = route.spec.action
+        if action == "public":
             return None
+        if action != "unmetered":
+            why = route.spec.note if action == "deny" else "it is metered, and this gate (ext_authz) cannot meter it"
+            return self._client_error(RouteDenied(f"{path.path} is not served through this gateway: {why}"))
         return await self.gate(headers, peer_id)
 
     async def gate(self, headers: Mapping[str, str], peer_id: str | None, *, ask_store: bool = True) -> Reply | None:

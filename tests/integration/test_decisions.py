@@ -36,6 +36,8 @@ principals:
   - {{ name: bob, team: research, org: acme }}
 identity:
   edge_strips_headers: true
+routes:  # the orchestrator's dispatch endpoint, gated by ext_authz (identity + budget room)
+  - {{ path: /dispatch, action: unmetered }}
 decisions:
   downshift: {str(downshift).lower()}
   output_clamp: {str(clamp).lower()}

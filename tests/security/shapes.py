@@ -73,7 +73,10 @@ reservation_ttl_seconds: {RESERVATION_TTL_S}
 
 SHAPES = ("gateway", "sidecar", "ext_authz", "istio")
 METERING_SHAPES = ("gateway", "sidecar", "istio")  # ext_proc: the ones that reserve and settle
-NORMALIZING_SHAPES = ("istio",)  # Envoy normalises the path (RFC 3986, "\\" -> "/") before any filter
+# Envoy normalises the path (RFC 3986, "\\" -> "/") before any filter: every shipped shape sets
+# normalize_path, and Istio's inbound listener does by default.
+UPLOAD_CUT = 0  # Response.status when the connection was cut while the body was uploading
+NORMALIZING_SHAPES = ("gateway", "sidecar", "ext_authz", "istio")
 BACKENDS = ("mock", "vllm")
 VLLM_LIKE = Path(__file__).with_name("vllm_like.py")
 ISTIO_APP_CLUSTER = "inbound|8000||"
@@ -166,6 +169,10 @@ class Target:
             conn.request(method, path, body=data, headers=hdrs)
             r = conn.getresponse()
             return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+        except (ConnectionResetError, BrokenPipeError) as e:
+            # Envoy answered (a refusal on the headers) and closed while a large body was
+            # still uploading: status 0, "refused before the body was read".
+            return Response(UPLOAD_CUT, {}, repr(e).encode())
         finally:
             conn.close()
 

@@ -50,6 +50,8 @@ principals:
 identity:
   mtls_peer: true
   edge_strips_headers: true
+routes:  # what ext_authz gates (it meters nothing, so metered routes are ext_proc's)
+  - {{ path: /dispatch, action: unmetered }}
 budgets:
   - scope: key
     limits: [{{ dimension: cost, limit: "1.00" }}]
@@ -153,6 +155,10 @@ def chat_headers(rid: str, **extra: str) -> dict[str, str]:
     return {":path": "/v1/chat/completions", ":method": "POST", "content-type": "application/json", "x-request-id": rid, **extra}
 
 
+def dispatch_headers(rid: str, **extra: str) -> dict[str, str]:
+    return {**chat_headers(rid, **extra), ":path": "/dispatch"}
+
+
 def metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return None if token is None else ((CALLER_TOKEN_KEY, token),)
 
@@ -228,7 +234,7 @@ async def test_a_caller_without_the_token_is_refused_before_the_store_is_touched
 
     assert await refused_with(svc.grpc, token) == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.aio.AioRpcError) as refused_authz:
-        await check(svc.grpc, token, chat_headers("rid-2", authorization=f"Bearer {VICTIM_KEY}", **{"x-run-id": "run-2"}))
+        await check(svc.grpc, token, dispatch_headers("rid-2", authorization=f"Bearer {VICTIM_KEY}", **{"x-run-id": "run-2"}))
     assert refused_authz.value.code() == grpc.StatusCode.UNAUTHENTICATED
     # nothing was reserved, charged or created for the victim
     assert svc.ledger() == []
@@ -242,7 +248,7 @@ async def test_a_caller_without_the_token_is_refused_before_the_store_is_touched
     (entry,) = await settled(svc, 1)
     assert entry["principal"] == "victim"
     assert svc.run_state("victim", "run-3") is not None
-    ok = await check(svc.grpc, "right-token", chat_headers("rid-4", authorization=f"Bearer {VICTIM_KEY}"))
+    ok = await check(svc.grpc, "right-token", dispatch_headers("rid-4", authorization=f"Bearer {VICTIM_KEY}"))
     assert ok.status.code == code_pb2.OK
     metrics = httpx.get(f"http://{svc.admin}/metrics", timeout=10).text
     reason = {None: "missing", "not-the-token": "wrong", PLACEHOLDER: "placeholder"}[token]
@@ -290,7 +296,7 @@ async def test_forged_envoy_identity_counts_only_on_an_authenticated_stream(serv
     # the budget endpoint (GET /v1/budget) does not reveal the victim's budget either
     budget = headers_msg({":path": "/v1/budget", ":method": "GET", "x-request-id": "f3"}, peer=VICTIM_PEER)
     assert (await first_reply(open_svc.grpc, None, budget)).immediate_response.status.code == 401
-    denied = await check(open_svc.grpc, None, chat_headers("f4"), principal=VICTIM_PEER)
+    denied = await check(open_svc.grpc, None, dispatch_headers("f4"), principal=VICTIM_PEER)
     assert denied.denied_response.status.code == 401
     assert open_svc.ledger() == []
     assert "UNAUTHENTICATED CALLERS ALLOWED" in open_svc.log.read_text()

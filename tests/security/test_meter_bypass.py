@@ -33,6 +33,7 @@ from .shapes import (
     NORMALIZING_SHAPES,
     RESERVATION_TTL_S,
     SHAPES,
+    UPLOAD_CUT,
     VICTIM,
     VICTIM_KEY,
     Response,
@@ -209,8 +210,8 @@ async def test_forged_principal_header_draws_nothing_from_the_victim(target: Tar
     r = target.request("POST", "/v1/chat/completions", chat_body(), {"x-extproc-principal": VICTIM},
                        key=ATTACKER_KEY if keyed else None)
     assert r.status < 500, str(r)
-    if not keyed:
-        assert r.status == 401, str(r)
+    if not keyed:  # ext_authz refuses a metered route before identity: it cannot meter it
+        assert r.status == (403 if target.shape == "ext_authz" else 401), str(r)
     assert await target.new_charges(before, VICTIM, timeout=0.2) == []
     await books(target)
 
@@ -247,7 +248,7 @@ async def test_hostile_body_is_refused_or_metered(target: Target, name: str):
     where = f"{name} on {target.shape}/{target.backend}: {r}; the next normal call: {nxt}"
 
     assert r.status < 500, f"{where}\n{logs(target)}"
-    assert served or 400 <= r.status < 500, where
+    assert served or 400 <= r.status < 500 or r.status == UPLOAD_CUT, where
     assert not served or charged, f"served, nothing charged: {where}"
     assert ok, f"the service stopped serving: {where}"
     if target.meters:
