@@ -1,12 +1,17 @@
-"""Wiring: build the store, the engine and the gRPC server; run the reaper and
-the policy reloader. The only module (with cli.py) that picks a concrete store.
+"""Wiring: build the store, the engine and the gRPC server (ext_proc, ext_authz,
+grpc.health.v1); run the reaper and the policy reloader. The only module (with
+cli.py) that picks a concrete store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
+import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -19,15 +24,13 @@ from .server.admin import load_token, make_admin_app, start_admin
 from .server.callers import CallerGate
 from .server.ext_authz import Authorization
 from .server.ext_proc import ExternalProcessor
+from .server.health import StoreHealth
 from .server.session import Services
 from .stores import parse_url
 from .stores.base import Store
 from .tokenizers import get_encoding
 
 log = logging.getLogger("extproc")
-
-DEFAULT_STORE = "sqlite:///var/lib/extproc/budget.db"
-
 
 def open_store(url: str) -> Store:
     """The store a URL names (see `stores.parse_url`)."""
@@ -41,12 +44,25 @@ def open_store(url: str) -> Store:
     return RedisStore(target, cluster=kind == "cluster")
 
 
-async def _reaper(engine: Engine, interval: float) -> None:
-    """Expire reservations whose owner vanished (DESIGN.md lifecycle step 6)."""
+TRIM_EVERY_S = 60.0  # the ledger retention is enforced this often
+
+
+async def _reaper(engine: Engine, holder: PolicyHolder, interval: float) -> None:
+    """Expire reservations whose owner vanished (DESIGN.md lifecycle step 6) and trim
+    the ledger past the policy's retention. Every worker process (and pod) runs this
+    loop, but only the one holding the store's reaper lease does the work."""
+    owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    last_trim = float("-inf")
     while True:
         await asyncio.sleep(interval)
         try:
-            n = await engine.expire()
+            retention = None
+            days = holder.current.ledger_retention_days
+            if days and time.monotonic() - last_trim >= TRIM_EVERY_S:
+                retention = days * 86_400_000
+            n = await engine.reap(owner, lease_ms=int(interval * 5000), ledger_retention_ms=retention)
+            if n is not None and retention is not None:
+                last_trim = time.monotonic()
             if n:
                 log.warning("expired %d reservation(s) past their TTL at the reserved amount", n)
         except Exception as e:  # the store may be down; try again next tick
@@ -100,6 +116,9 @@ async def serve(
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     epg.add_ExternalProcessorServicer_to_server(ExternalProcessor(services, callers), server)
     azg.add_AuthorizationServicer_to_server(Authorization(services, callers), server)
+    health = StoreHealth(engine.ping)  # no caller token: probes carry none (see server/health.py)
+    health.add_to(server)
+    await health.start()
     bound = server.add_insecure_port(grpc_addr)
     if not grpc_addr.startswith("unix:") and bound == 0:
         raise OSError(f"cannot bind gRPC address {grpc_addr}")
@@ -110,7 +129,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, holder.reload)
     tasks = [
-        asyncio.create_task(_reaper(engine, reap_interval)),
+        asyncio.create_task(_reaper(engine, holder, reap_interval)),
         asyncio.create_task(_watch_policy(holder, 1.0)),
     ]
     admin_runner = None
@@ -122,6 +141,7 @@ async def serve(
     log.info("extproc serving ext_proc on %s (store %s, policy %s)", grpc_addr, store_url, policy_path)
     print(f"extproc listening {grpc_addr}", flush=True)
     await stop.wait()
+    await health.stop()
     await server.stop(grace=5)
     if admin_runner is not None:
         await admin_runner.cleanup()
@@ -131,4 +151,4 @@ async def serve(
         await rates.close()
     if services.background:
         await asyncio.wait(services.background, timeout=5)
-    await store.close()
+    await engine.close()

@@ -140,7 +140,7 @@ def _admin_engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _budgets(args: argparse.Namespace) -> int:
     import json
 
-    from . import admin
+    from .server import admin
 
     async def run() -> object:
         engine, policy = _admin_engine(args)
@@ -156,30 +156,35 @@ def _budgets(args: argparse.Namespace) -> int:
                 window=args.window, run=args.run,
             )
         finally:
-            await engine.store.close()
+            await engine.close()
 
     print(json.dumps(asyncio.run(run()), indent=2))
     return 0
 
 
 def _ledger_export(args: argparse.Namespace) -> int:
+    """Page by page from the store to the file: the ledger is never held whole."""
     from .app import open_store
-    from .ledger import parse_since, write
+    from .engine.budget import Engine
+    from .ledger import parse_since
+    from .server.admin import export_ledger
 
-    async def run() -> list:
-        store = open_store(args.store)
+    async def run(out) -> int:  # type: ignore[no-untyped-def]
+        async def write(text: str) -> None:
+            out.write(text)
+
+        engine = Engine(open_store(args.store))
         try:
-            return await store.ledger(since_ms=parse_since(args.since))
+            return await export_ledger(engine, since_ms=parse_since(args.since), fmt=args.format, write=write)
         finally:
-            await store.close()
+            await engine.close()
 
-    entries = asyncio.run(run())
     if args.out:
         with open(args.out, "w", newline="") as f:
-            n = write(entries, f, args.format)
+            n = asyncio.run(run(f))
         print(f"wrote {n} ledger entries to {args.out}", file=sys.stderr)
     else:
-        write(entries, sys.stdout, args.format)
+        asyncio.run(run(sys.stdout))
     return 0
 
 

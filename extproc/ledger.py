@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from datetime import datetime, timezone
-from typing import Any, Iterable, TextIO
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 from .money import nano_to_usd
 from .stores.base import LedgerEntry
@@ -15,6 +15,9 @@ COLUMNS = (
     "seq", "closed_at", "reserved_at", "outcome", "reservation_id", "request_id", "principal", "run", "model",
     "requested_model", "api", "usage_source", "input_tokens", "output_tokens", "reserved_usd", "charged_usd", "tag",
 )
+
+
+FORMATS = ("jsonl", "csv")
 
 
 def _iso(ms: int) -> str:
@@ -54,24 +57,31 @@ def row(e: LedgerEntry) -> dict[str, Any]:
     }
 
 
-def write(entries: Iterable[LedgerEntry], out: TextIO, fmt: str) -> int:
-    n = 0
+def render(entries: Iterable[LedgerEntry], fmt: str, *, header: bool = True) -> str:
+    """Entries as JSONL or CSV text (`header`: the CSV column line first)."""
+    buf = io.StringIO()
     if fmt == "csv":
-        w = csv.DictWriter(out, fieldnames=COLUMNS)
-        w.writeheader()
+        w = csv.DictWriter(buf, fieldnames=COLUMNS)
+        if header:
+            w.writeheader()
         for e in entries:
             w.writerow(row(e))
-            n += 1
     elif fmt == "jsonl":
         for e in entries:
-            out.write(json.dumps(row(e)) + "\n")
-            n += 1
+            buf.write(json.dumps(row(e)) + "\n")
     else:
         raise ValueError(f"unknown format {fmt!r}: jsonl or csv")
-    return n
-
-
-def render(entries: Iterable[LedgerEntry], fmt: str) -> str:
-    buf = io.StringIO()
-    write(entries, buf, fmt)
     return buf.getvalue()
+
+
+async def export(pages: AsyncIterator[Sequence[LedgerEntry]], write: Callable[[str], Awaitable[object]], fmt: str) -> int:
+    """Write every page as it comes (`Engine.ledger_pages`), the CSV header once; returns the entry count."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: jsonl or csv")
+    n = 0
+    if fmt == "csv":
+        await write(render((), fmt))
+    async for page in pages:
+        await write(render(page, fmt, header=False))
+        n += len(page)
+    return n

@@ -14,35 +14,37 @@ limit a client asked for (`run_overrides`). A refusal by the run itself
 synthetic blocking limit appended, so renderers that read
 `blocking`/`states[blocked]` keep working.
 
-Admin operations (`adjust`, `close_run`, `snapshot`, `run_state`) are thin
-methods over the store, addressed the way a request is: policy + identity
-(+ run id) + scope + dimension.
+Admin operations (`adjust`, `close_run`, `snapshot`, `run_state`), the
+ledger export (`ledger_pages`) and housekeeping (`reap`) are thin methods
+over the store, addressed the way a request is: policy + identity (+ run id)
++ scope + dimension. Callers outside the engine (server, admin, CLI) go
+through these methods, never through the store.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from ..money import nano_to_usd
 from ..policy.model import BudgetSpec, KeySpec, LimitSpec, Policy
+from ..rules import PROBE, Kind, Line, LineState, Mode, Window
 from ..stores.base import (
-    Kind,
-    Line,
-    LineState,
-    Mode,
+    LedgerEntry,
     ReserveResult,
     RunRef,
     RunRefusal,
     RunState,
     SettleResult,
     Store,
-    Window,
 )
 from .windows import calendar_period
+
+REAPER_LEASE = "reaper"  # the store lease that makes one worker process (or pod) the reaper
 
 
 def now_ms() -> int:
@@ -209,11 +211,6 @@ class BudgetSnapshot:
 
     def rows(self) -> list[tuple[AppliedLimit, LineState]]:
         return list(zip(self.limits, self.states))
-
-
-# What `Engine.check` probes with when no estimate is given: one more request
-# of the smallest size. A line that cannot take even that is exhausted.
-PROBE = {"cost": 1, "input_tokens": 1, "output_tokens": 0, "requests": 1}
 
 
 def run_key(who: Identity, run_id: str) -> str:
@@ -433,15 +430,61 @@ class Engine:
     async def expire(self) -> int:
         return await self.store.expire(now_ms=self.clock())
 
+    # -- housekeeping and the store's health -------------------------------------
+
+    async def reap(self, owner: str, *, lease_ms: int, ledger_retention_ms: int | None = None) -> int | None:
+        """One reaper per store: when `owner` holds (or takes) the reaper lease, expire
+        reservations past their TTL and trim the ledger past its retention; returns how
+        many expired, or None when another owner (worker process, pod) holds the lease."""
+        now = self.clock()
+        if not await self.store.lead(REAPER_LEASE, owner, now_ms=now, ttl_ms=lease_ms):
+            return None
+        n = await self.store.expire(now_ms=now)
+        if ledger_retention_ms:
+            await self.store.trim_ledger(before_ms=now - ledger_retention_ms)
+        return n
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+        await self.store.ping()
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    # -- ledger ----------------------------------------------------------------
+
+    async def ledger(self, *, since_ms: int = 0, limit: int | None = None) -> list[LedgerEntry]:
+        """Ledger entries closed at or after `since_ms`, by close time (small reads; export pages)."""
+        return await self.store.ledger(since_ms=since_ms, limit=limit)
+
+    async def ledger_pages(self, *, since_ms: int = 0, page: int = 1000) -> AsyncIterator[list[LedgerEntry]]:
+        """The ledger for export, `page` entries at a time in the store's append order:
+        never read whole."""
+        after: str | None = None
+        while True:
+            entries, after = await self.store.ledger_page(since_ms=since_ms, after=after, limit=page)
+            if entries:
+                yield entries
+            if after is None:
+                return
+
     # -- admin -----------------------------------------------------------------
 
-    async def snapshot(self, policy: Policy, who: Identity, *, run_id: str | None = None) -> BudgetSnapshot:
-        """Every budget of this caller (and run) as the store sees it now, plus the run's state."""
+    async def snapshot_lines(self, policy: Policy, who: Identity, *, run_id: str | None = None) -> BudgetSnapshot:
+        """Every budget of this caller (and run) as the store sees it now; one store read,
+        no run state (the budget endpoint)."""
         now = self.clock()
         limits = self.limits_for(policy, who, run_id, {}, now)
         states = await self.store.snapshot([l.line for l in limits], tag=who.tag, now_ms=now)
-        run = await self.store.run_state(who.tag, run_key(who, run_id), now_ms=now) if run_id else None
-        return BudgetSnapshot(limits, states, run, now)
+        return BudgetSnapshot(limits, states, None, now)
+
+    async def snapshot(self, policy: Policy, who: Identity, *, run_id: str | None = None) -> BudgetSnapshot:
+        """Every budget of this caller (and run) as the store sees it now, plus the run's state."""
+        snap = await self.snapshot_lines(policy, who, run_id=run_id)
+        if not run_id:
+            return snap
+        run = await self.store.run_state(who.tag, run_key(who, run_id), now_ms=snap.now_ms)
+        return BudgetSnapshot(snap.limits, snap.states, run, snap.now_ms)
 
     async def adjust(
         self,

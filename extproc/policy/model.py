@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..money import Price, decimal_str, usd_to_nano
-from ..stores.base import Mode
+from ..rules import Mode
 from .routes import RouteSpec, RouteTable, default_routes
 from .selfhosted import SelfHostedSpec
 
@@ -223,6 +223,9 @@ class Policy(_Frozen):
     enforcement: Enforcement = Enforcement()
     failure_mode: Literal["fail_closed", "fail_open"] = "fail_closed"
     reservation_ttl_seconds: int = Field(600, gt=0, le=86400)
+    ledger_retention_days: int | None = Field(
+        90, ge=1, le=36500, description="ledger entries older than this are trimmed by the reaper (export first); null keeps them forever"
+    )
     fallback_output_tokens: int = Field(4096, gt=0)
     image_tokens: int = Field(1105, ge=0, description="input tokens reserved per image part")
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)

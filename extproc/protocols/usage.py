@@ -103,13 +103,6 @@ _FIELDS = tuple(Usage.__dataclass_fields__)
 _CALL_FIELDS = tuple(f for f in _FIELDS if f.endswith("_calls"))
 
 
-def merge_usage(a: Usage | None, b: Usage | None) -> Usage | None:
-    """`a.merge(b)` where either side may be missing."""
-    if a is None:
-        return b
-    return a.merge(b)
-
-
 def _count(obj: Mapping[str, Any], key: str, where: str) -> int:
     value = obj.get(key)
     if value is None:

@@ -1,4 +1,9 @@
-"""The admin HTTP API: metrics and health open, everything else behind a bearer token.
+"""Admin: the operations (list budgets, set or credit a limit, close a run,
+export the ledger) shared by the HTTP API and the `extproc budgets` /
+`extproc ledger` commands, and the HTTP API itself. Thin over `Engine`; values
+cross this boundary as decimal USD strings (cost) or integers (everything else).
+
+The HTTP API: metrics and health open, everything else behind a bearer token.
 
 Binds to loopback by default (DESIGN.md "Failure semantics"). Without a
 configured token the protected endpoints answer 403: an admin API is never
@@ -17,18 +22,95 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
-from .. import admin
-from ..engine.budget import Engine
+from .. import ledger as ledger_export
+from ..engine.budget import Engine, Identity
 from ..ledger import parse_since
+from ..money import usd_to_nano
 from ..policy.loader import PolicyHolder
+from ..policy.model import Policy
+from . import render
 from .tokens import Tokens
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# -- operations (HTTP and CLI) ---------------------------------------------------
+
+
+def identity(policy: Policy, principal: str) -> Identity:
+    """The identity of a principal named in the policy (API key entry or principals table)."""
+    for key in policy.keys:
+        if key.principal == principal:
+            return Identity.from_key(key)
+    p = policy.principals_by_name.get(principal)
+    if p is not None:
+        return Identity(p.name, p.team, p.org, p.user, dict(p.labels))
+    raise LookupError(f"principal {principal!r} is not in the policy")
+
+
+def _units(dimension: str, value: str | int) -> int:
+    return usd_to_nano(str(value)) if dimension == "cost" else int(value)
+
+
+async def budgets(engine: Engine, policy: Policy, principal: str, run: str | None = None) -> dict[str, Any]:
+    who = identity(policy, principal)
+    snap = await engine.snapshot(policy, who, run_id=run)
+    doc: dict[str, Any] = {
+        "principal": who.principal,
+        "team": who.team,
+        "org": who.org,
+        "run": run,
+        "budgets": render.budget_rows(snap.limits, snap.states, snap.now_ms),
+    }
+    if snap.run is not None:
+        doc["run_state"] = {"state": snap.run.state, "created_at_ms": snap.run.created_at_ms, "expires_at_ms": snap.run.expires_at_ms}
+    return doc
+
+
+async def adjust(
+    engine: Engine,
+    policy: Policy,
+    *,
+    principal: str,
+    scope: str,
+    dimension: str,
+    set_limit: str | int | None = None,
+    credit: str | int | None = None,
+    window: str | None = None,
+    run: str | None = None,
+) -> list[dict[str, Any]]:
+    if set_limit is None and credit is None:
+        raise ValueError("give set_limit and/or credit")
+    who = identity(policy, principal)
+    rows = await engine.adjust(
+        policy,
+        who,
+        scope=scope,
+        dimension=dimension,
+        window=window,
+        run_id=run,
+        set_limit=None if set_limit is None else _units(dimension, set_limit),
+        credit=0 if credit is None else _units(dimension, credit),
+    )
+    return render.budget_rows([l for l, _ in rows], [s for _, s in rows], engine.clock())
+
+
+async def close_run(engine: Engine, policy: Policy, *, principal: str, run: str) -> dict[str, Any]:
+    state = await engine.close_run(policy, identity(policy, principal), run)
+    return {"run": state.key, "state": state.state}
+
+
+async def export_ledger(engine: Engine, *, since_ms: int, fmt: str, write: Callable[[str], Awaitable[object]]) -> int:
+    """Write the ledger page by page (never read whole); returns the entry count."""
+    return await ledger_export.export(engine.ledger_pages(since_ms=since_ms), write, fmt)
+
+
+# -- HTTP ------------------------------------------------------------------------
 
 
 def _registry() -> CollectorRegistry:
@@ -65,15 +147,15 @@ def make_admin_app(engine: Engine, policy: PolicyHolder, tokens: Tokens) -> web.
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(_registry()), headers={"content-type": CONTENT_TYPE_LATEST})
 
-    async def budgets(request: web.Request) -> web.Response:
+    async def get_budgets(request: web.Request) -> web.Response:
         q = request.query
         if "principal" not in q:
             raise ValueError("principal is required")
-        return web.json_response(await admin.budgets(engine, policy.current, q["principal"], q.get("run")))
+        return web.json_response(await budgets(engine, policy.current, q["principal"], q.get("run")))
 
-    async def adjust(request: web.Request) -> web.Response:
+    async def post_adjust(request: web.Request) -> web.Response:
         body = await _json(request)
-        rows = await admin.adjust(
+        rows = await adjust(
             engine,
             policy.current,
             principal=body["principal"],
@@ -86,22 +168,28 @@ def make_admin_app(engine: Engine, policy: PolicyHolder, tokens: Tokens) -> web.
         )
         return web.json_response({"adjusted": rows})
 
-    async def close_run(request: web.Request) -> web.Response:
+    async def post_close_run(request: web.Request) -> web.Response:
         body = await _json(request)
-        return web.json_response(await admin.close_run(engine, policy.current, principal=body["principal"], run=body["run"]))
+        return web.json_response(await close_run(engine, policy.current, principal=body["principal"], run=body["run"]))
 
-    async def ledger(request: web.Request) -> web.Response:
+    async def get_ledger(request: web.Request) -> web.StreamResponse:
         fmt = request.query.get("format", "jsonl")
-        text = await admin.ledger(engine, since_ms=parse_since(request.query.get("since", "0")), fmt=fmt)
-        return web.Response(text=text, content_type="text/csv" if fmt == "csv" else "application/x-ndjson")
+        if fmt not in ledger_export.FORMATS:
+            raise ValueError(f"unknown format {fmt!r}: jsonl or csv")
+        since = parse_since(request.query.get("since", "0"))
+        resp = web.StreamResponse(headers={"content-type": "text/csv" if fmt == "csv" else "application/x-ndjson"})
+        await resp.prepare(request)
+        await export_ledger(engine, since_ms=since, fmt=fmt, write=lambda text: resp.write(text.encode()))
+        await resp.write_eof()
+        return resp
 
     app = web.Application(middlewares=[auth])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/admin/budgets", budgets)
-    app.router.add_post("/admin/budgets/adjust", adjust)
-    app.router.add_post("/admin/runs/close", close_run)
-    app.router.add_get("/admin/ledger", ledger)
+    app.router.add_get("/admin/budgets", get_budgets)
+    app.router.add_post("/admin/budgets/adjust", post_adjust)
+    app.router.add_post("/admin/runs/close", post_close_run)
+    app.router.add_get("/admin/ledger", get_ledger)
     return app
 
 

@@ -23,19 +23,18 @@ later request cannot raise it back. The reaper purges a run's record and
 counters `memory_ms` after it expired or was closed; only then may its id
 start afresh.
 
-Counter semantics, shared by every store (tests/stores is the judge):
+Counter semantics and the refusal rules live in `extproc.rules` (one copy,
+mirrored by lua/rules.lua and held to it by shared test vectors):
 
-- COUNTER line: refused when spent + reserved + amount > limit (hard_gate),
-  > limit + margin (soft_gate), spent >= limit (actuals_only); advisory
-  lines never refuse, they are reported in `warned` when they would have.
-- CONCURRENCY line: reserved + amount > limit; nothing is ever spent.
-- DURATION line: spent = whole seconds since the first reservation taken on
-  it; refused when spent >= limit.
 - ROLLING window: spent = sum of charges settled in (now - window_ms, now].
   `retry_after_ms` is exact: the smallest wait after which the same request
   fits if nothing else changes (None when waiting alone cannot help).
 - Effective limit = (admin override, else the line's limit) + credits,
   then capped by the run's lowered limit.
+
+The interface is split by who calls it: `Reservations` (the hot path),
+`Admin`, `Reaper` (housekeeping, one elected caller per store) and `Ledger`
+(reads for export); `Store` is all of them, what a backend implements.
 """
 
 from __future__ import annotations
@@ -44,28 +43,15 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
+from ..rules import Kind, Line, LineState, Mode, Window
 
-class Kind(str, enum.Enum):
-    """How a line is counted."""
-
-    COUNTER = "counter"  # spent + reserved against a limit (cost, tokens, requests)
-    CONCURRENCY = "concurrency"  # in-flight reservations; nothing is ever spent
-    DURATION = "duration"  # seconds since the budget's first reservation
-
-
-class Mode(str, enum.Enum):
-    """Enforcement mode of a line (DESIGN.md "Enforcement modes")."""
-
-    ADVISORY = "advisory"  # decide and report, never block
-    ACTUALS_ONLY = "actuals_only"  # block once settled spend reaches the limit
-    SOFT_GATE = "soft_gate"  # block when spent+reserved+amount > limit + margin
-    HARD_GATE = "hard_gate"  # block when spent+reserved+amount > limit
-
-
-class Window(str, enum.Enum):
-    TOTAL = "total"
-    CALENDAR = "calendar"
-    ROLLING = "rolling"
+__all__ = [
+    "Kind", "Line", "LineState", "Mode", "Window",  # re-exported: the neutral types live in extproc.rules
+    "Outcome", "RunRefusal", "RunRef", "RunState", "ReserveResult", "SettleResult", "LedgerEntry",
+    "Reservations", "Admin", "Reaper", "Ledger", "Store",
+    "REFUSAL_MEMORY_MS", "CLOSED_MEMORY_MS", "RUN_MEMORY_MS", "USAGE_FIELDS",
+    "usage_of_lines", "run_state_of", "normalize_usage",
+]  # fmt: skip
 
 
 class Outcome(str, enum.Enum):
@@ -93,31 +79,6 @@ USAGE_FIELDS = ("cost", "input_tokens", "output_tokens", "total_tokens", "reques
 
 
 @dataclass(frozen=True, slots=True)
-class Line:
-    """One limit of one budget, with the amount this request wants to reserve.
-
-    `key` names the counter (budget + dimension + window shape) and must be
-    stable across requests; `period` is the calendar bucket ("2026-11-23") or
-    "" for other windows; `window_ms` is the rolling window length.
-    `dimension` is a USAGE_FIELDS name for counters (what settle charges).
-    """
-
-    key: str
-    kind: Kind
-    dimension: str
-    limit: int
-    amount: int
-    mode: Mode = Mode.HARD_GATE
-    window: Window = Window.TOTAL
-    period: str = ""
-    window_ms: int = 0
-    margin: int = 0  # soft_gate slack, in the line's unit
-    period_ttl_s: int = 0  # how long a calendar bucket must be kept
-    run: bool = False  # belongs to the request's run: purged with it, lowerable
-    lower: int | None = None  # run lines: the client asks to lower the limit to this (kept, never raised)
-
-
-@dataclass(frozen=True, slots=True)
 class RunRef:
     """The run a reservation belongs to. `key` is unique within the tag ("principal/run-id")."""
 
@@ -138,20 +99,6 @@ class RunState:
     created_at_ms: int
     seen_at_ms: int
     expires_at_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class LineState:
-    """A line as the store saw it, after the operation (limit includes admin credits)."""
-
-    key: str
-    limit: int
-    spent: int
-    reserved: int
-
-    @property
-    def remaining(self) -> int:
-        return self.limit - self.spent - self.reserved
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +136,8 @@ class LedgerEntry:
     lines: tuple[str, ...] = field(default=())
 
 
-class Store(Protocol):
-    """Everything the engine needs from a budget store. All times are ms since epoch."""
+class Reservations(Protocol):
+    """The hot path: what every metered request calls. All times are ms since epoch."""
 
     async def reserve(
         self,
@@ -214,31 +161,64 @@ class Store(Protocol):
 
     async def release(self, tag: str, reservation_id: str, *, now_ms: int) -> SettleResult: ...
 
-    async def expire(self, *, now_ms: int, limit: int = 100) -> int:
-        """The reaper: settle up to `limit` reservations past their TTL at the reserved
-        amount (outcome `expired`), forget closed records past their memory, purge runs
-        whose memory passed (record and counters; the ledger stays). Returns how many
-        reservations expired."""
-        ...
+
+class Admin(Protocol):
+    """Reading and changing budgets and runs from outside a request (admin API, CLI, budget endpoint)."""
 
     async def snapshot(self, lines: Sequence[Line], *, tag: str, now_ms: int) -> tuple[LineState, ...]: ...
 
     async def adjust(self, tag: str, key: str, *, set_limit: int | None = None, credit: int = 0) -> None:
-        """Admin: override a line's limit (also dropping a run's client-lowered limit)
+        """Override a line's limit (also dropping a run's client-lowered limit)
         and/or add a credit (raises its limit by `credit`; negative takes back)."""
         ...
 
     async def run_state(self, tag: str, run_key: str, *, now_ms: int) -> RunState | None: ...
 
     async def close_run(self, tag: str, run: RunRef, *, now_ms: int) -> RunState:
-        """Admin: refuse every further reservation of the run (creating it closed if unseen)."""
+        """Refuse every further reservation of the run (creating it closed if unseen)."""
         ...
+
+
+class Reaper(Protocol):
+    """Housekeeping, run by one elected caller per store (`lead`), not by every worker."""
+
+    async def lead(self, name: str, owner: str, *, now_ms: int, ttl_ms: int) -> bool:
+        """Take or renew the lease `name` for `owner` until now + ttl. False while another
+        owner holds an unexpired lease: that one does the work."""
+        ...
+
+    async def expire(self, *, now_ms: int, limit: int = 100) -> int:
+        """Settle up to `limit` reservations past their TTL at the reserved amount (outcome
+        `expired`), forget closed records past their memory, purge runs whose memory
+        passed (record and counters; the ledger stays). Returns how many expired."""
+        ...
+
+    async def trim_ledger(self, *, before_ms: int, limit: int = 10_000) -> int:
+        """Drop the oldest ledger entries closed before `before_ms` (the policy's retention)."""
+        ...
+
+
+class Ledger(Protocol):
+    """Reading the ledger: whole for small reads, in pages for export."""
 
     async def ledger(self, *, since_ms: int = 0, limit: int | None = None, tag: str | None = None) -> list[LedgerEntry]:
-        """Ledger entries closed at or after `since_ms` (store clock = the callers' now_ms), oldest first."""
+        """Entries closed at or after `since_ms` (store clock = the callers' now_ms), by close time."""
         ...
 
-    async def ping(self) -> None: ...
+    async def ledger_page(
+        self, *, since_ms: int = 0, after: str | None = None, limit: int = 1000
+    ) -> tuple[list[LedgerEntry], str | None]:
+        """Up to `limit` entries closed at or after `since_ms`, in the store's append order, after
+        the opaque cursor `after` (None: from the start); and the next cursor (None at the end)."""
+        ...
+
+
+class Store(Reservations, Admin, Reaper, Ledger, Protocol):
+    """A whole backend: what `app.open_store` returns."""
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers (the health probe)."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -2,14 +2,19 @@
 
 Why SQLite: durable across a crash of the service (WAL), atomic multi-line
 reservations with one `BEGIN IMMEDIATE` transaction, and safe across several
-worker processes on one host (SQLite's file lock serialises writers). Each
-operation is a handful of indexed statements, tens of microseconds, so it runs
-inline on the event loop; a thread hop would cost more than the work.
+worker processes on one host (SQLite's file lock serialises writers).
 
-The counter semantics mirror `lua/*.lua` of the Redis store exactly (the
-rules are written down in `base.py`); the shared contract suite (tests/stores)
-holds both to the same behaviour. Key layout of the `kv` table, per budget
-tree `tag` and line key `K`:
+Never on the event loop: each operation is a handful of indexed statements,
+tens of microseconds, but a writer of another worker process can hold the
+file lock, so every operation runs on one dedicated thread per store (which
+also serialises the connection's use). A lock held longer than
+`busy_timeout_s` (default 1 s, under Envoy's 2 s message timeout) fails the
+operation with StoreUnavailable rather than stalling the request.
+
+The refusal rules are `extproc.rules` (the Redis scripts run the same rules,
+held to them by shared vectors); line wire format and key kinds are
+`wire.py`; the contract suite (tests/stores) holds both stores to the same
+behaviour. Key layout of the `kv` table, per budget tree `tag` and line key `K`:
 
     tag|lim|K  admin limit override     tag|cr|K   admin credits
     tag|low|K  a run's lowered limit    tag|r|K    reserved (in flight)
@@ -19,12 +24,14 @@ tree `tag` and line key `K`:
 
 from __future__ import annotations
 
-from . import _json as json
+import asyncio
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ..errors import StoreUnavailable
+from . import _json as json
 from .base import (
     CLOSED_MEMORY_MS,
     REFUSAL_MEMORY_MS,
@@ -43,6 +50,11 @@ from .base import (
     normalize_usage,
     run_state_of,
     usage_of_lines,
+)
+from ..rules import blocks, over, rolling_need
+from .wire import (
+    CREDIT, EVENTS, FIRST, LIMIT, LOWERED, PURGE_RETRY_MS, RESERVED, ROLLING_SUM, RUN_KEY_KINDS, SPENT,
+    line_from_wire, line_to_wire,
 )
 
 _SCHEMA = """
@@ -68,10 +80,9 @@ CREATE TABLE IF NOT EXISTS ledger (
   outcome TEXT NOT NULL, reserved_at INTEGER NOT NULL, closed_at INTEGER NOT NULL,
   data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS ledger_closed ON ledger (closed_at);
+CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, until INTEGER NOT NULL) WITHOUT ROWID;
 """
 
-PURGE_RETRY_MS = 60_000  # a run still holding reservations is purged this much later
-_RUN_KEY_KINDS = ("lim", "cr", "low", "r", "es", "t0")
 
 T = TypeVar("T")
 
@@ -79,12 +90,13 @@ T = TypeVar("T")
 class EmbeddedStore:
     """SQLite-backed store. `path` ':memory:' is for tests only (not durable)."""
 
-    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL") -> None:
+    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL", busy_timeout_s: float = 1.0) -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extproc-sqlite")
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
             self._db.execute("PRAGMA page_size=1024")  # small rows: a commit writes fewer bytes of dirty pages
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
@@ -93,6 +105,21 @@ class EmbeddedStore:
             raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
 
     # -- transactions and the kv table ----------------------------------------
+
+    async def _write(self, fn: Callable[[], T]) -> T:
+        """`fn` in one write transaction, on the store's own thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._tx, fn)
+
+    async def _read(self, fn: Callable[[], T]) -> T:
+        """`fn` outside a transaction (one consistent statement), on the store's own thread."""
+
+        def go() -> T:
+            try:
+                return fn()
+            except sqlite3.Error as e:
+                raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, go)
 
     def _tx(self, fn: Callable[[], T]) -> T:
         """Run `fn` in one write transaction (BEGIN IMMEDIATE: writers queue on the file lock)."""
@@ -138,15 +165,15 @@ class EmbeddedStore:
             k = line.key
             if line.window is Window.ROLLING and line.kind is Kind.COUNTER:
                 self._trim(tag, line, now_ms)
-            keys += (f"{tag}|lim|{k}", f"{tag}|cr|{k}")
+            keys += (f"{tag}|{LIMIT}|{k}", f"{tag}|{CREDIT}|{k}")
             if line.run:
-                keys.append(f"{tag}|low|{k}")
+                keys.append(f"{tag}|{LOWERED}|{k}")
             if line.kind is Kind.DURATION:
-                keys.append(f"{tag}|t0|{k}")
+                keys.append(f"{tag}|{FIRST}|{k}")
                 continue
-            keys.append(f"{tag}|r|{k}")
+            keys.append(f"{tag}|{RESERVED}|{k}")
             if line.kind is Kind.COUNTER:
-                keys.append(f"{tag}|es|{k}" if line.window is Window.ROLLING else f"{tag}|s|{k}|{line.period}")
+                keys.append(f"{tag}|{ROLLING_SUM}|{k}" if line.window is Window.ROLLING else f"{tag}|{SPENT}|{k}|{line.period}")
         got: dict[str, int] = {}
         for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
             chunk = keys[i : i + 500]
@@ -154,32 +181,32 @@ class EmbeddedStore:
         out = []
         for line in lines:
             k = line.key
-            override = got.get(f"{tag}|lim|{k}")
-            limit = (line.limit if override is None else override) + got.get(f"{tag}|cr|{k}", 0)
+            override = got.get(f"{tag}|{LIMIT}|{k}")
+            limit = (line.limit if override is None else override) + got.get(f"{tag}|{CREDIT}|{k}", 0)
             if line.run:
-                low = got.get(f"{tag}|low|{k}")
+                low = got.get(f"{tag}|{LOWERED}|{k}")
                 if low is not None and low < limit:
                     limit = low
                 if line.lower is not None and line.lower < limit:
                     limit = line.lower
             if line.kind is Kind.DURATION:
-                t0 = got.get(f"{tag}|t0|{k}")
+                t0 = got.get(f"{tag}|{FIRST}|{k}")
                 out.append(LineState(k, limit, 0 if t0 is None else (now_ms - t0) // 1000, 0))
                 continue
             spent = 0
             if line.kind is Kind.COUNTER:
-                spent = got.get(f"{tag}|es|{k}" if line.window is Window.ROLLING else f"{tag}|s|{k}|{line.period}", 0)
-            out.append(LineState(k, limit, spent, got.get(f"{tag}|r|{k}", 0)))
+                spent = got.get(f"{tag}|{ROLLING_SUM}|{k}" if line.window is Window.ROLLING else f"{tag}|{SPENT}|{k}|{line.period}", 0)
+            out.append(LineState(k, limit, spent, got.get(f"{tag}|{RESERVED}|{k}", 0)))
         return out
 
     def _trim(self, tag: str, line: Line, now_ms: int) -> None:
         """Drop rolling charges that left the window (ts <= now - window) from the running sum."""
-        ek = f"{tag}|e|{line.key}"
+        ek = f"{tag}|{EVENTS}|{line.key}"
         cutoff = now_ms - line.window_ms
         gone = self._db.execute("SELECT COALESCE(SUM(amount), 0) FROM events WHERE k=? AND ts<=?", (ek, cutoff)).fetchone()[0]
         if gone:
             self._db.execute("DELETE FROM events WHERE k=? AND ts<=?", (ek, cutoff))
-            self._add(f"{tag}|es|{line.key}", -gone)
+            self._add(f"{tag}|{ROLLING_SUM}|{line.key}", -gone)
 
     def _retry_after(self, tag: str, line: Line, st: LineState, now_ms: int) -> int | None:
         if line.kind is Kind.CONCURRENCY:
@@ -190,7 +217,7 @@ class EmbeddedStore:
         if need > st.spent:
             return None  # frees only when reservations close, or never
         freed = 0
-        for ts, amount in self._db.execute("SELECT ts, amount FROM events WHERE k=? ORDER BY ts", (f"{tag}|e|{line.key}",)):
+        for ts, amount in self._db.execute("SELECT ts, amount FROM events WHERE k=? ORDER BY ts", (f"{tag}|{EVENTS}|{line.key}",)):
             freed += amount
             if freed >= need:
                 return max(1, ts + line.window_ms - now_ms)
@@ -227,7 +254,7 @@ class EmbeddedStore:
         )
         for line in lines:
             if line.run and line.lower is not None:
-                k = f"{tag}|low|{line.key}"
+                k = f"{tag}|{LOWERED}|{line.key}"
                 cur = self._get(k)
                 if cur is None or line.lower < cur:
                     self._set(k, line.lower)
@@ -236,13 +263,13 @@ class EmbeddedStore:
         due = self._db.execute("SELECT tag, key, lines FROM runs WHERE purge_at<=? LIMIT ?", (now_ms, limit)).fetchall()
         for tag, key, lines_json in due:
             keys = json.loads(lines_json)
-            if any(self._get(f"{tag}|r|{k}") for k in keys):
+            if any(self._get(f"{tag}|{RESERVED}|{k}") for k in keys):
                 self._db.execute("UPDATE runs SET purge_at=? WHERE tag=? AND key=?", (now_ms + PURGE_RETRY_MS, tag, key))
                 continue
             for k in keys:
-                self._db.executemany("DELETE FROM kv WHERE k=?", [(f"{tag}|{kind}|{k}",) for kind in _RUN_KEY_KINDS])
-                self._db.execute("DELETE FROM kv WHERE k=?", (f"{tag}|s|{k}|",))
-                self._db.execute("DELETE FROM events WHERE k=?", (f"{tag}|e|{k}",))
+                self._db.executemany("DELETE FROM kv WHERE k=?", [(f"{tag}|{kind}|{k}",) for kind in RUN_KEY_KINDS])
+                self._db.execute("DELETE FROM kv WHERE k=?", (f"{tag}|{SPENT}|{k}|",))
+                self._db.execute("DELETE FROM events WHERE k=?", (f"{tag}|{EVENTS}|{k}",))
             self._db.execute("DELETE FROM runs WHERE tag=? AND key=?", (tag, key))
 
     # -- reservations -----------------------------------------------------------
@@ -295,16 +322,16 @@ class EmbeddedStore:
         after, deltas = [], []
         for line, st in zip(lines, res.states):
             if line.kind is Kind.DURATION:
-                self._db.execute("INSERT OR IGNORE INTO kv (k, v) VALUES (?, ?)", (f"{tag}|t0|{line.key}", now_ms))
+                self._db.execute("INSERT OR IGNORE INTO kv (k, v) VALUES (?, ?)", (f"{tag}|{FIRST}|{line.key}", now_ms))
                 after.append(st)
             else:
-                deltas.append((f"{tag}|r|{line.key}", line.amount))
+                deltas.append((f"{tag}|{RESERVED}|{line.key}", line.amount))
                 after.append(LineState(st.key, st.limit, st.spent, st.reserved + line.amount))
         self._add_many(deltas)
         res = ReserveResult(True, rid, tuple(after), None, res.warned)
         record = _result_json(res)
         record.update(
-            lines=[_line_json(l) for l in lines],
+            lines=[line_to_wire(l) for l in lines],
             meta=dict(meta),
             estimate=normalize_usage(meta.get("estimate") or usage_of_lines(lines)),
             created_at=now_ms,
@@ -324,7 +351,7 @@ class EmbeddedStore:
         state, data = found
         if state != Outcome.RESERVED.value:
             return SettleResult(Outcome(state), data.get("charged", {}), replayed=True)
-        lines = [_line_from_json(d) for d in data["lines"]]
+        lines = [line_from_wire(d) for d in data["lines"]]
         reserved = data.get("estimate") or normalize_usage(data["meta"].get("estimate") or usage_of_lines(lines))
         if outcome is Outcome.EXPIRED:
             charged = dict(reserved)
@@ -336,15 +363,15 @@ class EmbeddedStore:
         for line in lines:
             if line.kind is Kind.DURATION:
                 continue
-            deltas.append((f"{tag}|r|{line.key}", -line.amount))
+            deltas.append((f"{tag}|{RESERVED}|{line.key}", -line.amount))
             amount = charged.get(line.dimension, 0)
             if line.kind is Kind.CONCURRENCY or not amount:
                 continue
             if line.window is Window.ROLLING:
-                self._db.execute("INSERT INTO events VALUES (?,?,?,?)", (f"{tag}|e|{line.key}", now_ms, rid, amount))
-                deltas.append((f"{tag}|es|{line.key}", amount))
+                self._db.execute("INSERT INTO events VALUES (?,?,?,?)", (f"{tag}|{EVENTS}|{line.key}", now_ms, rid, amount))
+                deltas.append((f"{tag}|{ROLLING_SUM}|{line.key}", amount))
             else:
-                sk = f"{tag}|s|{line.key}|{line.period}"
+                sk = f"{tag}|{SPENT}|{line.key}|{line.period}"
                 deltas.append((sk, amount))
                 if line.window is Window.CALENDAR and line.period_ttl_s > 0:
                     # kept from the bucket's first charge: that already outlives the period by one more period
@@ -379,21 +406,21 @@ class EmbeddedStore:
         meta: Mapping[str, Any],
         run: RunRef | None = None,
     ) -> ReserveResult:
-        return self._tx(lambda: self._reserve(tag, reservation_id, lines, now_ms, ttl_ms, meta, run))
+        return await self._write(lambda: self._reserve(tag, reservation_id, lines, now_ms, ttl_ms, meta, run))
 
     async def check(self, tag: str, lines: Sequence[Line], *, now_ms: int, run: RunRef | None = None) -> ReserveResult:
-        return self._tx(lambda: self._evaluate(tag, "", lines, now_ms, run))
+        return await self._write(lambda: self._evaluate(tag, "", lines, now_ms, run))
 
     async def snapshot(self, lines: Sequence[Line], *, tag: str, now_ms: int) -> tuple[LineState, ...]:
-        return self._tx(lambda: tuple(self._states(tag, lines, now_ms)))
+        return await self._write(lambda: tuple(self._states(tag, lines, now_ms)))
 
     async def settle(
         self, tag: str, reservation_id: str, usage: Mapping[str, int], *, now_ms: int, meta: Mapping[str, Any] | None = None
     ) -> SettleResult:
-        return self._tx(lambda: self._close(tag, reservation_id, Outcome.SETTLED, usage, now_ms, meta))
+        return await self._write(lambda: self._close(tag, reservation_id, Outcome.SETTLED, usage, now_ms, meta))
 
     async def release(self, tag: str, reservation_id: str, *, now_ms: int) -> SettleResult:
-        return self._tx(lambda: self._close(tag, reservation_id, Outcome.RELEASED, {}, now_ms, None))
+        return await self._write(lambda: self._close(tag, reservation_id, Outcome.RELEASED, {}, now_ms, None))
 
     async def expire(self, *, now_ms: int, limit: int = 100) -> int:
         """Settle reservations past their TTL at the reserved amount, forget closed
@@ -411,16 +438,16 @@ class EmbeddedStore:
             self._purge_runs(now_ms, limit)
             return len(due)
 
-        return self._tx(run)
+        return await self._write(run)
 
     async def adjust(self, tag: str, key: str, *, set_limit: int | None = None, credit: int = 0) -> None:
         def run() -> None:
             if set_limit is not None:
-                self._set(f"{tag}|lim|{key}", set_limit)
-                self._db.execute("DELETE FROM kv WHERE k=?", (f"{tag}|low|{key}",))
-            self._add(f"{tag}|cr|{key}", credit)
+                self._set(f"{tag}|{LIMIT}|{key}", set_limit)
+                self._db.execute("DELETE FROM kv WHERE k=?", (f"{tag}|{LOWERED}|{key}",))
+            self._add(f"{tag}|{CREDIT}|{key}", credit)
 
-        self._tx(run)
+        await self._write(run)
 
     def _run_row(self, tag: str, key: str, now_ms: int) -> RunState | None:
         row = self._db.execute(
@@ -429,7 +456,7 @@ class EmbeddedStore:
         return None if row is None else run_state_of(key, row[0], row[1], row[2], row[3], row[4], now_ms)
 
     async def run_state(self, tag: str, run_key: str, *, now_ms: int) -> RunState | None:
-        return self._run_row(tag, run_key, now_ms)
+        return await self._read(lambda: self._run_row(tag, run_key, now_ms))
 
     async def close_run(self, tag: str, run: RunRef, *, now_ms: int) -> RunState:
         def go() -> RunState:
@@ -442,7 +469,7 @@ class EmbeddedStore:
             assert st is not None
             return st
 
-        return self._tx(go)
+        return await self._write(go)
 
     async def ledger(self, *, since_ms: int = 0, limit: int | None = None, tag: str | None = None) -> list[LedgerEntry]:
         sql = "SELECT seq, tag, rid, outcome, reserved_at, closed_at, data FROM ledger WHERE closed_at>=?"
@@ -452,56 +479,52 @@ class EmbeddedStore:
             args.append(tag)
         sql += " ORDER BY closed_at, seq LIMIT ?"
         args.append(-1 if limit is None else limit)
-        out = []
-        for seq, tg, rid, outcome, reserved_at, closed_at, data in self._db.execute(sql, args).fetchall():
-            d = json.loads(data)
-            out.append(
-                LedgerEntry(str(seq), tg, rid, Outcome(outcome), d["reserved"], d["charged"], d["meta"], reserved_at, closed_at, tuple(d["lines"]))
+        rows = await self._read(lambda: self._db.execute(sql, args).fetchall())
+        return [_entry(*row) for row in rows]
+
+    async def ledger_page(
+        self, *, since_ms: int = 0, after: str | None = None, limit: int = 1000
+    ) -> tuple[list[LedgerEntry], str | None]:
+        """Up to `limit` entries closed at or after `since_ms`, in append order, after the
+        cursor `after`; and the cursor of the next page (None at the end)."""
+        sql = "SELECT seq, tag, rid, outcome, reserved_at, closed_at, data FROM ledger WHERE seq>? AND closed_at>=? ORDER BY seq LIMIT ?"
+        rows = await self._read(lambda: self._db.execute(sql, (int(after or 0), since_ms, limit)).fetchall())
+        return [_entry(*row) for row in rows], (str(rows[-1][0]) if len(rows) == limit else None)
+
+    async def trim_ledger(self, *, before_ms: int, limit: int = 10_000) -> int:
+        """Drop up to `limit` of the oldest entries closed before `before_ms` (the retention)."""
+
+        def go() -> int:
+            cur = self._db.execute(
+                "DELETE FROM ledger WHERE seq IN (SELECT seq FROM ledger WHERE closed_at<? ORDER BY seq LIMIT ?)", (before_ms, limit)
             )
-        return out
+            return cur.rowcount
+
+        return await self._write(go)
+
+    async def lead(self, name: str, owner: str, *, now_ms: int, ttl_ms: int) -> bool:
+        """Take or renew the lease `name` for `owner` until now + ttl; False while another owner holds it."""
+
+        def go() -> bool:
+            row = self._db.execute("SELECT owner, until FROM leases WHERE name=?", (name,)).fetchone()
+            if row is not None and row[0] != owner and row[1] > now_ms:
+                return False
+            self._db.execute("INSERT OR REPLACE INTO leases VALUES (?,?,?)", (name, owner, now_ms + ttl_ms))
+            return True
+
+        return await self._write(go)
 
     async def ping(self) -> None:
-        try:
-            self._db.execute("SELECT 1")
-        except sqlite3.Error as e:
-            raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+        await self._read(lambda: self._db.execute("SELECT 1").fetchone())
 
     async def close(self) -> None:
-        self._db.close()
+        await self._read(self._db.close)
+        self._pool.shutdown(wait=True)
 
 
-# -- the refusal rules (the reference for lua/reserve.lua) ----------------------
-
-
-def over(line: Line, st: LineState) -> bool:
-    """Would this line exceed its limit if the amount were taken?"""
-    if line.kind is Kind.DURATION:
-        return st.spent >= st.limit
-    if line.kind is Kind.CONCURRENCY:
-        return st.reserved + line.amount > st.limit
-    return st.spent + st.reserved + line.amount > st.limit
-
-
-def blocks(line: Line, st: LineState) -> bool:
-    """The mode-specific refusal rule for one line."""
-    if line.mode is Mode.ADVISORY:
-        return False
-    if line.kind is not Kind.COUNTER:
-        return over(line, st)
-    if line.mode is Mode.ACTUALS_ONLY:
-        return st.spent >= st.limit
-    if line.mode is Mode.SOFT_GATE:
-        return st.spent + st.reserved + line.amount > st.limit + line.margin
-    return st.spent + st.reserved + line.amount > st.limit
-
-
-def rolling_need(line: Line, st: LineState) -> int:
-    """How much settled spend must leave a blocked rolling window before the line passes."""
-    if line.mode is Mode.ACTUALS_ONLY:
-        return st.spent - st.limit + 1
-    slack = line.margin if line.mode is Mode.SOFT_GATE else 0
-    return st.spent + st.reserved + line.amount - st.limit - slack
-
+def _entry(seq: int, tag: str, rid: str, outcome: str, reserved_at: int, closed_at: int, data: str) -> LedgerEntry:
+    d = json.loads(data)
+    return LedgerEntry(str(seq), tag, rid, Outcome(outcome), d["reserved"], d["charged"], d["meta"], reserved_at, closed_at, tuple(d["lines"]))
 
 def _result_json(r: ReserveResult) -> dict[str, Any]:
     return {
@@ -528,15 +551,3 @@ def _replay_reserve(rid: str, rec: dict[str, Any]) -> ReserveResult:
         reason=None if reason is None else RunRefusal(reason),
         active_runs=rec.get("active_runs"),
     )
-
-
-def _line_json(l: Line) -> list[Any]:
-    return [
-        l.key, l.kind.value, l.dimension, l.limit, l.amount, l.mode.value, l.window.value, l.period, l.window_ms,
-        l.margin, l.period_ttl_s, int(l.run), -1 if l.lower is None else l.lower,
-    ]  # fmt: skip
-
-
-def _line_from_json(d: list[Any]) -> Line:
-    run, lower = (bool(d[11]), None if d[12] < 0 else d[12]) if len(d) > 12 else (False, None)
-    return Line(d[0], Kind(d[1]), d[2], d[3], d[4], Mode(d[5]), Window(d[6]), d[7], d[8], d[9], d[10], run, lower)

@@ -14,7 +14,8 @@ store's `kv` names in brackets):
     run:<key>  hash: a run (state, owner, created_at, seen_at, expires_at, lines)
     ra:<owner> zset: the owner's runs by expiry (the active-run cap)
     rp         zset: runs by purge time
-    ledger     stream: one entry per settle / release / expiry
+    ledger     stream: one entry per settle / release / expiry, read in pages
+               (XRANGE COUNT), trimmed by the reaper past the policy's retention
 
 Failures: any connection error or timeout becomes `StoreUnavailable` within
 the socket timeout; the client reconnects by itself once Redis is back (one
@@ -51,31 +52,30 @@ from .base import (
     run_state_of,
     usage_of_lines,
 )
+from .wire import PURGE_RETRY_MS, lines_json, lua_prelude
 
 TAGS_KEY = "xp:tags"  # index of hash tags, so the reaper and exports can find every tree
-PURGE_RETRY_MS = 60_000
+LEDGER_PAGE = 1000  # XRANGE COUNT: a stream is never read whole
 
 
-def _script(name: str) -> str:
+def _lua(name: str) -> str:
     return resources.files("extproc.stores").joinpath("lua", name).read_text()
+
+
+def rules_lua() -> str:
+    """The wire prelude and the shared rules: what every script starts with."""
+    return lua_prelude() + _lua("rules.lua")
+
+
+def script(name: str) -> str:
+    """A script as Redis runs it: the wire prelude, the shared rules, then the script itself."""
+    return rules_lua() + _lua(name)
 
 
 def _prefix(tag: str) -> str:
     if "{" in tag or "}" in tag:
         raise ValueError(f"budget tag must not contain braces: {tag!r}")
     return f"xp:{{{tag}}}:"
-
-
-def _lines_json(lines: Sequence[Line]) -> str:
-    return json.dumps(
-        [
-            [
-                l.key, l.kind.value, l.dimension, l.limit, l.amount, l.mode.value, l.window.value, l.period,
-                l.window_ms, l.margin, l.period_ttl_s, int(l.run), -1 if l.lower is None else l.lower,
-            ]
-            for l in lines
-        ]
-    )  # fmt: skip
 
 
 def _run_args(run: RunRef | None, lines: Sequence[Line]) -> tuple[str, str]:
@@ -131,9 +131,9 @@ class RedisStore:
                 max_connections=max_connections,
                 retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             )
-        self._reserve = self._r.register_script(_script("reserve.lua"))
-        self._close = self._r.register_script(_script("close.lua"))
-        self._admin = self._r.register_script(_script("admin.lua"))
+        self._reserve = self._r.register_script(script("reserve.lua"))
+        self._close = self._r.register_script(script("close.lua"))
+        self._admin = self._r.register_script(script("admin.lua"))
         self._known_tags: set[str] = set()
         # redis-py's cluster client races when many tasks trigger its lazy
         # initialisation at once; initialise it once, under a lock.
@@ -182,7 +182,7 @@ class RedisStore:
                 reservation_id,
                 now_ms,
                 ttl_ms,
-                _lines_json(lines),
+                lines_json(lines),
                 json.dumps(dict(meta)),
                 json.dumps(estimate),
                 REFUSAL_MEMORY_MS,
@@ -198,7 +198,7 @@ class RedisStore:
         _, text = await self._call(
             self._reserve,
             keys=[_prefix(tag)],
-            args=["", now_ms, 0, _lines_json(lines), "{}", "{}", 0, "1", run_json, run_lines],
+            args=["", now_ms, 0, lines_json(lines), "{}", "{}", 0, "1", run_json, run_lines],
         )
         return _parse_result("", [l.key for l in lines], False, text)
 
@@ -266,36 +266,77 @@ class RedisStore:
     async def ledger(self, *, since_ms: int = 0, limit: int | None = None, tag: str | None = None) -> list[LedgerEntry]:
         out: list[LedgerEntry] = []
         for tg in [tag] if tag is not None else await self._tags():
-            rows = await self._call(self._r.xrange, _prefix(tg) + "ledger", min="-", max="+")
-            for seq, f in rows:
-                closed_at = int(f["closed_at"])
-                if closed_at < since_ms:
-                    continue
-                meta = json.loads(f["meta"])
-                meta.update(json.loads(f.get("extra") or "{}"))
-                lines = json.loads(f["lines"])
-                out.append(
-                    LedgerEntry(
-                        seq,
-                        tg,
-                        f["rid"],
-                        Outcome(f["outcome"]),
-                        json.loads(f["reserved"]),
-                        json.loads(f["charged"]),
-                        meta,
-                        int(f["reserved_at"]),
-                        closed_at,
-                        tuple(lines) if isinstance(lines, list) else (),
-                    )
-                )
+            after = None
+            while True:
+                page, after = await self._ledger_tag(tg, since_ms, after, LEDGER_PAGE)
+                out += page
+                if after is None:
+                    break
         out.sort(key=lambda e: (e.closed_at_ms, tuple(int(x) for x in e.seq.split("-"))))
         return out if limit is None else out[:limit]
+
+    async def _ledger_tag(self, tag: str, since_ms: int, after: str | None, count: int) -> tuple[list[LedgerEntry], str | None]:
+        """One XRANGE page of one tree's stream: its entries closed at or after `since_ms`, and the
+        id to continue after (None at the end of the stream)."""
+        rows = await self._call(self._r.xrange, _prefix(tag) + "ledger", min="-" if after is None else f"({after}", max="+", count=count)
+        entries = [e for e in (_entry(tag, seq, f) for seq, f in rows) if e.closed_at_ms >= since_ms]
+        return entries, (rows[-1][0] if len(rows) == count else None)
+
+    async def ledger_page(
+        self, *, since_ms: int = 0, after: str | None = None, limit: int = 1000
+    ) -> tuple[list[LedgerEntry], str | None]:
+        """Up to `limit` entries closed at or after `since_ms`, tree by tree in stream order, after
+        the cursor `after`; and the cursor of the next page (None at the end)."""
+        tag, stream_id = json.loads(after) if after else (None, None)
+        out: list[LedgerEntry] = []
+        for tg in await self._tags():
+            if tag is not None and tg < tag:
+                continue
+            sid = stream_id if tg == tag else None
+            while True:
+                page, sid = await self._ledger_tag(tg, since_ms, sid, limit - len(out))
+                out += page
+                if sid is None:
+                    break
+                if len(out) >= limit:
+                    return out, json.dumps([tg, sid])
+        return out, None
+
+    async def trim_ledger(self, *, before_ms: int, limit: int = 10_000) -> int:
+        """Drop the oldest entries of every tree closed before `before_ms` (up to `limit` per tree)."""
+        dropped = 0
+        for tag in await self._tags():
+            dropped += await self._call(self._admin, keys=[_prefix(tag)], args=["trim_ledger", before_ms, limit])
+        return dropped
+
+    async def lead(self, name: str, owner: str, *, now_ms: int, ttl_ms: int) -> bool:
+        """Take or renew the lease `name` for `owner` until now + ttl; False while another owner holds it."""
+        key = f"xp:lease:{{{name}}}"
+        return bool(await self._call(self._admin, keys=[key], args=["lease", owner, now_ms, ttl_ms]))
 
     async def ping(self) -> None:
         await self._call(self._r.ping)
 
     async def close(self) -> None:
         await self._r.aclose()
+
+
+def _entry(tag: str, seq: str, f: Mapping[str, str]) -> LedgerEntry:
+    meta = json.loads(f["meta"])
+    meta.update(json.loads(f.get("extra") or "{}"))
+    lines = json.loads(f["lines"])
+    return LedgerEntry(
+        seq,
+        tag,
+        f["rid"],
+        Outcome(f["outcome"]),
+        json.loads(f["reserved"]),
+        json.loads(f["charged"]),
+        meta,
+        int(f["reserved_at"]),
+        int(f["closed_at"]),
+        tuple(lines) if isinstance(lines, list) else (),
+    )
 
 
 def _run_state(key: str, r: Sequence[Any], now_ms: int) -> RunState | None:

@@ -237,8 +237,27 @@ async def test_reaper_expires_through_the_engine(engine, clock):
     assert await engine.expire() == 1
     snap = await engine.snapshot(policy, ALICE)
     assert (snap.states[0].spent, snap.states[0].reserved) == (usd("0.40"), 0)
-    (entry,) = await engine.store.ledger()
+    (entry,) = await engine.ledger()
     assert entry.outcome is Outcome.EXPIRED and entry.meta["principal"] == "alice" and entry.reservation_id == d.hold.reservation_id
+
+
+async def test_one_worker_reaps_and_trims_the_ledger(engine, clock):
+    """Every worker runs the reaper loop; the store's lease lets one of them work at a time."""
+    from extproc.engine.budget import Engine
+
+    other = Engine(engine.store, clock=clock)  # a second worker process on the same store
+    policy = make_policy(reservation_ttl_seconds=30, budgets=[{"scope": "key", "limits": [{"dimension": "cost", "limit": "1.00"}]}])
+    await spend(engine, policy, cost="0.10")
+    await reserve(engine, policy, cost="0.40")
+    clock.advance(30_000)
+    assert await engine.reap("w1", lease_ms=5000) == 1
+    assert await other.reap("w2", lease_ms=5000) is None
+    assert len(await engine.ledger()) == 2
+    clock.advance(5000)  # w1 stopped renewing: w2 takes over, and trims what is past the retention
+    assert await other.reap("w2", lease_ms=5000, ledger_retention_ms=10_000) == 0
+    assert [e.outcome for e in await engine.ledger()] == [Outcome.EXPIRED]
+    pages = [page async for page in engine.ledger_pages(page=1)]
+    assert [[e.outcome for e in p] for p in pages] == [[Outcome.EXPIRED]]
 
 
 async def test_replayed_reservation_is_marked(engine, clock):

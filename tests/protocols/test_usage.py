@@ -15,7 +15,7 @@ from extproc.protocols import (
     OPENAI_RESPONSES,
     Usage,
 )
-from extproc.protocols.usage import anthropic_usage, merge_usage, openai_usage, responses_usage
+from extproc.protocols.usage import anthropic_usage, openai_usage, responses_usage
 
 
 def test_openai_prompt_tokens_include_cached() -> None:
@@ -100,8 +100,6 @@ def test_merge_is_fieldwise_max() -> None:
     delta = Usage(output_tokens=15)
     assert start.merge(delta) == Usage(input_tokens=25, cached_input_tokens=3000, output_tokens=15)
     assert start.merge(None) is start
-    assert merge_usage(None, delta) is delta
-    assert merge_usage(start, None) is start
 
 
 def _body(usage: object) -> bytes:

@@ -27,30 +27,30 @@ local lines = cjson.decode(rec[2])
 local function fmt(n) return string.format('%d', n) end
 
 for _, l in ipairs(lines) do
-  local key, kind, dim, amount, window, period = l[1], l[2], l[3], l[5], l[7], l[8]
-  if kind ~= 'duration' then
-    redis.call('DECRBY', P .. 'r:' .. key, fmt(amount))
+  local key, kind, dim, amount, window, period = l[F_KEY], l[F_KIND], l[F_DIMENSION], l[F_AMOUNT], l[F_WINDOW], l[F_PERIOD]
+  if kind ~= KIND_DURATION then
+    redis.call('DECRBY', P .. K_RESERVED .. key, fmt(amount))
     local c = charged[dim]
-    if kind == 'counter' and c and c ~= 0 then
-      if window == 'rolling' then
+    if kind == KIND_COUNTER and c and c ~= 0 then
+      if window == WINDOW_ROLLING then
         -- member "rid:now:amount" is unique even if an id is reused after its memory
-        local ek, sk = P .. 'e:' .. key, P .. 'es:' .. key
+        local ek, sk = P .. K_EVENTS .. key, P .. K_ROLLING_SUM .. key
         redis.call('ZADD', ek, fmt(now), rid .. ':' .. fmt(now) .. ':' .. fmt(c))
         redis.call('INCRBY', sk, fmt(c))
-        redis.call('PEXPIRE', ek, fmt(l[9] * 2))
-        redis.call('PEXPIRE', sk, fmt(l[9] * 2))
+        redis.call('PEXPIRE', ek, fmt(l[F_WINDOW_MS] * 2))
+        redis.call('PEXPIRE', sk, fmt(l[F_WINDOW_MS] * 2))
       else
-        local sk = P .. 's:' .. key .. '|' .. period
+        local sk = P .. K_SPENT .. key .. '|' .. period
         local v = redis.call('INCRBY', sk, fmt(c))
         -- a calendar bucket expires period_ttl_s after its first charge (longer than the period)
-        if window == 'calendar' and l[11] > 0 and v == c then redis.call('EXPIRE', sk, fmt(l[11])) end
+        if window == WINDOW_CALENDAR and l[F_PERIOD_TTL_S] > 0 and v == c then redis.call('EXPIRE', sk, fmt(l[F_PERIOD_TTL_S])) end
       end
     end
   end
 end
 
 local keys = {}
-for i, l in ipairs(lines) do keys[i] = l[1] end
+for i, l in ipairs(lines) do keys[i] = l[F_KEY] end
 redis.call('HSET', rkey, 'state', outcome, 'charged', charged_json, 'closed_at', fmt(now),
   'until', fmt(now + tonumber(ARGV[6])))
 redis.call('HDEL', rkey, 'lines', 'meta', 'estimate')

@@ -1,12 +1,12 @@
 -- Atomic multi-line reservation: every line fits or nothing is taken; the
 -- run (if any) is checked and touched in the same step. Mirrors
--- EmbeddedStore._reserve / _evaluate (extproc/stores/embedded.py) exactly; the
--- rules are written down in extproc/stores/base.py.
+-- EmbeddedStore._reserve / _evaluate (extproc/stores/embedded.py); the
+-- refusal rules come from rules.lua (= extproc/rules.py), the F_* / K_* /
+-- KIND_* / MODE_* / WINDOW_* names from the prelude (extproc/stores/wire.py).
 --
 -- KEYS[1]  prefix "xp:{tag}:" (every key below lives under its hash tag)
 -- ARGV[1]  reservation id     ARGV[2] now_ms     ARGV[3] ttl_ms
--- ARGV[4]  lines JSON [[key, kind, dimension, limit, amount, mode, window, period,
---          window_ms, margin, period_ttl_s, run 0|1, lower (-1 = none)], ...]
+-- ARGV[4]  lines JSON (wire.LINE_FIELDS arrays)
 -- ARGV[5]  meta JSON (kept verbatim)    ARGV[6] estimate JSON (kept verbatim; what expiry charges)
 -- ARGV[7]  refusal memory ms    ARGV[8] '1' = check only: evaluate, take nothing, record nothing
 -- ARGV[9]  run JSON [key, owner, ttl_ms, max_active, memory_ms] or ''   ARGV[10] run line keys JSON
@@ -60,15 +60,15 @@ local function event_amount(member) return tonumber(string.match(member, ':(%-?%
 
 -- Rolling windows first drop the charges that left them (ts <= now - window).
 for _, l in ipairs(lines) do
-  if l[2] == 'counter' and l[7] == 'rolling' then
-    local ek = P .. 'e:' .. l[1]
-    local cutoff = fmt(now - l[9])
+  if l[F_KIND] == KIND_COUNTER and l[F_WINDOW] == WINDOW_ROLLING then
+    local ek = P .. K_EVENTS .. l[F_KEY]
+    local cutoff = fmt(now - l[F_WINDOW_MS])
     local gone = redis.call('ZRANGEBYSCORE', ek, '-inf', cutoff)
     if #gone > 0 then
       local freed = 0
       for _, m in ipairs(gone) do freed = freed + event_amount(m) end
       redis.call('ZREMRANGEBYSCORE', ek, '-inf', cutoff)
-      redis.call('DECRBY', P .. 'es:' .. l[1], fmt(freed))
+      redis.call('DECRBY', P .. K_ROLLING_SUM .. l[F_KEY], fmt(freed))
     end
   end
 end
@@ -77,10 +77,11 @@ end
 -- credits, the run's lowered limit, reserved (t0 for duration), spent.
 local keys = {}
 for _, l in ipairs(lines) do
-  local k, n = l[1], #keys
-  keys[n + 1], keys[n + 2], keys[n + 3] = P .. 'lim:' .. k, P .. 'cr:' .. k, P .. 'low:' .. k
-  if l[2] == 'duration' then keys[n + 4] = P .. 't0:' .. k else keys[n + 4] = P .. 'r:' .. k end
-  if l[7] == 'rolling' then keys[n + 5] = P .. 'es:' .. k else keys[n + 5] = P .. 's:' .. k .. '|' .. l[8] end
+  local k, n = l[F_KEY], #keys
+  keys[n + 1], keys[n + 2], keys[n + 3] = P .. K_LIMIT .. k, P .. K_CREDIT .. k, P .. K_LOWERED .. k
+  if l[F_KIND] == KIND_DURATION then keys[n + 4] = P .. K_FIRST .. k else keys[n + 4] = P .. K_RESERVED .. k end
+  if l[F_WINDOW] == WINDOW_ROLLING then keys[n + 5] = P .. K_ROLLING_SUM .. k
+  else keys[n + 5] = P .. K_SPENT .. k .. '|' .. l[F_PERIOD] end
 end
 local vals = {}
 if #keys > 0 then vals = redis.call('MGET', unpack(keys)) end
@@ -89,35 +90,26 @@ local function val(j) return tonumber(vals[j] or '0') end
 local states, blocked, warned = {}, nil, {}
 for i, l in ipairs(lines) do
   local b = (i - 1) * 5
-  local kind, amount, mode = l[2], l[5], l[6]
-  local limit = l[4]
+  local kind, amount, mode = l[F_KIND], l[F_AMOUNT], l[F_MODE]
+  local limit = l[F_LIMIT]
   if vals[b + 1] then limit = tonumber(vals[b + 1]) end
   limit = limit + val(b + 2)
-  if l[12] == 1 then
+  if l[F_RUN] == 1 then
     if vals[b + 3] and tonumber(vals[b + 3]) < limit then limit = tonumber(vals[b + 3]) end
-    if l[13] >= 0 and l[13] < limit then limit = l[13] end
+    if l[F_LOWER] >= 0 and l[F_LOWER] < limit then limit = l[F_LOWER] end
   end
   local spent, reserved = 0, 0
-  if kind == 'duration' then
+  if kind == KIND_DURATION then
     if vals[b + 4] then spent = math.floor((now - tonumber(vals[b + 4])) / 1000) end
   else
     reserved = val(b + 4)
-    if kind == 'counter' then spent = val(b + 5) end
+    if kind == KIND_COUNTER then spent = val(b + 5) end
   end
   states[i] = {limit, spent, reserved}
-  local over
-  if kind == 'duration' then over = spent >= limit
-  elseif kind == 'concurrency' then over = reserved + amount > limit
-  else over = spent + reserved + amount > limit end
-  if mode == 'advisory' then
-    if over then warned[#warned + 1] = tostring(i - 1) end
-  elseif blocked == nil then
-    local blocks = over
-    if kind == 'counter' then
-      if mode == 'actuals_only' then blocks = spent >= limit
-      elseif mode == 'soft_gate' then blocks = spent + reserved + amount > limit + l[10] end
-    end
-    if blocks then blocked = i end
+  if mode == MODE_ADVISORY then
+    if rule_over(kind, limit, spent, reserved, amount) then warned[#warned + 1] = tostring(i - 1) end
+  elseif blocked == nil and rule_blocks(kind, mode, limit, spent, reserved, amount, l[F_MARGIN]) then
+    blocked = i
   end
 end
 
@@ -125,22 +117,19 @@ end
 -- concurrency, -1 when waiting alone cannot help.
 local function retry_after(i)
   local l, st = lines[i], states[i]
-  if l[2] == 'concurrency' then
-    if l[5] <= st[1] then return 1000 end
+  if l[F_KIND] == KIND_CONCURRENCY then
+    if l[F_AMOUNT] <= st[1] then return 1000 end
     return -1
   end
-  if l[2] ~= 'counter' or l[7] ~= 'rolling' then return -1 end
-  local need
-  if l[6] == 'actuals_only' then need = st[2] - st[1] + 1
-  elseif l[6] == 'soft_gate' then need = st[2] + st[3] + l[5] - st[1] - l[10]
-  else need = st[2] + st[3] + l[5] - st[1] end
+  if l[F_KIND] ~= KIND_COUNTER or l[F_WINDOW] ~= WINDOW_ROLLING then return -1 end
+  local need = rule_need(l[F_MODE], st[1], st[2], st[3], l[F_AMOUNT], l[F_MARGIN])
   if need > st[2] then return -1 end
   local freed = 0
-  local evs = redis.call('ZRANGE', P .. 'e:' .. l[1], 0, -1, 'WITHSCORES')
+  local evs = redis.call('ZRANGE', P .. K_EVENTS .. l[F_KEY], 0, -1, 'WITHSCORES')
   for j = 1, #evs, 2 do
     freed = freed + event_amount(evs[j])
     if freed >= need then
-      local r = tonumber(evs[j + 1]) + l[9] - now
+      local r = tonumber(evs[j + 1]) + l[F_WINDOW_MS] - now
       if r < 1 then r = 1 end
       return r
     end
@@ -172,10 +161,10 @@ if run and reason == '' then
   redis.call('ZADD', ownerkey, fmt(exp), run[1])
   redis.call('ZADD', P .. 'rp', fmt(exp + run[5]), run[1])
   for _, l in ipairs(lines) do
-    if l[12] == 1 and l[13] >= 0 then
-      local lk = P .. 'low:' .. l[1]
+    if l[F_RUN] == 1 and l[F_LOWER] >= 0 then
+      local lk = P .. K_LOWERED .. l[F_KEY]
       local cur = redis.call('GET', lk)
-      if not cur or l[13] < tonumber(cur) then redis.call('SET', lk, fmt(l[13])) end
+      if not cur or l[F_LOWER] < tonumber(cur) then redis.call('SET', lk, fmt(l[F_LOWER])) end
     end
   end
 end
@@ -188,11 +177,11 @@ if not ok then
 end
 
 for i, l in ipairs(lines) do
-  if l[2] == 'duration' then
-    redis.call('SET', P .. 't0:' .. l[1], fmt(now), 'NX')
+  if l[F_KIND] == KIND_DURATION then
+    redis.call('SET', P .. K_FIRST .. l[F_KEY], fmt(now), 'NX')
   else
-    redis.call('INCRBY', P .. 'r:' .. l[1], fmt(l[5]))
-    states[i][3] = states[i][3] + l[5]
+    redis.call('INCRBY', P .. K_RESERVED .. l[F_KEY], fmt(l[F_AMOUNT]))
+    states[i][3] = states[i][3] + l[F_AMOUNT]
   end
 end
 local result = encode()
