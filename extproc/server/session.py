@@ -44,7 +44,7 @@ from ..protocols.paths import normalize as normalize_path
 from ..protocols.request import RequestFacts
 from ..protocols.schemas import Schema, schema_by_name
 from ..protocols.usage import Usage
-from ..stores.base import Kind, LineState, Mode
+from ..rules import LineState, exhausted_for_good
 from . import headers as H
 from . import identity, metrics, render
 from .reply import Immediate, Reply
@@ -138,18 +138,6 @@ class Services:
         task = asyncio.get_running_loop().create_task(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
-
-
-def _exhausted(lim: AppliedLimit, st: LineState) -> bool:
-    """Nothing more can fit in this line (checked on headers, before the body is uploaded)."""
-    line = lim.line
-    if line.mode is Mode.ADVISORY or line.kind is Kind.CONCURRENCY or lim.spec.window == "rolling":
-        return False  # these free up by themselves; only the reservation can tell
-    if line.kind is Kind.DURATION:
-        return st.spent >= st.limit
-    if line.dimension == "requests":
-        return st.spent + st.reserved + 1 > st.limit
-    return st.spent + (0 if line.mode is Mode.ACTUALS_ONLY else st.reserved) >= st.limit
 
 
 def _over_soft(lim: AppliedLimit, st: LineState, amount: int) -> bool:
@@ -313,7 +301,7 @@ class Session:
         if recent is not None:
             self.early = recent
             for i, (lim, st) in enumerate(zip(recent.limits, recent.states)):
-                if _exhausted(lim, st):
+                if exhausted_for_good(lim.line, st):
                     return self._early_refusal(recent, i)
         return None
 

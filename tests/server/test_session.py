@@ -129,3 +129,35 @@ async def test_a_malformed_run_limit_header_is_a_clear_400(run_services):
     r = await s.request_headers({**HEADERS, "x-run-id": "r1", "x-run-budget-usd": "lots"}, False)
     assert r.immediate is not None and r.immediate.status == 400
     assert json.loads(r.immediate.body)["error"]["param"] == "x-run-budget-usd"
+
+
+SOFT_POLICY = POLICY.replace("budgets:", "enforcement: { mode: soft_gate, soft_gate_margin: \"0.5\" }\nbudgets:").replace(
+    ', soft_threshold: "0.5"', ""
+)
+
+
+@pytest.fixture
+async def soft_services(tmp_path):
+    store = EmbeddedStore(tmp_path / "soft.db")
+    s = Services(PolicyHolder(parse_policy(SOFT_POLICY)), Engine(store, clock=Clock()))
+    yield s
+    await store.close()
+
+
+async def test_soft_gate_headers_do_not_refuse_what_the_margin_still_allows(soft_services):
+    """soft_gate admits up to limit + margin; the early refusal on request headers used to
+    stop at the limit (a third copy of the rules), refusing calls Engine.check allows."""
+    s, r, _ = await call(soft_services, "a", "small", 10)
+    assert r.immediate is None
+    await s.response_headers({":status": "200", "content-type": "application/json"})
+    # $0.012 spent on a $0.01 limit with a 50% margin ($0.015): over the limit, inside the margin
+    await s.response_body(json.dumps({"usage": {"prompt_tokens": 120000, "completion_tokens": 0}}).encode(), True)
+    who = s.who
+    assert (await soft_services.engine.check(soft_services.policy.current, who)).allowed
+    s, r, phase = await call(soft_services, "b", "small", 10)  # its decision saw spent > limit
+    assert r.immediate is None
+    await s.response_headers({":status": "200", "content-type": "application/json"})
+    await s.response_body(json.dumps({"usage": {"prompt_tokens": 10, "completion_tokens": 1}}).encode(), True)
+    assert (await soft_services.engine.check(soft_services.policy.current, who)).allowed
+    _, r, phase = await call(soft_services, "c", "small", 10)
+    assert phase == "body" and r.immediate is None, "refused on headers although the margin allows it"
