@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 from ..engine.budget import AppliedLimit, Decision, Engine, Hold, Identity
 from ..engine.runs import run_overrides_from_headers
@@ -351,17 +351,22 @@ class Session:
         start = 0
         if len(options) > 1 and self.early is not None and _past_soft(self.early, requested.cost):
             start = 1  # past a soft threshold: go straight to the cheaper model
+        held: Hold | None = None  # a hold taken before a later store call failed must be given back
         try:
             decision, chosen = await self._reserve_first_fit(options[start:])
             if decision.allowed and chosen is requested and len(options) > 1 and _past_soft(decision, 0):
                 # this call crossed the soft threshold: move it to the cheaper model
+                held = decision.hold
                 cheaper, cheaper_choice = await self._reserve_first_fit(options[1:], first_attempt=1)
                 if cheaper.allowed:
                     await self.s.engine.release(decision.hold)
                     decision, chosen = cheaper, cheaper_choice
+                held = None
             if not decision.allowed and policy.decisions.output_clamp:
                 decision, chosen = await self._try_clamp(facts, requested, decision)
         except StoreUnavailable as e:
+            if held is not None:
+                self.s.spawn(_release_later(self.s.engine, held))
             return self._store_down(e)
         self.s.recent.put(self.who, self.run_id, decision, self.s.engine.clock())
         self.decision, self.chosen = decision, chosen
@@ -770,12 +775,20 @@ class Session:
 
 async def _settle_later(engine: Engine, hold: Hold, charge: Mapping[str, int], meta: Mapping[str, Any]) -> None:
     """Retry a settle the store refused; the reservation's TTL is the backstop."""
-    delay = 0.2
+    await _retry(lambda: engine.settle(hold, charge, meta), f"settling {hold.reservation_id}")
+
+
+async def _release_later(engine: Engine, hold: Hold) -> None:
+    """Give back a hold of a request that will never run (the store failed after it was taken)."""
+    await _retry(lambda: engine.release(hold), f"releasing {hold.reservation_id}", delay=0.0)
+
+
+async def _retry(op: Callable[[], Awaitable[Any]], what: str, *, delay: float = 0.2) -> None:
     for _ in range(12):
         await asyncio.sleep(delay)
         try:
-            await engine.settle(hold, charge, meta)
+            await op()
             return
         except StoreUnavailable:
-            delay = min(delay * 2, 10.0)
-    log.error("giving up settling %s; the reaper will expire it at the reserved amount", hold.reservation_id)
+            delay = min(max(delay, 0.1) * 2, 10.0)
+    log.error("giving up %s; the reaper will expire it at the reserved amount", what)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import asyncio
 import json
 
 import pytest
 
 from extproc.engine.budget import Engine
+from extproc.errors import StoreUnavailable
 from extproc.policy.loader import PolicyHolder, parse_policy
 from extproc.server.session import Services, Session
 from extproc.stores.embedded import EmbeddedStore
@@ -161,3 +163,33 @@ async def test_soft_gate_headers_do_not_refuse_what_the_margin_still_allows(soft
     assert (await soft_services.engine.check(soft_services.policy.current, who)).allowed
     _, r, phase = await call(soft_services, "c", "small", 10)
     assert phase == "body" and r.immediate is None, "refused on headers although the margin allows it"
+
+
+class FailingSecondReserve(EmbeddedStore):
+    """A real store whose second reservation finds the store unreachable."""
+
+    reserves = 0
+
+    async def reserve(self, *a, **kw):
+        self.reserves += 1
+        if self.reserves == 2:
+            raise StoreUnavailable("store went away")
+        return await super().reserve(*a, **kw)
+
+
+async def test_a_store_error_during_downshift_releases_the_first_hold(tmp_path):
+    store = FailingSecondReserve(tmp_path / "f.db")
+    services = Services(PolicyHolder(parse_policy(POLICY)), Engine(store, clock=Clock()))
+    try:
+        # big's worst case crosses the soft threshold: the first hold is on big, the second
+        # reservation (on small) hits the store error
+        s, r, _ = await call(services, "x", "big", 600)
+        assert r.immediate is not None and r.immediate.status == 503
+        for _ in range(50):  # released in the background (the store may still be down)
+            if await store.ledger():
+                break
+            await asyncio.sleep(0.05)
+        entries = await store.ledger()
+        assert [(e.reservation_id, e.outcome.value) for e in entries] == [(s.reservation_id, "released")]
+    finally:
+        await store.close()
