@@ -728,11 +728,8 @@ class Session:
                 return self._json(404, body)
             return self._json(200, json.dumps(rec).encode())
         run_id = next((headers[h] for h in self.policy.runs.headers if headers.get(h)), None)
-        eng = self.s.engine
-        now = eng.clock()
-        limits = eng.limits_for(self.policy, who, run_id, {}, now)
         try:
-            states = await eng.store.snapshot([l.line for l in limits], tag=who.tag, now_ms=now)
+            snap = await self.s.engine.snapshot_lines(self.policy, who, run_id=run_id)
         except StoreUnavailable as e:
             return self._store_down(e)
         doc = {
@@ -741,7 +738,7 @@ class Session:
             "org": who.org,
             "run": run_id,
             "price_table_version": self.policy.prices.version,
-            "budgets": render.budget_rows(limits, states, now),
+            "budgets": render.budget_rows(snap.limits, snap.states, snap.now_ms),
         }
         return self._json(200, json.dumps(doc).encode())
 

@@ -85,7 +85,7 @@ async def test_a_call_that_crosses_the_soft_threshold_moves_to_the_cheaper_model
     assert s.chosen is not None and s.chosen.name == "small"
     assert json.loads(r.body)["model"] == "small"
     assert ("x-extproc-model", "small") in r.set_headers and r.clear_route_cache
-    entries = await services.engine.store.ledger()
+    entries = await services.engine.ledger()
     # the first hold (on big) was released; its id is the session's, never the client's x-request-id
     assert [(e.reservation_id, e.outcome.value) for e in entries] == [(s.reservation_id, "released")]
     assert entries[0].meta["request_id"] == "x"

@@ -96,7 +96,7 @@ async def test_a_flat_route_reserves_on_headers_and_settles_on_a_2xx(services):
     s2 = Session(services)
     await s2.request_headers(headers("/v1/rerank", **AUTH), False)
     await s2.response_headers({":status": "503"})
-    entries = await services.engine.store.ledger()
+    entries = await services.engine.ledger()
     assert [(e.outcome.value, e.charged.get("cost", 0)) for e in entries] == [("settled", 4_000_000), ("released", 0)]
     # $0.006 is left: one more $0.004 hold fits, a second does not
     outcomes = []
@@ -131,5 +131,5 @@ async def test_a_client_request_id_never_names_the_reservation(services):
         await s.response_headers({":status": "200", "content-type": "application/json"})
         await s.response_body(b'{"usage": {"prompt_tokens": 10, "completion_tokens": 5}}', True)
     assert len(ids) == 3
-    entries = await services.engine.store.ledger()
+    entries = await services.engine.ledger()
     assert len(entries) == 3 and {e.meta["request_id"] for e in entries} == {"same"}
