@@ -23,13 +23,16 @@ through these methods, never through the store.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from ..errors import StoreUnavailable
 from ..money import nano_to_usd
 from ..policy.model import BudgetSpec, KeySpec, LimitSpec, Policy
 from ..rules import PROBE, Kind, Line, LineState, Mode, Window
@@ -43,6 +46,8 @@ from ..stores.base import (
     Store,
 )
 from .windows import calendar_period
+
+log = logging.getLogger("extproc.engine")
 
 REAPER_LEASE = "reaper"  # the store lease that makes one worker process (or pod) the reaper
 
@@ -427,6 +432,14 @@ class Engine:
     async def release(self, hold: Hold) -> SettleResult:
         return await self.store.release(hold.tag, hold.reservation_id, now_ms=self.clock())
 
+    async def settle_retrying(self, hold: Hold, usage: Mapping[str, int], meta: Mapping[str, Any] | None = None) -> None:
+        """`settle` in the background after the store refused it; the reservation's TTL is the backstop."""
+        await _retrying(lambda: self.settle(hold, usage, meta), f"settling {hold.reservation_id}", delay=0.2)
+
+    async def release_retrying(self, hold: Hold) -> None:
+        """`release` in the background for a request that will never run (the store failed after the hold)."""
+        await _retrying(lambda: self.release(hold), f"releasing {hold.reservation_id}", delay=0.0)
+
     async def expire(self) -> int:
         return await self.store.expire(now_ms=self.clock())
 
@@ -529,3 +542,14 @@ class Engine:
 
     async def run_state(self, who: Identity, run_id: str) -> RunState | None:
         return await self.store.run_state(who.tag, run_key(who, run_id), now_ms=self.clock())
+
+
+async def _retrying(op: Callable[[], Awaitable[Any]], what: str, *, delay: float, tries: int = 12) -> None:
+    for _ in range(tries):
+        await asyncio.sleep(delay)
+        try:
+            await op()
+            return
+        except StoreUnavailable:
+            delay = min(max(delay, 0.1) * 2, 10.0)
+    log.error("giving up %s; the reaper will expire it at the reserved amount", what)

@@ -1,0 +1,250 @@
+"""One metered call decided: which model, what is reserved, what the backend may generate.
+
+`Planner.plan` takes the parsed request (`RequestFacts`), who is calling and its
+text token counts, and returns a `Plan`: the decision (with its hold when
+allowed), the model chosen, whether its output was clamped, and on refusal the
+cheaper models that would fit. In order:
+
+1. the requested model and every capability-valid model it may downshift to;
+2. past a soft threshold (known from this caller's recent decision) start at the
+   cheaper model; else reserve the first that fits (a refusal a cheaper model
+   cannot fix stops the ladder);
+3. a call that itself crossed a soft threshold moves to the cheaper model;
+4. if nothing fits and the policy allows it, clamp the output to what fits.
+
+Every hold taken on the way and not kept is released here, also when the store
+fails half way (in the background: the store is down right now), so the caller
+only ever owns the one hold of the decision it gets back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import StoreUnavailable
+from ..estimate import estimate, lower_bound_tokens, upper_bound_tokens
+from ..money import Price, nano_to_usd
+from ..policy.model import Policy
+from ..protocols.request import RequestFacts
+from .budget import Decision, Engine, Hold, Identity
+from .downshift import Candidate, affordable_output, chain, missing_capabilities
+from .pricing import tool_reserve, unpriced_tools
+
+LivePrice = Callable[[str], Price | None]
+Spawn = Callable[[Awaitable[Any]], None]
+TOKEN_DIMENSIONS = ("cost", "input_tokens", "output_tokens", "total_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling, under which run, and what this process last decided for them."""
+
+    who: Identity
+    run_id: str | None = None
+    run_overrides: Mapping[str, int] | None = None
+    reservation_id: str = ""
+    request_id: str = ""
+    recent: Decision | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    decision: Decision
+    chosen: Candidate
+    requested: str
+    clamped: bool = False
+    alternatives: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        """The call runs otherwise than asked (another model, a lower output cap)."""
+        return self.clamped or self.chosen.name != self.requested
+
+
+def past_soft(d: Decision, amount: int) -> bool:
+    """Would `amount` more take any cost line of this decision past its soft threshold?"""
+    for lim, st in zip(d.limits, d.states):
+        t = lim.spec.soft_threshold
+        if t is not None and lim.spec.dimension == "cost" and st.spent + st.reserved + amount > st.limit * t:
+            return True
+    return False
+
+
+class Planner:
+    """Model choice and reservation for one call, over one policy snapshot."""
+
+    def __init__(self, engine: Engine, policy: Policy, *, live_price: LivePrice | None = None, spawn: Spawn | None = None) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.live_price = live_price
+        self.spawn = spawn
+
+    # -- candidates --------------------------------------------------------------
+
+    def models(self, facts: RequestFacts, *, downshift: bool = True) -> list[str]:
+        """The requested model, then those it may downshift to (nearest first) that price its tools."""
+        names = [facts.model]
+        if downshift and self.policy.decisions.downshift:
+            names += [n for n in chain(self.policy, facts.model) if not unpriced_tools(self.policy.prices.models[n], facts.builtin_tools)]
+        return names
+
+    def encodings(self, names: list[str]) -> set[str]:
+        return {spec.encoding for n in names if (spec := self.policy.model(n)) is not None}
+
+    def candidate(self, facts: RequestFacts, name: str, text_tokens: Mapping[str, int], *, max_output: int | None = None) -> Candidate:
+        """`name`'s worst case for this request. `text_tokens`: the text's tokens per encoding
+        (exact counts, or `lower_bound_tokens` for a bound)."""
+        spec = self.policy.model(name)
+        assert spec is not None
+        est = estimate(
+            facts,
+            text_tokens=text_tokens[spec.encoding],
+            encoding=spec.encoding,
+            safety_factor=spec.token_safety_factor,
+            output_limit=spec.output_limit,
+            fallback_output=self.policy.fallback_output_tokens,
+            image_tokens=self.policy.image_tokens,
+            max_output_override=max_output,
+        )
+        live = self.live_price(name) if self.live_price is not None else None
+        price = live or spec.price
+        cost = price.cost(input_tokens=est.input_tokens, output_tokens=est.output_tokens) + tool_reserve(spec, facts.builtin_tools)
+        return Candidate(name, spec, price, est.input_tokens, est.output_tokens, cost, "cost_rate" if live else "static")
+
+    # -- before tokenizing -----------------------------------------------------------
+
+    async def refused_by_size(self, facts: RequestFacts, names: list[str], caller: Caller) -> Decision | None:
+        """A refusal when even the least this request can cost (its bytes bound its tokens from
+        below) does not fit the cheapest model: no tokenizing needed. None: it may fit."""
+        bounds = {enc: lower_bound_tokens(facts.segments, enc) for enc in self.encodings(names)}
+        cheapest = min((self.candidate(facts, n, bounds) for n in names), key=lambda c: c.cost)
+        checked = await self.engine.check(
+            self.policy, caller.who, run_id=caller.run_id, estimate=cheapest.estimate, run_overrides=caller.run_overrides
+        )
+        return None if checked.allowed else checked
+
+    # -- reserve --------------------------------------------------------------------
+
+    async def plan(self, facts: RequestFacts, caller: Caller, text_tokens: Mapping[str, int], *, api: str, downshift: bool = True) -> Plan:
+        """Reserve for this call (see the module doc). Raises StoreUnavailable; then no hold is kept."""
+        names = self.models(facts, downshift=downshift)
+        requested = self.candidate(facts, facts.model, text_tokens)
+        options = [requested]
+        for name in names[1:]:
+            c = self.candidate(facts, name, text_tokens)
+            if not missing_capabilities(c.spec, facts, c.input_tokens, c.output_tokens):
+                options.append(c)
+        reserve = _Reserver(self, caller, api, requested.name)
+        start = 1 if len(options) > 1 and caller.recent is not None and past_soft(caller.recent, requested.cost) else 0
+        try:
+            decision, chosen = await reserve.first_fit(options[start:], 0)
+            if decision.allowed and chosen is requested and len(options) > 1 and past_soft(decision, 0):
+                reserve.held = decision.hold  # crossed a soft threshold: move to the cheaper model
+                cheaper, cheaper_choice = await reserve.first_fit(options[1:], 1)
+                if cheaper.allowed:
+                    await self.engine.release(decision.hold)
+                    decision, chosen = cheaper, cheaper_choice
+                reserve.held = None
+            if not decision.allowed and self.policy.decisions.output_clamp:
+                clamped = await self._clamp(facts, requested, decision, text_tokens, reserve)
+                if clamped is not None:
+                    return Plan(clamped[0], clamped[1], requested.name, clamped=True)
+        except StoreUnavailable:
+            if reserve.held is not None and self.spawn is not None:
+                self.spawn(self.engine.release_retrying(reserve.held))
+            raise
+        alternatives = [] if decision.allowed else self.alternatives(facts, decision, text_tokens)
+        return Plan(decision, chosen, requested.name, alternatives=alternatives)
+
+    async def _clamp(
+        self, facts: RequestFacts, requested: Candidate, refused: Decision, text_tokens: Mapping[str, int], reserve: _Reserver
+    ) -> tuple[Decision, Candidate] | None:
+        """Lower max output to what the blocking budget still affords (opt-in)."""
+        b, idx = refused.blocking, refused.blocked
+        if b is None or idx is None:
+            return None
+        remaining = max(0, refused.states[idx].remaining)
+        n = max(1, facts.n)
+        if b.spec.dimension == "cost":
+            per_choice = affordable_output(requested.spec, requested.price, requested.input_tokens, remaining, n)
+        elif b.spec.dimension == "output_tokens":
+            per_choice = remaining // n
+        elif b.spec.dimension == "total_tokens":
+            per_choice = (remaining - requested.input_tokens) // n
+        else:
+            return None
+        if per_choice < self.policy.decisions.min_clamped_output_tokens:
+            return None
+        clamped = self.candidate(facts, requested.name, text_tokens, max_output=per_choice)
+        decision = await reserve.one(clamped, 9)
+        return (decision, clamped) if decision.allowed else None
+
+    def alternatives(self, facts: RequestFacts, d: Decision, text_tokens: Mapping[str, int]) -> list[dict[str, Any]]:
+        """Cheaper models an agent could ask for instead, with whether they fit now."""
+        costs = [max(0, st.remaining) for lim, st in zip(d.limits, d.states) if lim.spec.dimension == "cost"]
+        remaining = min(costs, default=None)
+        out = []
+        for name in chain(self.policy, facts.model):
+            c = self.candidate(facts, name, _with_encoding(text_tokens, facts, self.policy.model(name)))
+            missing = missing_capabilities(c.spec, facts, c.input_tokens, c.output_tokens)
+            caps = c.spec.capabilities
+            out.append(
+                {
+                    "model": name,
+                    "estimate_usd": nano_to_usd(c.cost),
+                    "fits": not missing and (remaining is None or c.cost <= remaining),
+                    "capable": not missing,
+                    "missing": missing,
+                    "capabilities": {
+                        "tools": caps.tools,
+                        "vision": caps.vision,
+                        "json_mode": caps.json_mode,
+                        "context_window": c.spec.context_window,
+                        "output_limit": c.spec.output_limit,
+                    },
+                }
+            )
+        return out
+
+
+def _with_encoding(text_tokens: Mapping[str, int], facts: RequestFacts, spec: Any) -> Mapping[str, int]:
+    """Alternatives may use an encoding the request was not counted in: bound it from above."""
+    if spec is None or spec.encoding in text_tokens:
+        return text_tokens
+    return {**text_tokens, spec.encoding: upper_bound_tokens(facts.segments, spec.encoding)}
+
+
+class _Reserver:
+    """The reservations one plan makes, with the hold it must give back if the store fails."""
+
+    def __init__(self, planner: Planner, caller: Caller, api: str, requested: str) -> None:
+        self.p, self.caller, self.api, self.requested = planner, caller, api, requested
+        self.held: Hold | None = None
+
+    async def one(self, c: Candidate, attempt: int) -> Decision:
+        rid = self.caller.reservation_id
+        return await self.p.engine.reserve(
+            self.p.policy,
+            self.caller.who,
+            run_id=self.caller.run_id,
+            reservation_id=rid if attempt == 0 else f"{rid}.{attempt}",
+            estimate=c.estimate,
+            meta={"model": c.name, "requested_model": self.requested, "api": self.api, "request_id": self.caller.request_id},
+            run_overrides=self.caller.run_overrides,
+        )
+
+    async def first_fit(self, options: list[Candidate], first_attempt: int) -> tuple[Decision, Candidate]:
+        """Try each model in order; stop at the first that fits or at a refusal a cheaper model cannot fix."""
+        decision: Decision | None = None
+        chosen = options[0]
+        for attempt, c in enumerate(options):
+            decision, chosen = await self.one(c, first_attempt + attempt), c
+            if decision.allowed:
+                break
+            blocking = decision.blocking
+            if blocking is None or blocking.spec.dimension not in TOKEN_DIMENSIONS:
+                break
+        assert decision is not None
+        return decision, chosen

@@ -1,0 +1,84 @@
+"""The one owner of a call's reservation: settled or released exactly once.
+
+Whatever ends a call (its usage, a non-2xx answer, the client going away, a
+store error) goes through `CallHold.settle` or `CallHold.release`; the first
+one wins and the others are no-ops, so no path can charge twice or leave a
+hold to expire at its worst case. A store that refuses the settle gets it
+retried in the background (the reservation's TTL is the backstop).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import StoreUnavailable
+from ..protocols.usage import Usage
+from .budget import Decision, Engine
+from .downshift import Candidate
+from .pricing import ledger_usage, usage_cost
+
+log = logging.getLogger("extproc.holds")
+Spawn = Callable[[Awaitable[Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    cost: int  # nano-USD charged (what the caller is told)
+    reserved: int  # nano-USD that had been reserved
+    overrun: int  # charged above the reservation
+    stored: bool  # False: the store refused it now, retried in the background
+    replayed: bool = False
+
+
+class CallHold:
+    def __init__(self, engine: Engine, decision: Decision, chosen: Candidate | None, spawn: Spawn) -> None:
+        self.engine, self.decision, self.chosen, self.spawn = engine, decision, chosen, spawn
+        self.open = True
+
+    def charge(self, usage: Usage | None) -> dict[str, int]:
+        """What settling `usage` charges (None, or no model: the reservation)."""
+        if usage is None or self.chosen is None:
+            return dict(self.decision.reserved)
+        cost = usage_cost(self.chosen.spec, self.chosen.price, usage)
+        return {"cost": cost, "input_tokens": usage.total_input, "output_tokens": usage.output_tokens, "requests": 1}
+
+    async def settle(self, usage: Usage | None, *, source: str, status: int) -> Settled | None:
+        """Charge `usage` (None: the reservation); None if the hold was already closed."""
+        if not self.open:
+            return None
+        self.open = False
+        charge = self.charge(usage)
+        reserved = self.decision.reserved.get("cost", 0)
+        meta: dict[str, Any] = {"usage_source": source, "status": status}
+        if self.chosen is not None:
+            p = self.chosen.price
+            meta["price_source"] = self.chosen.price_source
+            meta["price_pico_usd_per_token"] = {"input": p.input, "output": p.output, "cached_input": p.cached_input, "cache_write": p.cache_write}
+        if usage is not None:
+            meta["usage"] = ledger_usage(usage)
+        overrun = max(0, charge.get("cost", 0) - reserved)
+        if overrun:  # the backend outgrew the reservation
+            meta["overrun"] = overrun
+        hold = self.decision.hold
+        try:
+            result = await self.engine.settle(hold, charge, meta)
+        except StoreUnavailable as e:
+            log.error("settle of %s failed (%s); retrying in the background", hold.reservation_id, e)
+            self.spawn(self.engine.settle_retrying(hold, charge, meta))
+            return Settled(charge.get("cost", 0), reserved, overrun, stored=False)
+        return Settled(result.charged.get("cost", 0), reserved, overrun, stored=True, replayed=result.replayed)
+
+    async def release(self) -> bool:
+        """Give everything back; False if the hold was already closed."""
+        if not self.open:
+            return False
+        self.open = False
+        try:
+            await self.engine.release(self.decision.hold)
+        except StoreUnavailable as e:
+            log.error("release of %s failed (%s); retrying in the background", self.decision.hold.reservation_id, e)
+            self.spawn(self.engine.release_retrying(self.decision.hold))
+        return True

@@ -1,0 +1,67 @@
+"""What this process remembers of its own recent decisions (bounded, per process).
+
+`RecentStates` lets request headers refuse a caller whose budget is already
+spent, and start a call on the cheaper model past a soft threshold, without a
+store round trip. The reservation stays authoritative: a stale entry can only
+refuse early for at most `ttl_ms` after a top-up or a period rollover, never
+let spending through. `DecisionLog` keeps each plan for
+`GET <budget_path>/decisions/{id}`; it stores the inputs as they are and the
+server renders them only on lookup (most decisions are never looked up).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ..rules import exhausted_for_good
+from .budget import Decision, Identity
+from .calls import Plan
+
+
+class RecentStates:
+    def __init__(self, ttl_ms: int = 1000, size: int = 50_000) -> None:
+        self.ttl_ms = ttl_ms
+        self._items: OrderedDict[tuple[str, str, str | None], tuple[int, Decision]] = OrderedDict()
+        self._size = size
+
+    def put(self, who: Identity, run_id: str | None, d: Decision, now_ms: int) -> None:
+        key = (who.tag, who.principal, run_id)
+        self._items[key] = (now_ms, d)
+        self._items.move_to_end(key)
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def get(self, who: Identity, run_id: str | None, now_ms: int) -> Decision | None:
+        item = self._items.get((who.tag, who.principal, run_id))
+        if item is None or now_ms - item[0] > self.ttl_ms:
+            return None
+        return item[1]
+
+
+def spent_line(d: Decision) -> int | None:
+    """The first line of a recent decision that nothing more can fit (the store's own rule),
+    leaving lines that free up by themselves to the reservation; None if there is none."""
+    return next((i for i, (lim, st) in enumerate(zip(d.limits, d.states)) if exhausted_for_good(lim.line, st)), None)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedDecision:
+    principal: str
+    run: str | None
+    plan: Plan
+    price_version: str
+
+
+class DecisionLog:
+    def __init__(self, size: int = 10_000) -> None:
+        self._items: OrderedDict[str, LoggedDecision] = OrderedDict()
+        self._size = size
+
+    def add(self, entry: LoggedDecision) -> None:
+        self._items[entry.plan.decision.decision_id] = entry
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def get(self, decision_id: str) -> LoggedDecision | None:
+        return self._items.get(decision_id)
