@@ -133,6 +133,15 @@ class LimitSpec(_Frozen):
         """The limit in internal units: nano-USD for cost, else tokens/requests/seconds."""
         return usd_to_nano(str(self.limit)) if self.dimension == "cost" else int(self.limit)
 
+    @cached_property
+    def window_id(self) -> str:
+        """The window's shape, part of the counter key: `total`, `day@Europe/Paris`, `roll3600s`."""
+        if self.window == "rolling":
+            return f"roll{self.seconds}s"
+        if self.window == "total":
+            return "total"
+        return f"{self.window}@{self.timezone}"
+
 
 SCOPES = ("org", "team", "key", "user", "run")
 
@@ -152,6 +161,14 @@ class BudgetSpec(_Frozen):
         if v not in SCOPES and not re.match(r"^label:[A-Za-z0-9_.-]+$", v):
             raise ValueError(f"scope must be one of {', '.join(SCOPES)} or label:<name>")
         return v
+
+    @cached_property
+    def counter_scope(self) -> str:
+        """The scope part of this budget's counter keys. A budget for one instance (`id`)
+        counts on its own counters (`key@id:alice|…`), never on those of the budget for
+        every instance (`key:alice|…`): both limits hold, each counts a call once.
+        Derived from the spec alone, so stable across restarts and reloads."""
+        return self.scope if self.id is None else f"{self.scope}@id"
 
 
 class RunsSpec(_Frozen):
@@ -297,7 +314,31 @@ class Policy(_Frozen):
         names = [p.name for p in self.principals]
         if len(names) != len(set(names)):
             raise ValueError("duplicate principal names")
+        self._check_counters()
         return self
+
+    def _check_counters(self) -> None:
+        """Two limits on one counter would count every call twice on it: refuse them.
+
+        A counter is (counter scope, instance, dimension, window shape); `runs.limits`
+        is a budget of scope run. A budget with an `id` has its own counters, apart
+        from those of the same scope without one (BudgetSpec.counter_scope)."""
+        budgets = [(f"budgets[{i}]", b) for i, b in enumerate(self.budgets)]
+        if self.runs.limits:
+            budgets.append(("runs", BudgetSpec(scope="run", limits=self.runs.limits)))
+        owners: dict[tuple[str, str | None, str, str], str] = {}
+        for name, b in budgets:
+            for j, lim in enumerate(b.limits):
+                # run budgets apply to every run whatever their id (the engine ignores it)
+                counter = (b.counter_scope, b.id if b.scope != "run" else None, lim.dimension, lim.window_id)
+                here = f"{name}.limits[{j}]"
+                first = owners.setdefault(counter, here)
+                if first != here:
+                    who = f"{b.scope} {b.id}" if b.id is not None else f"every {b.scope}"
+                    raise ValueError(
+                        f"{first} and {here} both limit {lim.dimension} over window {lim.window_id} for {who}: "
+                        "they would share one counter and count every call twice on it; merge them into one limit"
+                    )
 
     def model(self, name: str) -> ModelSpec | None:
         """The price entry for `name`, else the policy's default model, else None (refuse)."""

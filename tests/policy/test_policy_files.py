@@ -58,3 +58,19 @@ def test_the_old_top_level_image_tokens_is_inputs_image_tokens():
     defaults = parse_policy(MODELS).inputs
     assert defaults.unsized_part_tokens is None and defaults.previous_response_tokens is None  # refuse, never guess
 
+
+def test_budgets_that_count_on_different_counters_are_allowed():
+    policy = parse_policy(
+        MODELS
+        + """
+budgets:
+  - {scope: key, limits: [{dimension: cost, limit: "5"}, {dimension: cost, limit: "1", window: day}]}
+  - {scope: key, id: alice, limits: [{dimension: cost, limit: "2"}]}
+  - {scope: key, id: bob, limits: [{dimension: cost, limit: "2"}]}
+  - {scope: team, limits: [{dimension: cost, limit: "1", window: day, timezone: Europe/Paris}]}
+  - {scope: team, limits: [{dimension: cost, limit: "1", window: day}, {dimension: cost, limit: "1", window: rolling, seconds: 60}]}
+runs:
+  limits: [{dimension: cost, limit: "0.5"}]
+"""
+    )
+    assert [b.counter_scope for b in policy.budgets] == ["key", "key@id", "key@id", "team", "team"]
