@@ -39,7 +39,7 @@ def make_context(target_tokens: int = 100_000) -> list[dict[str, str]]:
 
 def _est(facts, counter: TokenCounter) -> int:
     e = estimate(facts, counter=counter, encoding="o200k_base", safety_factor=Decimal(1), output_limit=4096,
-                 fallback_output=4096, image_tokens=1105)
+                 fallback_output=4096)
     return e.input_tokens
 
 

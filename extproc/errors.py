@@ -8,7 +8,8 @@
     │   ├── NoRoute            a path that is no route of the policy (404)
     │   ├── MethodNotAllowed   a route's path with a method it does not list (405)
     │   ├── UnknownModel       no price for the model and no override (400)
-    │   └── ToolNotPriced      a built-in tool with no per-call price in the policy (400)
+    │   ├── ToolNotPriced      a built-in tool with no per-call price in the policy (400)
+    │   └── InputNotBounded    input whose size cannot be known and the policy sets no worst case for (400)
     ├── UpstreamError          the backend sent something unparseable (never the client's fault)
     ├── PolicyError            a policy file is invalid (raised at load, never per request)
     ├── ConfigError            the service's start-up settings are unsafe or incomplete (never per request)
@@ -73,6 +74,14 @@ class UnknownModel(ClientError):
 class ToolNotPriced(ClientError):
     status = 400
     code = "tool_not_priced"
+
+
+class InputNotBounded(ClientError):
+    """Input the gateway cannot size (a file by URL or id, a stored conversation) and
+    for which the policy reserves no worst case: refused, never guessed."""
+
+    status = 400
+    code = "input_not_bounded"
 
 
 class UpstreamError(ExtprocError):

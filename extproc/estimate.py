@@ -2,7 +2,13 @@
 
 Input: tiktoken counts of the request's segments (one per message, system
 prompt, tool definitions) with the model's encoding, plus a fixed overhead per
-segment and a fixed count per image, times the model's safety factor.
+segment, plus what the non-text parts cost (`media_tokens`: images by the
+provider's published formula when their pixel size is known, else the
+policy's worst case; audio, files and documents per KiB of inline data; a
+part of unknown size, or a stored conversation the request continues, by a
+per-part worst case the policy must set, else the request is refused), times
+the model's safety factor, and never more than the model's context window
+(the provider refuses a longer prompt).
 
 Output: the explicit max output, else the model's output limit, else the
 policy fallback; times `n`.
@@ -28,9 +34,11 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any, Callable, Protocol, Sequence
 
-from .errors import ClientError
+from .errors import ClientError, InputNotBounded
+from .protocols.media import MediaPart
 from .tokenizers import count_text, get_encoding, lower_bound, utf8_len
 
 PER_SEGMENT_OVERHEAD = 4  # role/name/separators per message (OpenAI's documented 3, rounded up)
@@ -40,7 +48,6 @@ ENTRY_OVERHEAD = 160  # bytes per cache entry besides the text: dict slot, LRU l
 
 class Facts(Protocol):
     segments: Sequence[str]
-    images: int
     max_output: int | None
     n: int
 
@@ -325,7 +332,8 @@ def estimate(
     safety_factor: Decimal,
     output_limit: int | None,
     fallback_output: int,
-    image_tokens: int,
+    media_tokens: int = 0,
+    context_window: int | None = None,
     max_output_override: int | None = None,
     text_tokens: int | None = None,
     counter: TokenCounter | None = None,
@@ -334,16 +342,135 @@ def estimate(
 
     `text_tokens` is `Counts.tokens` of `facts.segments` in `encoding` (or a bound:
     `lower_bound_tokens` gives the least this request can cost). Without it, the
-    segments are counted here, inline, and cached at once (the old synchronous path)."""
+    segments are counted here, inline, and cached at once (the old synchronous path).
+    `media_tokens` is `media_tokens(facts, ...)`: what the non-text input costs.
+    The input estimate never exceeds `context_window`: the provider refuses a
+    longer prompt (and such a call is released, not charged)."""
     if text_tokens is None:
         assert counter is not None, "estimate needs text_tokens or a counter"
         counts = counter.count_segments(facts.segments, encoding)
         counter.remember(counts)
         text_tokens = counts.tokens
     raw = text_tokens + PER_SEGMENT_OVERHEAD * len(facts.segments) + PER_REQUEST_OVERHEAD
-    raw += image_tokens * facts.images + getattr(facts, "pretokenized", 0)
+    raw += media_tokens + getattr(facts, "pretokenized", 0)
     input_tokens = raw if safety_factor == 1 else math.ceil(raw * safety_factor)
+    if context_window is not None:
+        input_tokens = min(input_tokens, context_window)
     per_choice = max_output_override or facts.max_output
     if per_choice is None:
         per_choice = output_limit or fallback_output
     return Estimate(input_tokens, per_choice * max(1, facts.n))
+
+
+# -- non-text input ----------------------------------------------------------------
+
+
+class InputCosts(Protocol):
+    """The policy's numbers for input that is not text (`policy.model.InputsSpec`)."""
+
+    image_tokens: int
+    audio_tokens_per_kib: int
+    file_tokens_per_kib: int
+    document_tokens_per_kib: int
+    unsized_part_tokens: int | None
+    previous_response_tokens: int | None
+
+
+class MediaFacts(Protocol):
+    media: Sequence[MediaPart]
+    previous_response_id: str | None
+
+
+# OpenAI, https://platform.openai.com/docs/guides/images-vision#calculating-costs
+# (GPT-4o class): `detail: low` costs 85 tokens whatever the size; otherwise the image
+# is scaled to fit in 2048x2048, then so that its shortest side is 768 px (only ever
+# down: the documented examples, and the "768 px (short side) x 2000 px (long side)"
+# high-resolution limit), and costs 85 + 170 per 512-px tile covering it.
+OPENAI_BASE_TOKENS = 85
+OPENAI_TILE_TOKENS = 170
+
+# Anthropic, https://docs.anthropic.com/en/docs/vision ("Evaluate image size",
+# "Calculate image costs"): tokens = width * height / 750, after an image whose long
+# edge is above 1568 px, or above ~1,600 tokens (~1.15 megapixels), is scaled down.
+# The largest size its table lists as not resized is 784x1568 (1:2), 1,639 tokens:
+# that bounds any image, whatever the exact area rule.
+ANTHROPIC_LONG_EDGE = 1568
+ANTHROPIC_MAX_TOKENS = -(-784 * 1568 // 750)
+
+
+def openai_image_tokens(width: int, height: int, detail: str | None) -> int:
+    """OpenAI's tile formula (exact fractions: no rounding ever lowers the count)."""
+    if detail == "low":
+        return OPENAI_BASE_TOKENS
+    w, h = Fraction(width), Fraction(height)
+    if max(w, h) > 2048:
+        scale = 2048 / max(w, h)
+        w, h = w * scale, h * scale
+    if min(w, h) > 768:
+        scale = 768 / min(w, h)
+        w, h = w * scale, h * scale
+    tiles = math.ceil(w / 512) * math.ceil(h / 512)
+    return OPENAI_BASE_TOKENS + OPENAI_TILE_TOKENS * tiles
+
+
+def anthropic_image_tokens(width: int, height: int) -> int:
+    """Anthropic's area formula after its resize rule (rounded up, capped at its largest image)."""
+    area = Fraction(width * height)
+    long_edge = max(width, height)
+    if long_edge > ANTHROPIC_LONG_EDGE:
+        area *= Fraction(ANTHROPIC_LONG_EDGE, long_edge) ** 2
+    return min(math.ceil(area / 750), ANTHROPIC_MAX_TOKENS)
+
+
+_SOURCES = {"url": "a URL", "file_id": "an uploaded file id", "unknown": "a shape this gateway does not read"}
+
+
+def part_tokens(part: MediaPart, costs: InputCosts, *, anthropic: bool) -> int:
+    """Worst-case input tokens of one non-text part. Raises `InputNotBounded`."""
+    if part.kind == "image":
+        if not anthropic and part.detail == "low":
+            return OPENAI_BASE_TOKENS  # a fixed cost, whatever the size
+        if part.width and part.height and part.width > 0 and part.height > 0:
+            if anthropic:
+                return anthropic_image_tokens(part.width, part.height)
+            return openai_image_tokens(part.width, part.height, part.detail)
+        return costs.image_tokens
+    if part.size is not None:  # inline data: a rate per KiB of what was sent
+        rate = {
+            "audio": costs.audio_tokens_per_kib,
+            "file": costs.file_tokens_per_kib,
+            "document": costs.document_tokens_per_kib,
+        }[part.kind]
+        return -(-part.size * rate // 1024)
+    if costs.unsized_part_tokens is None:
+        where = part.where or part.kind
+        raise InputNotBounded(
+            f"`{where}` is {'an' if part.kind[0] in 'aeiou' else 'a'} {part.kind} given by "
+            f"{_SOURCES.get(part.source, part.source)}: its size cannot be known before it is sent, and this "
+            "gateway's policy reserves no worst case for such parts (inputs.unsized_part_tokens). "
+            "Send it inline (base64), or ask the operator to set that worst case.",
+            param=where,
+        )
+    return costs.unsized_part_tokens
+
+
+def media_tokens(facts: MediaFacts, costs: InputCosts, *, api: str) -> int:
+    """Worst-case input tokens of a request's non-text parts (`facts.media`) and of the
+    stored conversation it continues (`previous_response_id`), for the API `api`
+    (a schema name: `anthropic.*` uses Anthropic's image formula, others OpenAI's).
+
+    Raises `InputNotBounded` (400) for what cannot be sized when the policy sets no
+    worst case for it: the gate refuses rather than guess low."""
+    anthropic = api.startswith("anthropic")
+    total = sum(part_tokens(p, costs, anthropic=anthropic) for p in facts.media)
+    if facts.previous_response_id is not None:
+        if costs.previous_response_tokens is None:
+            raise InputNotBounded(
+                "`previous_response_id` continues a stored conversation whose size cannot be known before "
+                "it is sent, and this gateway's policy reserves no worst case for it "
+                "(inputs.previous_response_tokens). Send the conversation as `input` instead, or ask the "
+                "operator to set that worst case.",
+                param="previous_response_id",
+            )
+        total += costs.previous_response_tokens
+    return total

@@ -6,6 +6,11 @@ atomically (and to check and touch the run in the same step), and returns a
 `Decision` the caller can render. `settle` charges the real usage to the same
 lines; `release` gives everything back.
 
+Each line is its own counter (`scope:instance|dimension|window`): a budget
+for one instance (`id: alice`) counts on `key@id:alice|…`, apart from the
+budget for every key (`key:alice|…`), so a call counts once on each; the
+policy refuses two limits that would still share a counter.
+
 Runs: a run id is namespaced under its principal (`RunRef.key` =
 "principal/run-id"); the store creates it on first sight, refreshes its TTL
 on every attempt, caps the principal's active runs, and keeps the lowest
@@ -99,14 +104,6 @@ class AppliedLimit:
 
 
 KIND_OF = {"concurrency": Kind.CONCURRENCY, "duration": Kind.DURATION}
-
-
-def _window_id(spec: LimitSpec) -> str:
-    if spec.window == "rolling":
-        return f"roll{spec.seconds}s"
-    if spec.window == "total":
-        return "total"
-    return f"{spec.window}@{spec.timezone}"
 
 
 def _amount(dimension: str, usage: Mapping[str, int]) -> int:
@@ -261,7 +258,7 @@ def _compile(policy: Policy) -> tuple[tuple[BudgetSpec, tuple[_Template, ...]], 
             templates.append(
                 _Template(
                     lim,
-                    f"|{lim.dimension}|{_window_id(lim)}",
+                    f"|{lim.dimension}|{lim.window_id}",
                     KIND_OF.get(lim.dimension, Kind.COUNTER),
                     mode,
                     window,
@@ -314,7 +311,7 @@ class Engine:
         lowers = run_overrides or {}
         for spec, templates, value in self._applicable(policy, who, run_id):
             is_run = spec.scope == "run"
-            prefix = f"{spec.scope}:{value}"
+            prefix = f"{spec.counter_scope}:{value}"  # `key@id:alice` for a budget of that key alone
             for t in templates:
                 lim = t.lim
                 period, reset, keep = "", None, 0

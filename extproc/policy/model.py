@@ -133,6 +133,15 @@ class LimitSpec(_Frozen):
         """The limit in internal units: nano-USD for cost, else tokens/requests/seconds."""
         return usd_to_nano(str(self.limit)) if self.dimension == "cost" else int(self.limit)
 
+    @cached_property
+    def window_id(self) -> str:
+        """The window's shape, part of the counter key: `total`, `day@Europe/Paris`, `roll3600s`."""
+        if self.window == "rolling":
+            return f"roll{self.seconds}s"
+        if self.window == "total":
+            return "total"
+        return f"{self.window}@{self.timezone}"
+
 
 SCOPES = ("org", "team", "key", "user", "run")
 
@@ -152,6 +161,14 @@ class BudgetSpec(_Frozen):
         if v not in SCOPES and not re.match(r"^label:[A-Za-z0-9_.-]+$", v):
             raise ValueError(f"scope must be one of {', '.join(SCOPES)} or label:<name>")
         return v
+
+    @cached_property
+    def counter_scope(self) -> str:
+        """The scope part of this budget's counter keys. A budget for one instance (`id`)
+        counts on its own counters (`key@id:alice|…`), never on those of the budget for
+        every instance (`key:alice|…`): both limits hold, each counts a call once.
+        Derived from the spec alone, so stable across restarts and reloads."""
+        return self.scope if self.id is None else f"{self.scope}@id"
 
 
 class RunsSpec(_Frozen):
@@ -205,6 +222,41 @@ class Decisions(_Frozen):
     route_header: str = "x-extproc-model"  # set to the selected model; Envoy routes on it
 
 
+class InputsSpec(_Frozen):
+    """Worst-case input tokens of what is not text (see estimate.py `media_tokens`).
+
+    Images of known pixel size are priced by the provider's formula; the rest by
+    these numbers. Per-KiB rates apply to the decoded bytes of inline data. A part
+    of unknown size (a URL, an uploaded file id) and a Responses call continuing a
+    stored conversation (`previous_response_id`) are refused with a 400 unless a
+    worst case is set here: a gate that guesses low lets spending through.
+    """
+
+    image_tokens: int = Field(
+        1640, ge=0, le=1_000_000,
+        description="an image whose pixel size is unknown (URL, file id, unreadable header): the most one image costs "
+        "(OpenAI tiles: 1445 at 768x2048; Anthropic: ~1,640 at its largest unresized size)",
+    )  # fmt: skip
+    audio_tokens_per_kib: int = Field(
+        32, ge=0, le=1_000_000,
+        description="inline audio: at most 32 tokens per second (Gemini; OpenAI ~10) at 8 kbit/s (1 KB/s, the lowest common MP3 rate)",
+    )  # fmt: skip
+    file_tokens_per_kib: int = Field(
+        2048, ge=0, le=1_000_000,
+        description="inline files (PDF, text): text has at most 1024 tokens per KiB (a token is at least a byte); "
+        "a compressed PDF page (~1.5 KiB) is billed as its text and a page image (~3,000 tokens)",
+    )  # fmt: skip
+    document_tokens_per_kib: int = Field(2048, ge=0, le=1_000_000, description="inline Anthropic documents (PDF): as files")
+    unsized_part_tokens: int | None = Field(
+        None, ge=0, le=100_000_000,
+        description="audio/file/document given by URL or file id, size unknown: reserved per part; unset = refuse such requests",
+    )  # fmt: skip
+    previous_response_tokens: int | None = Field(
+        None, ge=0, le=100_000_000,
+        description="Responses `previous_response_id` (a stored conversation, unseen): reserved per call; unset = refuse such requests",
+    )  # fmt: skip
+
+
 class Enforcement(_Frozen):
     mode: Mode = Mode.HARD_GATE
     soft_gate_margin: Decimal = Field(Decimal("0.1"), ge=0, le=10)
@@ -227,11 +279,23 @@ class Policy(_Frozen):
         90, ge=1, le=36500, description="ledger entries older than this are trimmed by the reaper (export first); null keeps them forever"
     )
     fallback_output_tokens: int = Field(4096, gt=0)
-    image_tokens: int = Field(1105, ge=0, description="input tokens reserved per image part")
+    inputs: InputsSpec = InputsSpec()
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     routes: tuple[RouteSpec, ...] = Field((), description="matched before the defaults, in order (see policy/routes.py)")
     default_routes: bool = Field(True, description="append extproc's shipped routes after `routes`")
     deployments: dict[str, str] = Field({}, description="Azure-style deployment name -> priced model")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: object) -> object:
+        """The top-level `image_tokens` of older policies is `inputs.image_tokens`."""
+        if isinstance(data, dict) and "image_tokens" in data:
+            inputs = data.get("inputs") or {}
+            if isinstance(inputs, dict):
+                if "image_tokens" in inputs:
+                    raise ValueError("image_tokens is set both at the top level (the old place) and in inputs; keep only inputs.image_tokens")
+                data = {k: v for k, v in data.items() if k != "image_tokens"} | {"inputs": {**inputs, "image_tokens": data["image_tokens"]}}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "Policy":
@@ -253,7 +317,31 @@ class Policy(_Frozen):
         names = [p.name for p in self.principals]
         if len(names) != len(set(names)):
             raise ValueError("duplicate principal names")
+        self._check_counters()
         return self
+
+    def _check_counters(self) -> None:
+        """Two limits on one counter would count every call twice on it: refuse them.
+
+        A counter is (counter scope, instance, dimension, window shape); `runs.limits`
+        is a budget of scope run. A budget with an `id` has its own counters, apart
+        from those of the same scope without one (BudgetSpec.counter_scope)."""
+        budgets = [(f"budgets[{i}]", b) for i, b in enumerate(self.budgets)]
+        if self.runs.limits:
+            budgets.append(("runs", BudgetSpec(scope="run", limits=self.runs.limits)))
+        owners: dict[tuple[str, str | None, str, str], str] = {}
+        for name, b in budgets:
+            for j, lim in enumerate(b.limits):
+                # run budgets apply to every run whatever their id (the engine ignores it)
+                counter = (b.counter_scope, b.id if b.scope != "run" else None, lim.dimension, lim.window_id)
+                here = f"{name}.limits[{j}]"
+                first = owners.setdefault(counter, here)
+                if first != here:
+                    who = f"{b.scope} {b.id}" if b.id is not None else f"every {b.scope}"
+                    raise ValueError(
+                        f"{first} and {here} both limit {lim.dimension} over window {lim.window_id} for {who}: "
+                        "they would share one counter and count every call twice on it; merge them into one limit"
+                    )
 
     def model(self, name: str) -> ModelSpec | None:
         """The price entry for `name`, else the policy's default model, else None (refuse)."""

@@ -63,7 +63,7 @@ def _blocks(value: Any, where: str, parts: list[str], c: Content) -> None:
         if kind == "text":
             parts.append(expect_str(b.get("text"), f"{here}.text"))
         elif kind == "image":
-            c.add_media(_source("image", b.get("source")))
+            c.add_media(_source("image", b.get("source")), here)
         elif kind in ("tool_use", "server_tool_use"):
             name = b.get("name")
             parts.append(f"{name if isinstance(name, str) else ''} {compact_json(b.get('input'))}")
@@ -87,7 +87,7 @@ def _blocks(value: Any, where: str, parts: list[str], c: Content) -> None:
             elif isinstance(source, dict) and kind_of(source) == "content":
                 _blocks(source.get("content"), f"{here}.source.content", parts, c)
             else:  # base64 (PDF), url, file: priced by the estimator from `media`
-                c.add_media(_source("document", source))
+                c.add_media(_source("document", source), here)
         # redacted_thinking, …: not estimated from text
 
 

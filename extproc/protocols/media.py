@@ -16,7 +16,7 @@ from __future__ import annotations
 import binascii
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 MediaKind = Literal["image", "audio", "file", "document"]
@@ -39,6 +39,8 @@ class MediaPart:
     """Bytes of the inline (base64) data, decoded size; None when not inline."""
     width: int | None = None
     height: int | None = None
+    where: str = field(default="", compare=False)
+    """Where the part is in the request (`messages[0].content[1]`), for error messages."""
 
 
 _DATA_URL = re.compile(r"data:([^;,]*)((?:;[^;,]*)*),", re.IGNORECASE)

@@ -106,7 +106,7 @@ def _content(value: Any, where: str, parts: list[str], c: Content) -> None:
         if kind in _TEXT_PARTS:
             parts.append(expect_str(p.get("text"), f"{where}[{j}].text"))
         elif kind in _MEDIA_PARTS:
-            c.add_media(_MEDIA_PARTS[kind](p))
+            c.add_media(_MEDIA_PARTS[kind](p), f"{where}[{j}]")
         elif kind == "refusal":
             refusal = p.get("refusal")
             if isinstance(refusal, str):

@@ -13,7 +13,7 @@ the client sent it, the client gets a 400 saying which field.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from extproc.errors import BadRequest
@@ -68,8 +68,8 @@ class Content:
     previous_response_id: str | None = None
     builtin_tools: set[str] = field(default_factory=set)
 
-    def add_media(self, part: MediaPart) -> None:
-        self.media.append(part)
+    def add_media(self, part: MediaPart, where: str = "") -> None:
+        self.media.append(replace(part, where=where) if where else part)
         if part.kind == "image":
             self.images += 1
 

@@ -33,7 +33,7 @@ from ..errors import (
     UnknownModel,
     UpstreamError,
 )
-from ..estimate import Counts, TokenCounter, estimate, lower_bound_tokens
+from ..estimate import Counts, TokenCounter, estimate, lower_bound_tokens, media_tokens
 from ..money import nano_to_usd, usd_to_nano
 from ..policy.loader import PolicyHolder
 from ..policy.model import Policy
@@ -184,9 +184,10 @@ class Session:
         self.status = 0
         self._strip_usage = False  # we injected include_usage, so hide the usage chunk
         self.cost: int | None = None
-        self.fail_open = False
+        self.fail_open = False  # the store was down and the policy says fail_open
         self.content_encoding: str | None = None
-        self._counts: dict[str, Counts] = {}  # text tokens of the request per encoding  # the store was down and the policy says fail_open
+        self._counts: dict[str, Counts] = {}  # text tokens of the request per encoding
+        self._media_tokens = 0  # what its images, audio, files and stored conversation add (estimate.media_tokens)
 
     # -- request ---------------------------------------------------------------
 
@@ -328,6 +329,7 @@ class Session:
             missing = unpriced_tools(spec, facts.builtin_tools)
             if missing:
                 raise ToolNotPriced(f"built-in tool(s) {', '.join(missing)} have no per-call price for {facts.model!r} in this gateway's policy", param="tools")
+            self._media_tokens = media_tokens(facts, policy.inputs, api=self.schema.name)  # InputNotBounded: 400
         except ClientError as e:
             return self._client_error(e)
         self.requested_model = facts.model
@@ -424,7 +426,8 @@ class Session:
             safety_factor=spec.token_safety_factor,
             output_limit=spec.output_limit,
             fallback_output=self.policy.fallback_output_tokens,
-            image_tokens=self.policy.image_tokens,
+            media_tokens=self._media_tokens,
+            context_window=spec.context_window,
             max_output_override=max_output,
         )
         live = self.s.rates.price_for_model(name) if self.s.rates is not None else None

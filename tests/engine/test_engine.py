@@ -290,3 +290,21 @@ def test_bad_run_override_headers(headers):
     with pytest.raises(BadRequest) as e:
         run_overrides_from_headers(headers)
     assert e.value.param == next(iter(headers))
+
+
+async def test_an_id_budget_keeps_its_own_counter_across_reloads_and_reordering(engine, clock):
+    general = {"scope": "team", "limits": [{"dimension": "cost", "limit": "1.00"}]}
+    own = {"scope": "team", "id": "ml", "limits": [{"dimension": "cost", "limit": "0.50"}]}
+    policy = make_policy(budgets=[general, own])
+    await spend(engine, policy, cost="0.40")
+    assert [s.spent for s in (await engine.snapshot(policy, BOB)).states] == [usd("0.40"), usd("0.40")]
+    # a reload that reorders the budgets and adds one: the counters are the same ones
+    reloaded = make_policy(budgets=[{"scope": "org", "limits": [{"dimension": "cost", "limit": "9.00"}]}, own, general])
+    snap = await engine.snapshot(reloaded, BOB)
+    assert [(l.line.key, s.spent) for l, s in snap.rows()] == [
+        ("org:acme|cost|total", 0),
+        ("team@id:ml|cost|total", usd("0.40")),
+        ("team:ml|cost|total", usd("0.40")),
+    ]
+    d = await reserve(engine, reloaded, BOB, cost="0.20")  # the team's own $0.50 refuses; the general $1.00 would not
+    assert not d.allowed and d.blocking is not None and d.blocking.line.key == "team@id:ml|cost|total"

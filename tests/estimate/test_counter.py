@@ -179,7 +179,7 @@ def test_estimate_from_counts_and_from_bounds(counter):
     assert schema is not None
     body = json.dumps({"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": c} for c in CONTEXT]})
     facts = schema.parse_request(body.encode(), max_bytes=1 << 20)
-    kw = dict(encoding=ENC, safety_factor=Decimal(1), output_limit=None, fallback_output=4096, image_tokens=0)
+    kw = dict(encoding=ENC, safety_factor=Decimal(1), output_limit=None, fallback_output=4096)
     counts = counter.count_segments(facts.segments, ENC)
     exact = estimate(facts, text_tokens=counts.tokens, **kw)
     assert exact == estimate(facts, counter=counter, **kw)  # the synchronous path agrees

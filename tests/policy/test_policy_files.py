@@ -10,7 +10,7 @@ import pytest
 
 from extproc.cli import main as cli
 from extproc.errors import PolicyError
-from extproc.policy.loader import PolicyHolder, load_policy
+from extproc.policy.loader import PolicyHolder, load_policy, parse_policy
 
 BAD = sorted((Path(__file__).parent / "bad").glob("*.yaml"))
 
@@ -46,3 +46,31 @@ def test_reload_keeps_last_good_policy(tmp_path):
     assert holder.reload() is False and holder.current is first
     path.write_text(good.read_text().replace('limit: "0.50"', 'limit: "0.75"'))
     assert holder.reload() is True and holder.current is not first
+
+
+MODELS = 'prices: {models: {m: {input: "1", output: "1"}}}\n'
+
+
+def test_the_old_top_level_image_tokens_is_inputs_image_tokens():
+    assert parse_policy(MODELS + "image_tokens: 900\n").inputs.image_tokens == 900
+    policy = parse_policy(MODELS + "image_tokens: 900\ninputs: {unsized_part_tokens: 5000}\n")
+    assert (policy.inputs.image_tokens, policy.inputs.unsized_part_tokens) == (900, 5000)
+    defaults = parse_policy(MODELS).inputs
+    assert defaults.unsized_part_tokens is None and defaults.previous_response_tokens is None  # refuse, never guess
+
+
+def test_budgets_that_count_on_different_counters_are_allowed():
+    policy = parse_policy(
+        MODELS
+        + """
+budgets:
+  - {scope: key, limits: [{dimension: cost, limit: "5"}, {dimension: cost, limit: "1", window: day}]}
+  - {scope: key, id: alice, limits: [{dimension: cost, limit: "2"}]}
+  - {scope: key, id: bob, limits: [{dimension: cost, limit: "2"}]}
+  - {scope: team, limits: [{dimension: cost, limit: "1", window: day, timezone: Europe/Paris}]}
+  - {scope: team, limits: [{dimension: cost, limit: "1", window: day}, {dimension: cost, limit: "1", window: rolling, seconds: 60}]}
+runs:
+  limits: [{dimension: cost, limit: "0.5"}]
+"""
+    )
+    assert [b.counter_scope for b in policy.budgets] == ["key", "key@id", "key@id", "team", "team"]

@@ -105,6 +105,7 @@ def test_chat_media_parts() -> None:
         MediaPart("file", "base64", None, "application/pdf", 1000),
         MediaPart("file", "file_id"),
     )
+    assert [m.where for m in facts.media] == [f"messages[0].content[{j}]" for j in range(1, 7)]  # named in errors
     assert facts.images == 3
     assert facts.builtin_tools == {"web_search"}
     assert facts.previous_response_id is None
@@ -207,6 +208,8 @@ def test_anthropic_images_documents_and_server_tools() -> None:
         MediaPart("document", "url"),
         MediaPart("image", "base64", None, "image/png", b64_size(PNG), 123, 45),
     )
+    assert facts.media[4].where == "messages[0].content[4]"
+    assert facts.media[5].where == "messages[0].content[6].content[0]"
     assert facts.images == 4
     assert facts.builtin_tools == {"web_search", "web_fetch", "code_execution", "mcp"}
     assert any("plain" in s for s in facts.segments)  # a text document stays text
