@@ -25,7 +25,7 @@ from .server.callers import CallerGate
 from .server.ext_authz import Authorization
 from .server.ext_proc import ExternalProcessor
 from .server.health import StoreHealth
-from .server.session import Services
+from .server.services import Services
 from .stores import parse_url
 from .stores.base import Store
 from .tokenizers import get_encoding

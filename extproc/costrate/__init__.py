@@ -13,8 +13,23 @@ DESIGN.md "Cost rate of self-hosted backends". Layers, lowest first:
 ``python -m extproc.costrate`` runs the loop stand-alone (compose demo).
 """
 
-from .formula import CostRate, TokenMeter, amortization_usd_per_hour, cost_rate, electricity_usd_per_hour, usd_per_million_tokens
-from .publish import HEADER, SOURCE_HEADER, PrometheusGauges, RatePublisher, RateSink, header_value, response_headers
+from .formula import (
+    CostRate,
+    TokenMeter,
+    amortization_usd_per_hour,
+    cost_rate,
+    electricity_usd_per_hour,
+    usd_per_million_tokens,
+)
+from .publish import (
+    HEADER,
+    SOURCE_HEADER,
+    PrometheusGauges,
+    RatePublisher,
+    RateSink,
+    header_value,
+    response_headers,
+)
 from .sampler import Sampler
 from .service import CostRates
 from .store import RedisRatePublisher, SQLiteRatePublisher, open_rate_publisher

@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import StoreUnavailable
-from ..estimate import estimate, lower_bound_tokens, upper_bound_tokens
+from ..errors import StoreUnavailable, ToolNotPriced, UnknownModel
+from ..estimate import estimate, lower_bound_tokens, media_tokens, upper_bound_tokens
 from ..money import Price, nano_to_usd
 from ..policy.model import Policy
 from ..protocols.request import RequestFacts
@@ -50,10 +50,30 @@ class Caller:
 
 
 @dataclass(frozen=True, slots=True)
+class CallInput:
+    """The parsed request and its input tokens: text per encoding (exact counts, or bounds)
+    and what its non-text parts cost (`estimate.media_tokens`)."""
+
+    facts: RequestFacts
+    text_tokens: Mapping[str, int]
+    media_tokens: int = 0
+
+    def bounded(self, encodings: set[str]) -> CallInput:
+        """The same call with its text bounded from below by its bytes (nothing tokenized)."""
+        return CallInput(self.facts, {enc: lower_bound_tokens(self.facts.segments, enc) for enc in encodings}, self.media_tokens)
+
+    def text(self, encoding: str) -> int:
+        """Text tokens in `encoding`; one the call was not counted in is bounded from above."""
+        known = self.text_tokens.get(encoding)
+        return known if known is not None else upper_bound_tokens(self.facts.segments, encoding)
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     decision: Decision
     chosen: Candidate
     requested: str
+    facts: RequestFacts
     clamped: bool = False
     alternatives: list[dict[str, Any]] = field(default_factory=list)
 
@@ -83,6 +103,18 @@ class Planner:
 
     # -- candidates --------------------------------------------------------------
 
+    @staticmethod
+    def call_input(policy: Policy, facts: RequestFacts, *, api: str) -> CallInput:
+        """What a request must be to be planned at all: a priced model, priced built-in tools and
+        bounded non-text input. Raises the ClientError that says which (before any tokenizing)."""
+        spec = policy.model(facts.model)
+        if spec is None:
+            raise UnknownModel(f"model {facts.model!r} has no price in this gateway's policy", param="model")
+        missing = unpriced_tools(spec, facts.builtin_tools)
+        if missing:
+            raise ToolNotPriced(f"built-in tool(s) {', '.join(missing)} have no per-call price for {facts.model!r} in this gateway's policy", param="tools")
+        return CallInput(facts, {}, media_tokens(facts, policy.inputs, api=api))
+
     def models(self, facts: RequestFacts, *, downshift: bool = True) -> list[str]:
         """The requested model, then those it may downshift to (nearest first) that price its tools."""
         names = [facts.model]
@@ -93,33 +125,33 @@ class Planner:
     def encodings(self, names: list[str]) -> set[str]:
         return {spec.encoding for n in names if (spec := self.policy.model(n)) is not None}
 
-    def candidate(self, facts: RequestFacts, name: str, text_tokens: Mapping[str, int], *, max_output: int | None = None) -> Candidate:
-        """`name`'s worst case for this request. `text_tokens`: the text's tokens per encoding
-        (exact counts, or `lower_bound_tokens` for a bound)."""
+    def candidate(self, call: CallInput, name: str, *, max_output: int | None = None) -> Candidate:
+        """`name`'s worst case for this call."""
         spec = self.policy.model(name)
         assert spec is not None
         est = estimate(
-            facts,
-            text_tokens=text_tokens[spec.encoding],
+            call.facts,
+            text_tokens=call.text(spec.encoding),
             encoding=spec.encoding,
             safety_factor=spec.token_safety_factor,
             output_limit=spec.output_limit,
             fallback_output=self.policy.fallback_output_tokens,
-            image_tokens=self.policy.image_tokens,
+            media_tokens=call.media_tokens,
+            context_window=spec.context_window,
             max_output_override=max_output,
         )
         live = self.live_price(name) if self.live_price is not None else None
         price = live or spec.price
-        cost = price.cost(input_tokens=est.input_tokens, output_tokens=est.output_tokens) + tool_reserve(spec, facts.builtin_tools)
+        cost = price.cost(input_tokens=est.input_tokens, output_tokens=est.output_tokens) + tool_reserve(spec, call.facts.builtin_tools)
         return Candidate(name, spec, price, est.input_tokens, est.output_tokens, cost, "cost_rate" if live else "static")
 
     # -- before tokenizing -----------------------------------------------------------
 
-    async def refused_by_size(self, facts: RequestFacts, names: list[str], caller: Caller) -> Decision | None:
-        """A refusal when even the least this request can cost (its bytes bound its tokens from
+    async def refused_by_size(self, call: CallInput, names: list[str], caller: Caller) -> Decision | None:
+        """A refusal when even the least this call can cost (its bytes bound its tokens from
         below) does not fit the cheapest model: no tokenizing needed. None: it may fit."""
-        bounds = {enc: lower_bound_tokens(facts.segments, enc) for enc in self.encodings(names)}
-        cheapest = min((self.candidate(facts, n, bounds) for n in names), key=lambda c: c.cost)
+        bounded = call.bounded(self.encodings(names))
+        cheapest = min((self.candidate(bounded, n) for n in names), key=lambda c: c.cost)
         checked = await self.engine.check(
             self.policy, caller.who, run_id=caller.run_id, estimate=cheapest.estimate, run_overrides=caller.run_overrides
         )
@@ -127,13 +159,14 @@ class Planner:
 
     # -- reserve --------------------------------------------------------------------
 
-    async def plan(self, facts: RequestFacts, caller: Caller, text_tokens: Mapping[str, int], *, api: str, downshift: bool = True) -> Plan:
+    async def plan(self, call: CallInput, caller: Caller, *, api: str, downshift: bool = True) -> Plan:
         """Reserve for this call (see the module doc). Raises StoreUnavailable; then no hold is kept."""
+        facts = call.facts
         names = self.models(facts, downshift=downshift)
-        requested = self.candidate(facts, facts.model, text_tokens)
+        requested = self.candidate(call, facts.model)
         options = [requested]
         for name in names[1:]:
-            c = self.candidate(facts, name, text_tokens)
+            c = self.candidate(call, name)
             if not missing_capabilities(c.spec, facts, c.input_tokens, c.output_tokens):
                 options.append(c)
         reserve = _Reserver(self, caller, api, requested.name)
@@ -148,25 +181,35 @@ class Planner:
                     decision, chosen = cheaper, cheaper_choice
                 reserve.held = None
             if not decision.allowed and self.policy.decisions.output_clamp:
-                clamped = await self._clamp(facts, requested, decision, text_tokens, reserve)
+                clamped = await self._clamp(call, requested, decision, reserve)
                 if clamped is not None:
-                    return Plan(clamped[0], clamped[1], requested.name, clamped=True)
+                    return Plan(clamped[0], clamped[1], requested.name, facts, clamped=True)
         except StoreUnavailable:
             if reserve.held is not None and self.spawn is not None:
                 self.spawn(self.engine.release_retrying(reserve.held))
             raise
-        alternatives = [] if decision.allowed else self.alternatives(facts, decision, text_tokens)
-        return Plan(decision, chosen, requested.name, alternatives=alternatives)
+        alternatives = [] if decision.allowed else self.alternatives(call, decision)
+        return Plan(decision, chosen, requested.name, facts, alternatives=alternatives)
 
-    async def _clamp(
-        self, facts: RequestFacts, requested: Candidate, refused: Decision, text_tokens: Mapping[str, int], reserve: _Reserver
-    ) -> tuple[Decision, Candidate] | None:
+    async def reserve_flat(self, caller: Caller, cost: int, *, api: str) -> Decision:
+        """A flat-priced route: `cost` nano-USD and one request, no model."""
+        return await self.engine.reserve(
+            self.policy,
+            caller.who,
+            run_id=caller.run_id,
+            reservation_id=caller.reservation_id,
+            estimate={"cost": cost, "requests": 1},
+            meta={"model": "", "requested_model": "", "api": api, "request_id": caller.request_id},
+            run_overrides=caller.run_overrides,
+        )
+
+    async def _clamp(self, call: CallInput, requested: Candidate, refused: Decision, reserve: _Reserver) -> tuple[Decision, Candidate] | None:
         """Lower max output to what the blocking budget still affords (opt-in)."""
         b, idx = refused.blocking, refused.blocked
         if b is None or idx is None:
             return None
         remaining = max(0, refused.states[idx].remaining)
-        n = max(1, facts.n)
+        n = max(1, call.facts.n)
         if b.spec.dimension == "cost":
             per_choice = affordable_output(requested.spec, requested.price, requested.input_tokens, remaining, n)
         elif b.spec.dimension == "output_tokens":
@@ -177,18 +220,18 @@ class Planner:
             return None
         if per_choice < self.policy.decisions.min_clamped_output_tokens:
             return None
-        clamped = self.candidate(facts, requested.name, text_tokens, max_output=per_choice)
+        clamped = self.candidate(call, requested.name, max_output=per_choice)
         decision = await reserve.one(clamped, 9)
         return (decision, clamped) if decision.allowed else None
 
-    def alternatives(self, facts: RequestFacts, d: Decision, text_tokens: Mapping[str, int]) -> list[dict[str, Any]]:
+    def alternatives(self, call: CallInput, d: Decision) -> list[dict[str, Any]]:
         """Cheaper models an agent could ask for instead, with whether they fit now."""
         costs = [max(0, st.remaining) for lim, st in zip(d.limits, d.states) if lim.spec.dimension == "cost"]
         remaining = min(costs, default=None)
         out = []
-        for name in chain(self.policy, facts.model):
-            c = self.candidate(facts, name, _with_encoding(text_tokens, facts, self.policy.model(name)))
-            missing = missing_capabilities(c.spec, facts, c.input_tokens, c.output_tokens)
+        for name in chain(self.policy, call.facts.model):
+            c = self.candidate(call, name)
+            missing = missing_capabilities(c.spec, call.facts, c.input_tokens, c.output_tokens)
             caps = c.spec.capabilities
             out.append(
                 {
@@ -207,13 +250,6 @@ class Planner:
                 }
             )
         return out
-
-
-def _with_encoding(text_tokens: Mapping[str, int], facts: RequestFacts, spec: Any) -> Mapping[str, int]:
-    """Alternatives may use an encoding the request was not counted in: bound it from above."""
-    if spec is None or spec.encoding in text_tokens:
-        return text_tokens
-    return {**text_tokens, spec.encoding: upper_bound_tokens(facts.segments, spec.encoding)}
 
 
 class _Reserver:

@@ -18,7 +18,7 @@ from ..errors import StoreUnavailable
 from ..protocols.usage import Usage
 from .budget import Decision, Engine
 from .downshift import Candidate
-from .pricing import ledger_usage, usage_cost
+from .pricing import Settlement, ledger_usage, settlement, usage_cost
 
 log = logging.getLogger("extproc.holds")
 Spawn = Callable[[Awaitable[Any]], None]
@@ -37,6 +37,16 @@ class CallHold:
     def __init__(self, engine: Engine, decision: Decision, chosen: Candidate | None, spawn: Spawn) -> None:
         self.engine, self.decision, self.chosen, self.spawn = engine, decision, chosen, spawn
         self.open = True
+
+    def input_only(self) -> Usage | None:
+        """What a call that got no answer body is charged: its input estimate (None: the reservation)."""
+        return Usage(input_tokens=self.chosen.input_tokens) if self.chosen else None
+
+    def stream_settlement(self, seen: Usage | None, complete: bool, counted_output: int, tool_calls: Usage) -> Settlement:
+        """The lost-usage rule (pricing.settlement) for a stream of this call."""
+        assert self.chosen is not None
+        counted = Usage(input_tokens=self.chosen.input_tokens, output_tokens=counted_output).plus(tool_calls)
+        return settlement(seen=seen, complete=complete, counted=counted, reasoning=self.chosen.spec.reasoning)
 
     def charge(self, usage: Usage | None) -> dict[str, int]:
         """What settling `usage` charges (None, or no model: the reservation)."""

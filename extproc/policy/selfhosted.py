@@ -31,7 +31,14 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 _DECIMAL = re.compile(r"^\d+(\.\d+)?$")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._|:-]*$"

@@ -35,7 +35,12 @@ from extproc.protocols.schemas import (
     Schema,
     schema_by_name,
 )
-from extproc.protocols.sse import DEFAULT_MAX_EVENT_BYTES, EventTooLarge, SSEEvent, SSEParser
+from extproc.protocols.sse import (
+    DEFAULT_MAX_EVENT_BYTES,
+    EventTooLarge,
+    SSEEvent,
+    SSEParser,
+)
 from extproc.protocols.stream import StreamReader
 from extproc.protocols.usage import Usage
 

@@ -31,7 +31,12 @@ from extproc.protocols.request import (
 )
 from extproc.protocols.sse import DEFAULT_MAX_EVENT_BYTES
 from extproc.protocols.stream import Observer, StreamReader
-from extproc.protocols.usage import Usage, anthropic_usage, openai_usage, responses_usage
+from extproc.protocols.usage import (
+    Usage,
+    anthropic_usage,
+    openai_usage,
+    responses_usage,
+)
 
 DEFAULT_MAX_REQUEST_BYTES = 8 << 20
 

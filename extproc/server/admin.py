@@ -25,7 +25,12 @@ import os
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+)
 
 from .. import ledger as ledger_export
 from ..engine.budget import Engine, Identity

@@ -16,7 +16,8 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from .callers import CallerGate
-from .session import Services, Session
+from .gate import Gate
+from .services import Services
 
 _OK = status_pb2.Status(code=code_pb2.OK)
 
@@ -36,7 +37,7 @@ class Authorization(azg.AuthorizationServicer):
         headers.setdefault(":path", http.path)
         headers.setdefault(":method", http.method)
         peer = request.attributes.source.principal or None
-        session = Session(self.services, caller_authenticated=authenticated)
+        session = Gate(self.services, caller_authenticated=authenticated)
         reply = await session.authorize(headers, peer)
         if reply is None or reply.immediate is None:
             return az.CheckResponse(status=_OK, ok_response=az.OkHttpResponse())

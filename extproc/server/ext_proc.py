@@ -21,7 +21,8 @@ from google.protobuf import struct_pb2
 
 from .callers import CallerGate
 from .reply import Reply
-from .session import Services, Session
+from .services import Services
+from .session import Session
 
 log = logging.getLogger("extproc.grpc")
 

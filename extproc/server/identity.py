@@ -15,7 +15,9 @@ from __future__ import annotations
 from typing import Mapping
 
 from ..engine.budget import Identity
-from ..errors import Unauthenticated
+from ..engine.calls import Caller
+from ..engine.runs import run_overrides_from_headers
+from ..errors import BadRequest, Unauthenticated
 from ..policy.model import Policy, PrincipalSpec
 
 
@@ -54,3 +56,22 @@ def resolve(
     if key is not None:
         raise Unauthenticated("unknown API key")
     raise Unauthenticated("missing API key (Authorization: Bearer … or x-api-key)")
+
+
+def caller(
+    policy: Policy, headers: Mapping[str, str], peer_id: str | None, *, authenticated: bool, reservation_id: str
+) -> Caller:
+    """Who is calling and under which run (lowered run limits included). Raises ClientError."""
+    who = resolve(policy, headers, peer_id, caller_authenticated=authenticated)
+    run_id = None
+    for name in policy.runs.headers:
+        value = headers.get(name)
+        if value:
+            if len(value) > 128 or not value.isprintable():
+                raise BadRequest(f"{name} must be at most 128 printable characters", param=name)
+            run_id = value
+            break
+    # a client may lower (never raise) its run's limits; the store keeps the lowest
+    overrides = (run_overrides_from_headers(headers) or None) if run_id else None
+    request_id = headers.get("x-request-id", "")[:128] or reservation_id  # correlation only
+    return Caller(who, run_id, overrides, reservation_id, request_id)

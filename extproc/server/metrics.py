@@ -7,6 +7,8 @@ admin endpoint aggregates through prometheus-client's multiprocess mode.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 DECISIONS = Counter("extproc_decisions_total", "Budget decisions by outcome and blocking scope kind", ["outcome", "scope"])
@@ -30,3 +32,19 @@ CALLERS_REFUSED = Counter(
     "extproc_grpc_callers_refused_total", "gRPC calls refused before any work: missing, wrong or placeholder caller token", ["reason"]
 )
 OVERRUNS = Counter("extproc_overruns_total", "Settlements that charged more than the call's reservation (ledger meta: overrun)")
+
+
+def settled(d: Any, done: Any, seconds: float) -> None:
+    """Record one settled call (`engine.holds.Settled` of the hold of decision `d`)."""
+    INFLIGHT.dec()
+    SETTLE_SECONDS.observe(seconds)
+    if done.reserved:
+        ESTIMATE_RATIO.observe(done.cost / done.reserved)
+    if done.overrun:
+        OVERRUNS.inc()
+    if not done.stored:
+        STORE_ERRORS.labels("settle").inc()
+    elif not done.replayed:
+        for lim in d.limits:
+            if lim.spec.dimension == "cost" and lim.scope != "run":
+                SPEND.labels(lim.budget).inc(done.cost)

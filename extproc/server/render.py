@@ -147,3 +147,15 @@ def budget_rows(limits: Sequence[AppliedLimit], states: Sequence[LineState], now
             }
         )
     return rows
+
+
+def log_metadata(d: Decision | None, cost: int, principal: str, model: str) -> dict[str, Any]:
+    """What the access log prints of a settled call (Envoy dynamic metadata, extproc.budget)."""
+    tight = d.tightest("cost") if d else None
+    return {
+        "cost_usd": nano_to_usd(cost),
+        "scope": tight[0].budget if tight else "",
+        "principal": principal,
+        "model": model,
+        "decision_id": d.decision_id if d else "",
+    }

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ..errors import StoreUnavailable
+from ..rules import blocks, over, rolling_need
 from . import _json as json
 from .base import (
     CLOSED_MEMORY_MS,
@@ -51,10 +52,19 @@ from .base import (
     run_state_of,
     usage_of_lines,
 )
-from ..rules import blocks, over, rolling_need
 from .wire import (
-    CREDIT, EVENTS, FIRST, LIMIT, LOWERED, PURGE_RETRY_MS, RESERVED, ROLLING_SUM, RUN_KEY_KINDS, SPENT,
-    line_from_wire, line_to_wire,
+    CREDIT,
+    EVENTS,
+    FIRST,
+    LIMIT,
+    LOWERED,
+    PURGE_RETRY_MS,
+    RESERVED,
+    ROLLING_SUM,
+    RUN_KEY_KINDS,
+    SPENT,
+    line_from_wire,
+    line_to_wire,
 )
 
 _SCHEMA = """

@@ -25,7 +25,6 @@ immediate retry on a fresh connection covers pooled sockets that died).
 from __future__ import annotations
 
 import asyncio
-from . import _json as json
 from importlib import resources
 from typing import Any, Mapping, Sequence
 
@@ -33,9 +32,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreUnavailable
+from . import _json as json
 from .base import (
     CLOSED_MEMORY_MS,
     REFUSAL_MEMORY_MS,

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from . import _json as json
 from ..rules import Kind, Line, Mode, Window
+from . import _json as json
 
 LINE_FIELDS = (
     "key", "kind", "dimension", "limit", "amount", "mode", "window", "period",

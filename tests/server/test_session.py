@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import asyncio
+import hashlib
 import json
 
 import pytest
@@ -11,7 +11,8 @@ import pytest
 from extproc.engine.budget import Engine
 from extproc.errors import StoreUnavailable
 from extproc.policy.loader import PolicyHolder, parse_policy
-from extproc.server.session import Services, Session
+from extproc.server.services import Services
+from extproc.server.session import Session
 from extproc.stores.embedded import EmbeddedStore
 
 KEY = "sk-session"
@@ -82,7 +83,7 @@ async def test_a_call_that_crosses_the_soft_threshold_moves_to_the_cheaper_model
     # big's worst case: 600 output tokens x $10/1M + input = $0.0061 > 50% of $0.01 -> moved to small
     s, r, _ = await call(services, "x", "big", 600)
     assert r.immediate is None
-    assert s.chosen is not None and s.chosen.name == "small"
+    assert s.plan is not None and s.plan.chosen.name == "small"
     assert json.loads(r.body)["model"] == "small"
     assert ("x-extproc-model", "small") in r.set_headers and r.clear_route_cache
     entries = await services.engine.ledger()
@@ -123,7 +124,7 @@ async def test_a_client_may_lower_its_run_budget_and_a_later_request_cannot_rais
     await s.request_headers({**HEADERS, "x-run-id": "r2", "x-run-budget-usd": "99", "x-request-id": "3"}, False)
     r = await s.request_body(body("small", 10))
     assert r.immediate is None
-    assert dict(s._headers(s.decision))["x-budget-limit-usd"] == "0.005"
+    assert dict(s._headers(s.plan.decision))["x-budget-limit-usd"] == "0.005"
 
 
 async def test_a_malformed_run_limit_header_is_a_clear_400(run_services):
@@ -154,7 +155,7 @@ async def test_soft_gate_headers_do_not_refuse_what_the_margin_still_allows(soft
     await s.response_headers({":status": "200", "content-type": "application/json"})
     # $0.012 spent on a $0.01 limit with a 50% margin ($0.015): over the limit, inside the margin
     await s.response_body(json.dumps({"usage": {"prompt_tokens": 120000, "completion_tokens": 0}}).encode(), True)
-    who = s.who
+    who = s.caller.who
     assert (await soft_services.engine.check(soft_services.policy.current, who)).allowed
     s, r, phase = await call(soft_services, "b", "small", 10)  # its decision saw spent > limit
     assert r.immediate is None

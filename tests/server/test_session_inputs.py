@@ -10,9 +10,14 @@ import json
 import pytest
 
 from extproc.engine.budget import Engine
-from extproc.estimate import PER_REQUEST_OVERHEAD, PER_SEGMENT_OVERHEAD, openai_image_tokens
+from extproc.estimate import (
+    PER_REQUEST_OVERHEAD,
+    PER_SEGMENT_OVERHEAD,
+    openai_image_tokens,
+)
 from extproc.policy.loader import PolicyHolder, parse_policy
-from extproc.server.session import Services, Session
+from extproc.server.services import Services
+from extproc.server.session import Session
 from extproc.stores.embedded import EmbeddedStore
 from extproc.tokenizers import count_tokens
 
@@ -70,7 +75,7 @@ async def test_a_file_by_id_is_refused_with_a_400_naming_the_part(make_services)
     assert r.immediate is not None and r.immediate.status == 400
     error = json.loads(r.immediate.body)["error"]
     assert error["code"] == "input_not_bounded" and error["param"] == "messages[0].content[0]"
-    assert s.decision is None  # nothing was reserved
+    assert s.plan is None and s.hold is None  # nothing was reserved
 
 
 async def test_a_stored_conversation_is_refused_unless_the_policy_reserves_for_it(make_services):
@@ -79,7 +84,7 @@ async def test_a_stored_conversation_is_refused_unless_the_policy_reserves_for_i
     assert r.immediate is not None and r.immediate.status == 400
     assert json.loads(r.immediate.body)["error"]["param"] == "previous_response_id"
     s, r = await send(make_services("inputs: {previous_response_tokens: 50000}\n"), body, "/v1/responses")
-    assert r.immediate is None and s.chosen is not None and s.chosen.input_tokens > 50_000
+    assert r.immediate is None and s.plan is not None and s.plan.chosen.input_tokens > 50_000
 
 
 async def test_reservation_includes_images_and_the_unsized_worst_case(make_services):
@@ -91,7 +96,7 @@ async def test_reservation_includes_images_and_the_unsized_worst_case(make_servi
         {"type": "file", "file": {"file_id": "file-1"}},
     ]
     s, r = await send(services, {"model": "gpt", "max_tokens": 10, "messages": [{"role": "user", "content": content}]})
-    assert r.immediate is None and s.chosen is not None
+    assert r.immediate is None and s.plan is not None
     text = count_tokens("user\ncompare", "o200k_base") + PER_SEGMENT_OVERHEAD + PER_REQUEST_OVERHEAD
-    assert s.chosen.input_tokens == text + openai_image_tokens(1024, 1024, None) + 1500 + 7000
-    assert s.decision is not None and s.decision.reserved["input_tokens"] == s.chosen.input_tokens
+    assert s.plan.chosen.input_tokens == text + openai_image_tokens(1024, 1024, None) + 1500 + 7000
+    assert s.plan is not None and s.plan.decision.reserved["input_tokens"] == s.plan.chosen.input_tokens

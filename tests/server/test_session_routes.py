@@ -9,7 +9,8 @@ import pytest
 
 from extproc.engine.budget import Engine
 from extproc.policy.loader import PolicyHolder, parse_policy
-from extproc.server.session import Services, Session
+from extproc.server.services import Services
+from extproc.server.session import Session
 from extproc.stores.embedded import EmbeddedStore
 
 KEY = "sk-routes"
@@ -113,7 +114,7 @@ async def test_an_azure_deployment_path_names_the_model(services):
     assert r.immediate is None
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}).encode()
     r = await s.request_body(body)
-    assert r.immediate is None and s.chosen is not None and s.chosen.name == "gpt-4o"
+    assert r.immediate is None and s.plan is not None and s.plan.chosen.name == "gpt-4o"
     s = Session(services)
     await s.request_headers(headers("/openai/deployments/unknown/chat/completions", **AUTH), False)
     got, err = error(await s.request_body(body))
@@ -127,7 +128,7 @@ async def test_a_client_request_id_never_names_the_reservation(services):
         await s.request_headers(headers("/v1/chat/completions", **AUTH, **{"x-request-id": "same"}), False)
         r = await s.request_body(json.dumps({"model": "gpt-4o", "max_tokens": 10, "messages": []}).encode())
         assert r.immediate is None
-        ids.add(s.decision.hold.reservation_id)
+        ids.add(s.plan.decision.hold.reservation_id)
         await s.response_headers({":status": "200", "content-type": "application/json"})
         await s.response_body(b'{"usage": {"prompt_tokens": 10, "completion_tokens": 5}}', True)
     assert len(ids) == 3

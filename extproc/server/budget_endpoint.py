@@ -1,0 +1,71 @@
+"""`GET <budget_path>` and `GET <budget_path>/decisions/{id}`: answered by the service itself.
+
+An agent asks what it has left before it spends; nothing reaches a backend.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from ..engine.recent import LoggedDecision
+from ..errors import ClientError, StoreUnavailable
+from ..money import nano_to_usd
+from ..policy.model import Policy
+from ..protocols.envelopes import error_body
+from . import identity, render
+from .reply import Reply, client_error, json_reply, store_unavailable
+from .services import Services
+
+
+def is_budget_path(policy: Policy, method: str, path: str) -> bool:
+    base = policy.decisions.budget_path
+    return method == "GET" and (path == base or path.startswith(base + "/decisions/"))
+
+
+async def answer(s: Services, policy: Policy, path: str, headers: Mapping[str, str], peer_id: str | None, *, authenticated: bool) -> Reply:
+    try:
+        who = identity.resolve(policy, headers, peer_id, caller_authenticated=authenticated)
+    except ClientError as e:
+        return client_error("openai", e)
+    if "/decisions/" in path:
+        logged = s.decisions.get(path.rsplit("/", 1)[1])
+        if logged is None or logged.principal != who.principal:
+            return json_reply(404, error_body("openai", status=404, message="no such decision", type="invalid_request_error", code="not_found"))
+        return json_reply(200, json.dumps(decision_doc(logged)).encode())
+    run_id = next((headers[h] for h in policy.runs.headers if headers.get(h)), None)
+    try:
+        snap = await s.engine.snapshot_lines(policy, who, run_id=run_id)
+    except StoreUnavailable:
+        return store_unavailable("openai")
+    doc = {
+        "principal": who.principal,
+        "team": who.team,
+        "org": who.org,
+        "run": run_id,
+        "price_table_version": policy.prices.version,
+        "budgets": render.budget_rows(snap.limits, snap.states, snap.now_ms),
+    }
+    return json_reply(200, json.dumps(doc).encode())
+
+
+def decision_doc(logged: LoggedDecision) -> dict[str, Any]:
+    plan = logged.plan
+    d, c = plan.decision, plan.chosen
+    return {
+        "decision_id": d.decision_id,
+        "principal": logged.principal,
+        "run": logged.run,
+        "decision": render.decision_value(d, plan.changed),
+        "requested_model": plan.requested,
+        "selected_model": c.name,
+        "scopes": sorted({lim.budget for lim in d.limits}),
+        "estimate": {"cost_usd": nano_to_usd(c.cost), "input_tokens": c.input_tokens, "output_tokens": c.output_tokens},
+        "effective_max_output": c.output_tokens,
+        "output_clamped": plan.clamped,
+        "price_source": c.price_source,
+        "blocking_scope": d.blocking.budget if d.blocking else None,
+        "price_table_version": logged.price_version,
+        "reservation_id": d.hold.reservation_id,
+    }

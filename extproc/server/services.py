@@ -1,0 +1,32 @@
+"""What every session of one worker process shares."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.budget import Engine
+from ..engine.recent import DecisionLog, RecentStates
+from ..estimate import TokenCounter
+from ..policy.loader import PolicyHolder
+
+
+@dataclass
+class Services:
+    """The policy source, the engine, the token cache, this process's recent decisions, the
+    live cost rates of self-hosted backends, and the background tasks (settle retries)."""
+
+    policy: PolicyHolder
+    engine: Engine
+    counter: TokenCounter = field(default_factory=TokenCounter)
+    decisions: DecisionLog = field(default_factory=DecisionLog)
+    recent: RecentStates = field(default_factory=RecentStates)
+    rates: Any = None  # costrate.CostRates when the policy has self-hosted backends
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)

@@ -1,0 +1,228 @@
+"""Every path of one ext_proc stream, driven on the session over a real embedded store:
+JSON, SSE, aborts before and after the usage, non-2xx, store down before and after a
+reservation (fail closed and fail open), clamp, ext_authz, and the phase table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from extproc.engine.budget import Engine
+from extproc.errors import StoreUnavailable
+from extproc.policy.loader import PolicyHolder, parse_policy
+from extproc.server.gate import Gate
+from extproc.server.lifecycle import PhaseError
+from extproc.server.services import Services
+from extproc.server.session import Session
+from extproc.stores.embedded import EmbeddedStore
+
+KEY = "sk-paths"
+POLICY = f"""
+version: 1
+prices:
+  models:
+    m: {{ input: "1.00", output: "2.00", output_limit: 1000 }}
+    thinker: {{ input: "1.00", output: "2.00", output_limit: 1000, reasoning: true }}
+keys:
+  - {{ sha256: {hashlib.sha256(KEY.encode()).hexdigest()}, principal: p, team: t }}
+routes:
+  - {{ path: /dispatch, action: unmetered }}
+budgets:
+  - scope: key
+    limits: [{{ dimension: cost, limit: "1.00" }}]
+"""
+AUTH = {"authorization": f"Bearer {KEY}"}
+CHAT = {":path": "/v1/chat/completions", ":method": "POST", **AUTH}
+
+
+class DownStore(EmbeddedStore):
+    """A real store that can be switched off (every call raises StoreUnavailable)."""
+
+    down = False
+
+    async def reserve(self, *a, **kw):
+        if self.down:
+            raise StoreUnavailable("down")
+        return await super().reserve(*a, **kw)
+
+    async def settle(self, *a, **kw):
+        if self.down:
+            raise StoreUnavailable("down")
+        return await super().settle(*a, **kw)
+
+    async def check(self, *a, **kw):
+        if self.down:
+            raise StoreUnavailable("down")
+        return await super().check(*a, **kw)
+
+
+def make(tmp_path, extra: str = "") -> tuple[Services, DownStore]:
+    store = DownStore(tmp_path / "b.db")
+    return Services(PolicyHolder(parse_policy(POLICY + extra)), Engine(store)), store
+
+
+@pytest.fixture
+async def world(tmp_path):
+    services, store = make(tmp_path)
+    yield services, store
+    await store.close()
+
+
+def chat(model: str = "m", *, stream: bool = False, max_tokens: int = 100) -> bytes:
+    return json.dumps({"model": model, "max_tokens": max_tokens, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+async def started(services: Services, body: bytes) -> Session:
+    s = Session(services)
+    assert (await s.request_headers(CHAT, False)).immediate is None
+    r = await s.request_body(body)
+    assert r.immediate is None, r.immediate
+    return s
+
+
+def sse(*events: dict) -> bytes:
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+
+
+DELTA = {"choices": [{"index": 0, "delta": {"content": "hello there"}}]}
+USAGE = {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 20}}
+
+
+async def outcomes(store) -> list[tuple[str, str, int]]:
+    return [(e.outcome.value, e.meta.get("usage_source", ""), e.charged.get("cost", 0)) for e in await store.ledger()]
+
+
+async def test_json_settles_on_its_usage(world):
+    services, store = world
+    s = await started(services, chat())
+    await s.response_headers({":status": "200", "content-type": "application/json"})
+    r = await s.response_body(json.dumps({"usage": {"prompt_tokens": 10, "completion_tokens": 20}}).encode(), True)
+    assert ("x-budget-cost-usd", "0.00005") in r.set_headers  # 10 x $1/1M + 20 x $2/1M
+    assert await outcomes(store) == [("settled", "body", 50_000)]
+
+
+async def test_sse_settles_on_the_final_usage_and_appends_the_cost_comment(world):
+    services, store = world
+    s = await started(services, chat(stream=True))
+    r = await s.response_headers({":status": "200", "content-type": "text/event-stream"})
+    assert r.stream_response
+    await s.response_body(sse(DELTA), False)
+    r = await s.response_body(sse(USAGE) + b"data: [DONE]\n\n", True)
+    assert r.body is not None and r.body.endswith(b": x-budget-cost-usd=0.00005\n\n")
+    assert await outcomes(store) == [("settled", "stream", 50_000)]
+
+
+async def test_a_client_gone_after_the_usage_is_charged_the_usage(world):
+    services, store = world
+    s = await started(services, chat(stream=True))
+    await s.response_headers({":status": "200", "content-type": "text/event-stream"})
+    await s.response_body(sse(DELTA, USAGE) + b"data: [DONE]\n\n", False)  # the SDK hangs up at [DONE]
+    await s.close()
+    assert await outcomes(store) == [("settled", "stream", 50_000)]
+
+
+async def test_a_client_gone_before_the_usage_is_charged_what_was_counted(world):
+    services, store = world
+    s = await started(services, chat(stream=True))
+    await s.response_headers({":status": "200", "content-type": "text/event-stream"})
+    await s.response_body(sse(DELTA), False)
+    await s.close()
+    ((outcome, source, cost),) = await outcomes(store)
+    assert (outcome, source) == ("settled", "aborted_counted") and 0 < cost < s.hold.decision.reserved["cost"]
+
+
+async def test_a_reasoning_model_without_usage_is_charged_its_reservation(world):
+    services, store = world
+    s = await started(services, chat("thinker", stream=True))
+    await s.response_headers({":status": "200", "content-type": "text/event-stream"})
+    await s.response_body(sse(DELTA), False)
+    await s.close()
+    assert await outcomes(store) == [("settled", "aborted_reserved", s.hold.decision.reserved["cost"])]
+
+
+async def test_a_client_gone_before_any_response_is_charged_its_input_estimate(world):
+    services, store = world
+    s = await started(services, chat())
+    await s.close()
+    ((outcome, source, cost),) = await outcomes(store)
+    assert (outcome, source) == ("settled", "aborted") and cost == s.plan.chosen.input_tokens * 1000
+
+
+async def test_a_non_2xx_answer_releases_exactly_once(world):
+    services, store = world
+    s = await started(services, chat())
+    r = await s.response_headers({":status": "503"})
+    assert r.skip_response_body
+    await s.close()  # nothing left to do
+    assert await outcomes(store) == [("released", "", 0)]
+
+
+async def test_store_down_before_the_reservation_fails_closed(world):
+    services, store = world
+    s = Session(services)
+    await s.request_headers(CHAT, False)
+    store.down = True
+    r = await s.request_body(chat())
+    assert r.immediate is not None and r.immediate.status == 503
+    assert json.loads(r.immediate.body)["error"]["code"] == "budget_store_unavailable"
+
+
+async def test_store_down_before_the_reservation_fails_open_when_the_policy_says_so(tmp_path):
+    services, store = make(tmp_path, "failure_mode: fail_open\n")
+    try:
+        s = Session(services)
+        await s.request_headers(CHAT, False)
+        store.down = True
+        r = await s.request_body(chat())
+        assert r.immediate is None
+        r = await s.response_headers({":status": "200", "content-type": "application/json"})
+        assert ("x-budget-failure-mode", "fail_open") in r.set_headers
+    finally:
+        await store.close()
+
+
+async def test_store_down_after_the_reservation_settles_in_the_background(world):
+    services, store = world
+    s = await started(services, chat())
+    await s.response_headers({":status": "200", "content-type": "application/json"})
+    store.down = True
+    r = await s.response_body(json.dumps({"usage": {"prompt_tokens": 10, "completion_tokens": 20}}).encode(), True)
+    assert ("x-budget-cost-usd", "0.00005") in r.set_headers  # the caller is told what it will be charged
+    store.down = False
+    for task in list(services.background):
+        await task
+    assert await outcomes(store) == [("settled", "body", 50_000)]
+
+
+async def test_clamp_lowers_the_forwarded_cap_to_what_fits(tmp_path):
+    services, store = make(tmp_path, "decisions: { output_clamp: true }\n")
+    services.policy = PolicyHolder(parse_policy(POLICY.replace('limit: "1.00"', 'limit: "0.001"') + "decisions: { output_clamp: true }\n"))
+    try:
+        s = Session(services)
+        await s.request_headers(CHAT, False)
+        r = await s.request_body(chat(max_tokens=1000))  # worst case $0.002 > the $0.001 limit
+        assert r.immediate is None and s.plan.clamped
+        cap = json.loads(r.body)["max_tokens"]  # the field the client used
+        assert 64 <= cap < 1000 and ("x-budget-output-clamped", "true") in (await s.response_headers({":status": "200"})).set_headers
+    finally:
+        await store.close()
+
+
+async def test_ext_authz_allows_listed_routes_with_identity_and_refuses_metered_ones(world):
+    services, _ = world
+    dispatch = {":path": "/dispatch", ":method": "POST"}
+    assert await Gate(services).authorize({**dispatch, **AUTH}, None) is None
+    r = await Gate(services).authorize(dispatch, None)
+    assert r is not None and r.immediate.status == 401
+    r = await Gate(services).authorize(CHAT, None)
+    assert r is not None and r.immediate.status == 403
+    assert await Gate(services).authorize({":path": "/health", ":method": "GET"}, None) is None
+
+
+async def test_an_impossible_phase_is_a_bug_that_raises(world):
+    services, _ = world
+    s = Session(services)
+    with pytest.raises(PhaseError):
+        await s.request_body(chat())  # a body before any headers
