@@ -12,15 +12,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import StoreUnavailable
 from ..protocols.usage import Usage
 from .budget import Decision, Engine
 from .downshift import Candidate
-from .pricing import Settlement, ledger_usage, settlement, usage_cost
+from .pricing import ledger_usage, settlement, usage_cost
 
 log = logging.getLogger("extproc.holds")
+
+
+class StreamFacts(Protocol):
+    """What a stream reader (protocols.stream.StreamReader) observed of an answer."""
+
+    usage: Usage | None
+    usage_complete: bool
+    counted_output_tokens: int
+    tool_calls: Usage
+    decode_error: str | None
 Spawn = Callable[[Awaitable[Any]], None]
 
 
@@ -38,15 +48,20 @@ class CallHold:
         self.engine, self.decision, self.chosen, self.spawn = engine, decision, chosen, spawn
         self.open = True
 
-    def input_only(self) -> Usage | None:
-        """What a call that got no answer body is charged: its input estimate (None: the reservation)."""
-        return Usage(input_tokens=self.chosen.input_tokens) if self.chosen else None
-
-    def stream_settlement(self, seen: Usage | None, complete: bool, counted_output: int, tool_calls: Usage) -> Settlement:
-        """The lost-usage rule (pricing.settlement) for a stream of this call."""
-        assert self.chosen is not None
-        counted = Usage(input_tokens=self.chosen.input_tokens, output_tokens=counted_output).plus(tool_calls)
-        return settlement(seen=seen, complete=complete, counted=counted, reasoning=self.chosen.spec.reasoning)
+    def stream_outcome(self, reader: StreamFacts | None, *, ended: bool) -> tuple[Usage | None, str]:
+        """What a call whose answer streamed (or never came) is charged, and the ledger's
+        `usage_source`: the lost-usage rule of pricing.settlement. `ended`: the body ended
+        (else the client or Envoy closed the stream first). None: charge the reservation."""
+        chosen = self.chosen
+        if chosen is None or reader is None:  # no answer body: the input estimate (a flat route: its price)
+            return (Usage(input_tokens=chosen.input_tokens) if chosen else None), "aborted"
+        if reader.decode_error is not None and reader.usage is None:
+            log.warning("stream of %s could not be decoded (%s); charging the reservation", self.decision.hold.reservation_id, reader.decode_error)
+            return None, "undecodable"
+        counted = Usage(input_tokens=chosen.input_tokens, output_tokens=reader.counted_output_tokens).plus(reader.tool_calls)
+        complete = reader.usage_complete or (ended and reader.usage is not None)
+        rule = settlement(seen=reader.usage, complete=complete, counted=counted, reasoning=chosen.spec.reasoning)
+        return rule.usage, rule.source if ended or rule.source == "stream" else f"aborted_{rule.source}"
 
     def charge(self, usage: Usage | None) -> dict[str, int]:
         """What settling `usage` charges (None, or no model: the reservation)."""
@@ -72,6 +87,7 @@ class CallHold:
         overrun = max(0, charge.get("cost", 0) - reserved)
         if overrun:  # the backend outgrew the reservation
             meta["overrun"] = overrun
+            log.warning("%s charged %d nano-USD above its reservation", self.decision.hold.reservation_id, overrun)
         hold = self.decision.hold
         try:
             result = await self.engine.settle(hold, charge, meta)

@@ -19,13 +19,7 @@ from ..engine.budget import Decision
 from ..engine.calls import Plan, Planner
 from ..engine.holds import CallHold
 from ..engine.recent import LoggedDecision
-from ..errors import (
-    BadRequest,
-    ClientError,
-    RouteDenied,
-    StoreUnavailable,
-    UpstreamError,
-)
+from ..errors import BadRequest, ClientError, RouteDenied, StoreUnavailable, UpstreamError
 from ..estimate import Counts
 from ..money import nano_to_usd, usd_to_nano
 from ..protocols.usage import Usage
@@ -223,15 +217,8 @@ class Session(Gate):
 
     async def _settle_stream(self, *, ended: bool) -> int:
         assert self.hold is not None
-        r = self.reader
-        if r is None:  # gone before any response body: the input estimate (a flat route: its price)
-            return await self._settle(self.hold.input_only(), source="aborted")
-        if r.decode_error is not None and r.usage is None:
-            log.warning("stream %s could not be decoded (%s); charging the reservation", self.reservation_id, r.decode_error)
-            return await self._settle(None, source="undecodable")
-        rule = self.hold.stream_settlement(r.usage, r.usage_complete or (ended and r.usage is not None), r.counted_output_tokens, r.tool_calls)
-        return await self._settle(rule.usage, source=rule.source if ended or rule.source == "stream" else f"aborted_{rule.source}")
-
+        usage, source = self.hold.stream_outcome(self.reader, ended=ended)
+        return await self._settle(usage, source=source)
 
     async def _settle(self, usage: Usage | None, *, source: str) -> int:
         assert self.hold is not None
@@ -241,8 +228,6 @@ class Session(Gate):
         if done is None:
             return 0
         metrics.settled(self.hold.decision, done, time.perf_counter() - t0)
-        if done.overrun:
-            log.warning("%s charged %s USD above its reservation", self.reservation_id, nano_to_usd(done.overrun))
         return done.cost
 
     async def _release(self) -> None:
