@@ -43,6 +43,8 @@ from .tokenizers import count_text, get_encoding, lower_bound, utf8_len
 
 PER_SEGMENT_OVERHEAD = 4  # role/name/separators per message (OpenAI's documented 3, rounded up)
 PER_REQUEST_OVERHEAD = 3  # the assistant reply primer
+MANY_SEGMENTS = 2048  # past this many uncached segments in one request, tiny ones are bounded by bytes
+TINY_CHARS = 64  # a segment this short costs at most its UTF-8 length in tokens (every token >= 1 byte)
 ENTRY_OVERHEAD = 160  # bytes per cache entry besides the text: dict slot, LRU links, key tuple
 
 
@@ -199,12 +201,20 @@ class TokenCounter:
             known, missing = await self._split_yielding(segments, encoding)
         else:
             known, missing = self._split(segments, encoding)
+        if len(missing) > MANY_SEGMENTS:  # e.g. 150k one-word messages: bound the tiny ones by their bytes
+            missing.sort(key=len)  # order does not matter for a sum; tiny ones first
+            tiny = next((i for i, m in enumerate(missing) if len(m) >= TINY_CHARS), len(missing))
+            bounded = [(utf8_len(m), False) for m in missing[:tiny]]
+            rest = await self._count(missing[tiny:], encoding, owner)
+            return self._finish(encoding, known, missing, bounded + rest)
+        return self._finish(encoding, known, missing, await self._count(missing, encoding, owner))
+
+    async def _count(self, missing: list[str], encoding: str, owner: str) -> list[tuple[int, bool]]:
         if len(missing) <= self.inline_segments and sum(map(len, missing)) <= self.inline_chars:
-            results = _count_all(missing, encoding)
-        else:
-            self.offloaded += 1
-            results = await self._lanes.run(owner, _count_all, missing, encoding)
-        return self._finish(encoding, known, missing, results)
+            return _count_all(missing, encoding)
+        self.offloaded += 1
+        result: list[tuple[int, bool]] = await self._lanes.run(owner, _count_all, missing, encoding)
+        return result
 
     def _split(self, segments: Sequence[str], encoding: str) -> tuple[int, list[str]]:
         known, missing = 0, []
@@ -229,7 +239,7 @@ class TokenCounter:
 
     def _finish(self, encoding: str, known: int, missing: list[str], results: list[tuple[int, bool]]) -> Counts:
         self.misses += len(missing)
-        fresh = tuple((s, n) for s, (n, _) in zip(missing, results) if self._cacheable(s))
+        fresh = tuple((s, n) for s, (n, exact) in zip(missing, results) if exact and self._cacheable(s))
         return Counts(encoding, known + sum(n for n, _ in results), all(ok for _, ok in results), fresh)
 
     def close(self) -> None:
