@@ -193,6 +193,7 @@ class SSEParser:
         """End of stream: interpret what is left (see the module docstring) and reset."""
         out: list[SSEEvent] = []
         if self._sink is not None:
+            self._end_last_line()
             self._end_oversize(out)
             self._reset()
             return out
@@ -323,6 +324,23 @@ class SSEParser:
                 partial = partial[3:]
         end = self._stream_oversize(partial, out)
         assert end < 0  # no blank line can be in a partial line
+
+    def _end_last_line(self) -> None:
+        """End of stream inside an oversize event: a last line without a line ending counts,
+        as it does for a small event (`finish` reads it with `_line`)."""
+        sink, state = self._sink, self._state
+        assert sink is not None
+        if state == _NAME and self._small:
+            name = bytes(self._small)
+            self._small = bytearray()
+            if name == b"data":
+                self._data_line(sink)
+            else:
+                self._small_field = name
+                self._set_small()
+        elif state in (_SMALL, _SMALL_SP) and not self._small_over:
+            self._set_small()
+        self._state = _START
 
     def _end_oversize(self, out: list[SSEEvent]) -> None:
         sink = self._sink

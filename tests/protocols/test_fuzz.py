@@ -230,6 +230,13 @@ def test_sse_oversize_streaming_matches_an_uncapped_parse(data: st.DataObject, s
         assert any(e.oversize for e in events)
 
 
+def test_an_oversize_event_ending_the_stream_without_a_line_ending_keeps_its_last_line() -> None:
+    """Found by the test above: "data:\ndata" at a cap of 8 lost its second (empty) data line."""
+    p = SSEParser(8, include_empty=True, oversize=KeepAll)
+    events = p.feed(b"data:\ndata") + p.finish()
+    assert [e.data for e in events if e.dispatch] == ["\n"]
+
+
 # --- StreamReader ----------------------------------------------------------------------
 
 
