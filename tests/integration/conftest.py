@@ -42,6 +42,8 @@ def make_stack(tmp_path: Path, request):
             store_url = f"sqlite:{tmp_path / f'budget{len(stacks)}.db'}"
         elif store == "redis":
             server = request.getfixturevalue("redis_server")
+            if not stacks or stacks[-1].store != server.url:
+                server.flush()  # the server is shared by the session: each test starts from empty books
             store_url = server.url
         else:
             store_url = store
