@@ -20,7 +20,9 @@ class Phase(enum.Enum):
 
 
 NEXT: dict[Phase, frozenset[Phase]] = {
-    Phase.START: frozenset({Phase.REQUEST_HEADERS}),
+    # Envoy's own local reply (a path it rejected, a route timeout) passes the response
+    # phases of a stream whose request never reached this filter.
+    Phase.START: frozenset({Phase.REQUEST_HEADERS, Phase.RESPONSE_HEADERS}),
     Phase.REQUEST_HEADERS: frozenset({Phase.REQUEST_BODY, Phase.RESPONSE_HEADERS}),  # flat routes skip the body
     Phase.REQUEST_BODY: frozenset({Phase.RESPONSE_HEADERS}),
     Phase.RESPONSE_HEADERS: frozenset({Phase.RESPONSE_BODY}),

@@ -226,3 +226,11 @@ async def test_an_impossible_phase_is_a_bug_that_raises(world):
     s = Session(services)
     with pytest.raises(PhaseError):
         await s.request_body(chat())  # a body before any headers
+
+
+async def test_envoys_own_local_reply_passes_without_a_request(world):
+    """A request Envoy rejected itself (an encoded slash) still passes the response phases."""
+    services, store = world
+    r = await Session(services).response_headers({":status": "400"})
+    assert r.immediate is None and r.skip_response_body
+    assert await store.ledger() == []
