@@ -22,13 +22,15 @@ alone, before any tokenizing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import sys
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from .errors import ClientError
 from .tokenizers import count_text, get_encoding, lower_bound, utf8_len
@@ -39,10 +41,16 @@ ENTRY_OVERHEAD = 160  # bytes per cache entry besides the text: dict slot, LRU l
 
 
 class Facts(Protocol):
-    segments: Sequence[str]
-    images: int
-    max_output: int | None
-    n: int
+    """What an estimate reads of a request (read-only: `RequestFacts` is frozen)."""
+
+    @property
+    def segments(self) -> Sequence[str]: ...
+    @property
+    def images(self) -> int: ...
+    @property
+    def max_output(self) -> int | None: ...
+    @property
+    def n(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +230,7 @@ class TokenCounter:
 
     def _finish(self, encoding: str, known: int, missing: list[str], results: list[tuple[int, bool]]) -> Counts:
         self.misses += len(missing)
-        fresh = tuple((s, n) for s, (n, _) in zip(missing, results) if self._cacheable(s))
+        fresh = tuple((s, n) for s, (n, _) in zip(missing, results, strict=True) if self._cacheable(s))
         return Counts(encoding, known + sum(n for n, _ in results), all(ok for _, ok in results), fresh)
 
     def close(self) -> None:
@@ -289,10 +297,8 @@ class _Lanes:
                 self._done(owner, pending)
 
         def finish(_: Future[Any]) -> None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is closed (shutdown): nothing left to release
                 loop.call_soon_threadsafe(release)
-            except RuntimeError:  # the loop is closed (shutdown): nothing left to release
-                pass
 
         def release() -> None:
             slots.release()

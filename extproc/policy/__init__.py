@@ -4,7 +4,7 @@
 YAML with precise errors and keeps the last good policy on reload.
 """
 
-from .model import BudgetSpec, KeySpec, LimitSpec, ModelSpec, Policy, RunsSpec
 from .loader import PolicyHolder, load_policy
+from .model import BudgetSpec, KeySpec, LimitSpec, ModelSpec, Policy, RunsSpec
 
 __all__ = ["BudgetSpec", "KeySpec", "LimitSpec", "ModelSpec", "Policy", "PolicyHolder", "RunsSpec", "load_policy"]
