@@ -35,4 +35,4 @@ check-policies: install
 	$(VENV)/bin/extproc policy check policies/*.yaml
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .hypothesis
+	rm -rf $(VENV) var .pytest_cache .hypothesis .mypy_cache .ruff_cache
