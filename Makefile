@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo bench check-policies clean
+.PHONY: install test unit lint demo bench check-policies clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,15 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The fast tier: every test that starts no Envoy and no redis-server.
+unit: install
+	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
+
+# ruff (rules in pyproject.toml) over the code, tests and benchmarks; mypy --strict over extproc/.
+lint: install
+	$(VENV)/bin/ruff check extproc tests bench
+	$(VENV)/bin/mypy
+
 demo: install
 	$(PY) -m extproc demo --policy policies/demo.yaml
 
@@ -26,4 +35,4 @@ check-policies: install
 	$(VENV)/bin/extproc policy check policies/*.yaml
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .hypothesis
+	rm -rf $(VENV) var .pytest_cache .hypothesis .mypy_cache .ruff_cache

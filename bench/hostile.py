@@ -27,8 +27,9 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -111,7 +112,7 @@ async def loop_stalls(mb: float) -> list[tuple[str, float, float]]:
         counter = TokenCounter()
         try:
 
-            async def work() -> None:
+            async def work(inline: bool = inline, counter: TokenCounter = counter) -> None:
                 if inline:
                     counter.count_segments([text], "o200k_base")
                 else:
@@ -142,7 +143,7 @@ async def attacker(url: str, body: bytes, stop: asyncio.Event, statuses: dict[in
         while not stop.is_set():
             try:
                 status, _, _ = await one(url, body=body, headers={"Authorization": f"Bearer {ATTACKER}"})
-            except (OSError, asyncio.TimeoutError, ValueError, IndexError):
+            except (TimeoutError, OSError, ValueError, IndexError):
                 status = -1
             statuses[status] = statuses.get(status, 0) + 1
 

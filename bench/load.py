@@ -230,8 +230,8 @@ async def run(
                 conns[i] = conn
             t0 = time.perf_counter()
             try:
-                status, first, raw = await asyncio.wait_for(conn.request(data, keep_body=False), timeout_s)
-            except (OSError, asyncio.TimeoutError, ConnectionError, ValueError) as e:
+                status, first, _raw = await asyncio.wait_for(conn.request(data, keep_body=False), timeout_s)
+            except (TimeoutError, OSError, ConnectionError, ValueError) as e:
                 res.errors += 1
                 res.first_error = res.first_error or f"{type(e).__name__}: {e}"
                 if conn.transport is not None:

@@ -17,7 +17,7 @@ import argparse
 import asyncio
 import multiprocessing
 import signal
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm

@@ -32,7 +32,7 @@ def _stat(pid: int) -> tuple[int, float] | None:
 def system_busy() -> float:
     """CPU seconds the whole machine has spent not idle (all processes, ours or not)."""
     f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f[:8])
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[:8])
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
@@ -73,17 +73,16 @@ class Procs:
     procs: list[tuple[str, str, subprocess.Popen[Any]]] = field(default_factory=list)
 
     def spawn(self, name: str, role: str, args: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None) -> subprocess.Popen[Any]:
-        log = open(self.workdir / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env, **(env or {})},
-            cwd=cwd,
-            preexec_fn=die_with_parent,
-        )
-        log.close()
+        with open(self.workdir / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env, **(env or {})},
+                cwd=cwd,
+                preexec_fn=die_with_parent,
+            )
         self.procs.append((name, role, proc))
         return proc
 

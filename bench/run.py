@@ -287,7 +287,7 @@ class Bench:
             for i, a in enumerate(addrs):
                 names.append(f"{spec.id}-filter-{i}")
                 procs.spawn(names[-1], "ext_proc", base + ["--grpc", a])
-            for a, (name, _, p) in zip(addrs, procs.procs[-n:]):
+            for a, (_, _, p) in zip(addrs, procs.procs[-n:]):
                 wait_connect(a, 60, p)
             return addrs
         addr = f"127.0.0.1:{free_port()}"
@@ -367,9 +367,8 @@ class Bench:
         usage = json.loads(body).get("usage", {})
         if usage.get("completion_tokens") != STREAM_TOKENS:
             raise RuntimeError(f"JSON pre-flight: unexpected usage {usage}")
-        if spec.filter == "extproc":
-            if hdrs.get("x-budget-decision") != "allow" or "x-budget-cost-usd" not in hdrs:
-                raise RuntimeError(f"JSON pre-flight: no budget decision/settled cost in headers {hdrs}")
+        if spec.filter == "extproc" and (hdrs.get("x-budget-decision") != "allow" or "x-budget-cost-usd" not in hdrs):
+            raise RuntimeError(f"JSON pre-flight: no budget decision/settled cost in headers {hdrs}")
         t0 = time.perf_counter()
         status, hdrs, body = await load.one(url, body=load.chat_body(stream=True), headers=self.headers(True))
         took = (time.perf_counter() - t0) * 1000
@@ -558,7 +557,7 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "envoy": envoy_v,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 

@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc as azg
@@ -29,6 +30,9 @@ from .server.services import Services
 from .stores import parse_url
 from .stores.base import Store
 from .tokenizers import get_encoding
+
+if TYPE_CHECKING:  # the cost-rate service is imported only when a policy has self-hosted backends
+    from .costrate import CostRates, RateSink
 
 log = logging.getLogger("extproc")
 
@@ -76,14 +80,14 @@ async def _watch_policy(holder: PolicyHolder, interval: float) -> None:
             holder.reload()
 
 
-def _cost_rates(holder: PolicyHolder, store_url: str):  # type: ignore[no-untyped-def]
+def _cost_rates(holder: PolicyHolder, store_url: str) -> CostRates | None:
     """Live cost rates of the policy's self-hosted backends (None when it has none)."""
     spec = holder.current.self_hosted
     if not spec.backends:
         return None
     from .costrate import CostRates, PrometheusGauges, open_rate_publisher
 
-    sampler_sinks = []
+    sampler_sinks: list[RateSink] = []
     if spec.kubernetes_status:
         from .costrate.k8s import KubernetesStatusPublisher
 

@@ -8,8 +8,13 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING, TextIO
 
 from . import logs
+
+if TYPE_CHECKING:
+    from .engine.budget import Engine
+    from .policy.model import Policy
 
 DEFAULT_STORE = "sqlite:var/budget.db"
 
@@ -21,7 +26,7 @@ def _serve_one(args: argparse.Namespace, admin: str | None, log: tuple[str, str]
         logs.setup(*log)
 
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop  # type: ignore[import-not-found]  # optional: not a dependency
 
         uvloop.install()
     except ImportError:
@@ -129,7 +134,7 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.policy)
 
 
-def _admin_engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _admin_engine(args: argparse.Namespace) -> tuple[Engine, Policy]:
     from .app import open_store
     from .engine.budget import Engine
     from .policy.loader import load_policy
@@ -169,7 +174,7 @@ def _ledger_export(args: argparse.Namespace) -> int:
     from .ledger import parse_since
     from .server.admin import export_ledger
 
-    async def run(out) -> int:  # type: ignore[no-untyped-def]
+    async def run(out: TextIO) -> int:
         async def write(text: str) -> None:
             out.write(text)
 

@@ -73,7 +73,7 @@ async def scenario(stack: Stack, policy_path: str) -> bool:
             say(f"   message: {err['message']}")
             say(f"   budget: {json.dumps(err['budget'])}")
         ok &= served >= 1 and len(refused) >= 1 and served + len(refused) == 20
-        hits = sum([(await c.get(f"{stack.backend_url(b)}/stats")).json()["hits"] for b in stack.backend_ports])
+        hits = sum([int((await c.get(f"{stack.backend_url(b)}/stats")).json()["hits"]) for b in stack.backend_ports])
         say(f"   the backends saw {hits} calls in all (1 + 1 + {served}): refused calls cost nothing and reached nothing.")
         ok &= hits == 2 + served
 
@@ -128,7 +128,7 @@ async def print_budgets(stack: Stack, policy_path: str) -> bool:
             who = Identity.from_key(key)
             limits = engine.limits_for(policy, who, None, {}, engine.clock())
             states = await store.snapshot([l.line for l in limits], tag=who.tag, now_ms=engine.clock())
-            for lim, st in zip(limits, states):
+            for lim, st in zip(limits, states, strict=True):
                 rows[lim.budget + " " + lim.spec.window] = (lim.spec.dimension, st.limit, st.spent, st.reserved)
     finally:
         await store.close()

@@ -28,14 +28,16 @@ alone, before any tokenizing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import sys
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from .errors import ClientError, InputNotBounded
 from .protocols.media import MediaPart
@@ -49,9 +51,14 @@ ENTRY_OVERHEAD = 160  # bytes per cache entry besides the text: dict slot, LRU l
 
 
 class Facts(Protocol):
-    segments: Sequence[str]
-    max_output: int | None
-    n: int
+    """What an estimate reads of a request (read-only: `RequestFacts` is frozen)."""
+
+    @property
+    def segments(self) -> Sequence[str]: ...
+    @property
+    def max_output(self) -> int | None: ...
+    @property
+    def n(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +246,7 @@ class TokenCounter:
 
     def _finish(self, encoding: str, known: int, missing: list[str], results: list[tuple[int, bool]]) -> Counts:
         self.misses += len(missing)
-        fresh = tuple((s, n) for s, (n, exact) in zip(missing, results) if exact and self._cacheable(s))
+        fresh = tuple((s, n) for s, (n, exact) in zip(missing, results, strict=True) if exact and self._cacheable(s))
         return Counts(encoding, known + sum(n for n, _ in results), all(ok for _, ok in results), fresh)
 
     def close(self) -> None:
@@ -306,10 +313,8 @@ class _Lanes:
                 self._done(owner, pending)
 
         def finish(_: Future[Any]) -> None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is closed (shutdown): nothing left to release
                 loop.call_soon_threadsafe(release)
-            except RuntimeError:  # the loop is closed (shutdown): nothing left to release
-                pass
 
         def release() -> None:
             slots.release()
@@ -378,17 +383,25 @@ def estimate(
 class InputCosts(Protocol):
     """The policy's numbers for input that is not text (`policy.model.InputsSpec`)."""
 
-    image_tokens: int
-    audio_tokens_per_kib: int
-    file_tokens_per_kib: int
-    document_tokens_per_kib: int
-    unsized_part_tokens: int | None
-    previous_response_tokens: int | None
+    @property
+    def image_tokens(self) -> int: ...
+    @property
+    def audio_tokens_per_kib(self) -> int: ...
+    @property
+    def file_tokens_per_kib(self) -> int: ...
+    @property
+    def document_tokens_per_kib(self) -> int: ...
+    @property
+    def unsized_part_tokens(self) -> int | None: ...
+    @property
+    def previous_response_tokens(self) -> int | None: ...
 
 
 class MediaFacts(Protocol):
-    media: Sequence[MediaPart]
-    previous_response_id: str | None
+    @property
+    def media(self) -> Sequence[MediaPart]: ...
+    @property
+    def previous_response_id(self) -> str | None: ...
 
 
 # OpenAI, https://platform.openai.com/docs/guides/images-vision#calculating-costs

@@ -70,7 +70,7 @@ class Price:
         output: str | Decimal,
         cached_input: str | Decimal | None = None,
         cache_write: str | Decimal | None = None,
-    ) -> "Price":
+    ) -> Price:
         def conv(v: str | Decimal) -> int:
             # USD per 1M tokens -> pico-USD per token: × 1e12 / 1e6 = × 1e6
             d = Decimal(str(v)) * Decimal(10**6)

@@ -27,8 +27,8 @@ Counter semantics (tests/stores is the judge):
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Mapping
 
 
 class Kind(str, enum.Enum):

@@ -42,7 +42,7 @@ def shipped_envoy_config() -> Path:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def envoy_binary() -> str:
@@ -94,7 +94,7 @@ def render_envoy_config(
     caller_token: str | None = None,
 ) -> dict[str, Any]:
     """The shipped config with ports, endpoints and (if given) the caller token replaced; nothing else changes."""
-    cfg = yaml.safe_load(Path(src).read_text())
+    cfg: dict[str, Any] = yaml.safe_load(Path(src).read_text())
     cfg = copy.deepcopy(cfg)
     if caller_token is not None:
         set_caller_token(cfg, caller_token)
@@ -131,11 +131,17 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
             proc.wait(5)
 
 
+def _program(proc: subprocess.Popen[Any]) -> str:
+    args = proc.args
+    """The program a process runs, for messages (`args` is one path or an argv)."""
+    return os.fsdecode(args if isinstance(args, (str, bytes, os.PathLike)) else args[0])
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[Any]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before it was ready")
+            raise RuntimeError(f"{_program(proc)} exited with {proc.returncode} before it was ready")
         try:
             with urllib.request.urlopen(url, timeout=0.5) as r:
                 if r.status == 200:
@@ -215,16 +221,16 @@ class Stack:
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
         assert self.workdir is not None
-        log = open(self.workdir / f"{name}.log", "ab")
         env = {**os.environ, **self.env, **(env or {})}
-        proc = subprocess.Popen(
-            args,
-            stdout=log if self.quiet else None,
-            stderr=subprocess.STDOUT if self.quiet else None,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            preexec_fn=die_with_parent,
-        )
+        with open(self.workdir / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                args,
+                stdout=log if self.quiet else None,
+                stderr=subprocess.STDOUT if self.quiet else None,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                preexec_fn=die_with_parent,
+            )
         self.procs.append((name, proc))
         return proc
 
@@ -275,7 +281,7 @@ class Stack:
         wait_http(f"http://127.0.0.1:{self.admin_port}/ready", 60, proc)
         wait_connect(f"127.0.0.1:{self.port}", 30, proc)
 
-    def start(self) -> "Stack":
+    def start(self) -> Stack:
         try:
             self.start_backends()
             self.start_service()
@@ -301,7 +307,7 @@ class Stack:
         p = self.workdir / f"{name}.log"
         return p.read_text(errors="replace") if p.exists() else ""
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -37,8 +37,8 @@ import functools
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 _DATA = Path(__file__).parent / "data" / "tiktoken"
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_DATA))
@@ -57,7 +57,7 @@ _SPACE_AFTER = re.compile(r"\S ")
 _OTHER = re.compile(r"[^\W_][\r\n!-&(-/:-@\[-`{-~\u3001\u3002\uff01\uff0c\uff1a\uff1b\uff1f]")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_encoding(name: str) -> tiktoken.Encoding:
     """Return a cached encoding; raises ValueError for encodings we do not ship."""
     if name not in KNOWN_ENCODINGS:
@@ -65,7 +65,7 @@ def get_encoding(name: str) -> tiktoken.Encoding:
     return tiktoken.get_encoding(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def max_token_bytes(encoding: str) -> int:
     """The longest token of `encoding`, in bytes (128 for o200k and cl100k)."""
     return max(len(b) for b in get_encoding(encoding).token_byte_values())

@@ -24,11 +24,13 @@ def envoy_validate(path: Path) -> None:
     assert "OK" in (r.stdout + r.stderr)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("path", ENVOY_CONFIGS, ids=lambda p: p.name)
 def test_shipped_envoy_config_validates(path):
     envoy_validate(path)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("path", ENVOY_CONFIGS, ids=lambda p: p.name)
 def test_rendered_stack_config_validates_and_sends_the_stacks_caller_token(tmp_path, path):
     cfg = render_envoy_config(

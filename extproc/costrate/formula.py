@@ -125,7 +125,7 @@ class CostRate:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, object]) -> "CostRate":
+    def from_json(cls, d: dict[str, object]) -> CostRate:
         upm = d.get("usd_per_million_tokens")
         tph = d.get("tokens_per_hour")
         source = d["source"]

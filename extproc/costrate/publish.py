@@ -84,10 +84,10 @@ class PrometheusGauges:
             registry=registry,
         )
 
-    _default: "PrometheusGauges | None" = None
+    _default: PrometheusGauges | None = None
 
     @classmethod
-    def default(cls) -> "PrometheusGauges":
+    def default(cls) -> PrometheusGauges:
         """The gauges in the process-wide registry, created once (registering twice raises)."""
         if cls._default is None:
             cls._default = cls(REGISTRY)

@@ -9,7 +9,6 @@ sample: power falls back to TDP x GPUs and the rate says so
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -76,7 +75,7 @@ class Sampler:
             return None, "no metrics_url configured"
         try:
             return await self._get(url), None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             return None, f"{url} unreachable: {type(e).__name__}: {e}".rstrip(": ")
         except UpstreamError as e:
             return None, f"{url} unusable: {e}"

@@ -32,10 +32,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from ..errors import StoreUnavailable
 from ..money import nano_to_usd
@@ -72,7 +72,7 @@ class Identity:
     labels: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_key(cls, key: KeySpec) -> "Identity":
+    def from_key(cls, key: KeySpec) -> Identity:
         return cls(key.principal, key.team, key.org, key.user, dict(key.labels))
 
     @property
@@ -87,7 +87,8 @@ class Identity:
             return f"{self.principal}/{run_id}" if run_id else None
         if scope.startswith("label:"):
             return self.labels.get(scope[6:])
-        return getattr(self, scope)
+        value: str | None = getattr(self, scope)  # org, team or user: the policy admits no other scope here
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +197,7 @@ class Decision:
     def tightest(self, dimension: str = "cost") -> tuple[AppliedLimit, LineState] | None:
         """The limit of `dimension` with the least remaining (what the headers report)."""
         best = None
-        for lim, st in zip(self.limits, self.states):
+        for lim, st in zip(self.limits, self.states, strict=False):
             if lim.spec.dimension == dimension and (best is None or st.remaining < best[1].remaining):
                 best = (lim, st)
         return best
@@ -212,7 +213,7 @@ class BudgetSnapshot:
     now_ms: int
 
     def rows(self) -> list[tuple[AppliedLimit, LineState]]:
-        return list(zip(self.limits, self.states))
+        return list(zip(self.limits, self.states, strict=False))
 
 
 def run_key(who: Identity, run_id: str) -> str:
@@ -523,12 +524,16 @@ class Engine:
         for l in matches:
             await self.store.adjust(who.tag, l.line.key, set_limit=set_limit, credit=credit)
         states = await self.store.snapshot([l.line for l in matches], tag=who.tag, now_ms=self.clock())
-        return list(zip(matches, states))
+        return list(zip(matches, states, strict=True))
 
-    async def set_limit(self, policy: Policy, who: Identity, *, scope: str, dimension: str, limit: int, **kw: Any) -> list[tuple[AppliedLimit, LineState]]:
+    async def set_limit(
+        self, policy: Policy, who: Identity, *, scope: str, dimension: str, limit: int, **kw: Any
+    ) -> list[tuple[AppliedLimit, LineState]]:
         return await self.adjust(policy, who, scope=scope, dimension=dimension, set_limit=limit, **kw)
 
-    async def credit(self, policy: Policy, who: Identity, *, scope: str, dimension: str, amount: int, **kw: Any) -> list[tuple[AppliedLimit, LineState]]:
+    async def credit(
+        self, policy: Policy, who: Identity, *, scope: str, dimension: str, amount: int, **kw: Any
+    ) -> list[tuple[AppliedLimit, LineState]]:
         return await self.adjust(policy, who, scope=scope, dimension=dimension, credit=amount, **kw)
 
     async def close_run(self, policy: Policy, who: Identity, run_id: str) -> RunState:

@@ -85,7 +85,7 @@ class Plan:
 
 def past_soft(d: Decision, amount: int) -> bool:
     """Would `amount` more take any cost line of this decision past its soft threshold?"""
-    for lim, st in zip(d.limits, d.states):
+    for lim, st in zip(d.limits, d.states, strict=False):
         t = lim.spec.soft_threshold
         if t is not None and lim.spec.dimension == "cost" and st.spent + st.reserved + amount > st.limit * t:
             return True
@@ -112,7 +112,8 @@ class Planner:
             raise UnknownModel(f"model {facts.model!r} has no price in this gateway's policy", param="model")
         missing = unpriced_tools(spec, facts.builtin_tools)
         if missing:
-            raise ToolNotPriced(f"built-in tool(s) {', '.join(missing)} have no per-call price for {facts.model!r} in this gateway's policy", param="tools")
+            why = f"built-in tool(s) {', '.join(missing)} have no per-call price for {facts.model!r} in this gateway's policy"
+            raise ToolNotPriced(why, param="tools")
         return CallInput(facts, {}, media_tokens(facts, policy.inputs, api=api))
 
     def models(self, facts: RequestFacts, *, downshift: bool = True) -> list[str]:
@@ -203,7 +204,9 @@ class Planner:
             run_overrides=caller.run_overrides,
         )
 
-    async def _clamp(self, call: CallInput, requested: Candidate, refused: Decision, reserve: _Reserver) -> tuple[Decision, Candidate] | None:
+    async def _clamp(
+        self, call: CallInput, requested: Candidate, refused: Decision, reserve: _Reserver
+    ) -> tuple[Decision, Candidate] | None:
         """Lower max output to what the blocking budget still affords (opt-in)."""
         b, idx = refused.blocking, refused.blocked
         if b is None or idx is None:
@@ -226,7 +229,7 @@ class Planner:
 
     def alternatives(self, call: CallInput, d: Decision) -> list[dict[str, Any]]:
         """Cheaper models an agent could ask for instead, with whether they fit now."""
-        costs = [max(0, st.remaining) for lim, st in zip(d.limits, d.states) if lim.spec.dimension == "cost"]
+        costs = [max(0, st.remaining) for lim, st in zip(d.limits, d.states, strict=False) if lim.spec.dimension == "cost"]
         remaining = min(costs, default=None)
         out = []
         for name in chain(self.policy, call.facts.model):

@@ -16,10 +16,16 @@ from ..policy.model import ModelSpec, Policy
 
 
 class Needs(Protocol):
-    has_tools: bool
-    images: int
-    json_mode: bool
-    n: int
+    """What a request needs of a model (read-only: `RequestFacts` is frozen)."""
+
+    @property
+    def has_tools(self) -> bool: ...
+    @property
+    def images(self) -> int: ...
+    @property
+    def json_mode(self) -> bool: ...
+    @property
+    def n(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)

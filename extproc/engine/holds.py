@@ -56,7 +56,8 @@ class CallHold:
         if chosen is None or reader is None:  # no answer body: the input estimate (a flat route: its price)
             return (Usage(input_tokens=chosen.input_tokens) if chosen else None), "aborted"
         if reader.decode_error is not None and reader.usage is None:
-            log.warning("stream of %s could not be decoded (%s); charging the reservation", self.decision.hold.reservation_id, reader.decode_error)
+            rid = self.decision.hold.reservation_id
+            log.warning("stream of %s could not be decoded (%s); charging the reservation", rid, reader.decode_error)
             return None, "undecodable"
         counted = Usage(input_tokens=chosen.input_tokens, output_tokens=reader.counted_output_tokens).plus(reader.tool_calls)
         complete = reader.usage_complete or (ended and reader.usage is not None)
@@ -81,7 +82,9 @@ class CallHold:
         if self.chosen is not None:
             p = self.chosen.price
             meta["price_source"] = self.chosen.price_source
-            meta["price_pico_usd_per_token"] = {"input": p.input, "output": p.output, "cached_input": p.cached_input, "cache_write": p.cache_write}
+            meta["price_pico_usd_per_token"] = {
+                "input": p.input, "output": p.output, "cached_input": p.cached_input, "cache_write": p.cache_write
+            }
         if usage is not None:
             meta["usage"] = ledger_usage(usage)
         overrun = max(0, charge.get("cost", 0) - reserved)

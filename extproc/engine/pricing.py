@@ -37,7 +37,7 @@ def usage_cost(spec: ModelSpec, price: Price, usage: Usage) -> int:
     pico = price.pico(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.cache_write_tokens)
     audio = spec.audio_price
     pico += usage.audio_input_tokens * (audio.input - price.input) + usage.audio_output_tokens * (audio.output - price.output)
-    fees = sum(spec.tool_call_nano.get(tool, 0) * getattr(usage, field) for tool, field in CALL_FIELDS.items())
+    fees = sum(spec.tool_call_nano.get(tool, 0) * int(getattr(usage, field)) for tool, field in CALL_FIELDS.items())
     return pico_to_nano(max(0, pico)) + fees
 
 

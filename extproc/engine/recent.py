@@ -42,7 +42,7 @@ class RecentStates:
 def spent_line(d: Decision) -> int | None:
     """The first line of a recent decision that nothing more can fit (the store's own rule),
     leaving lines that free up by themselves to the reservation; None if there is none."""
-    return next((i for i, (lim, st) in enumerate(zip(d.limits, d.states)) if exhausted_for_good(lim.line, st)), None)
+    return next((i for i, (lim, st) in enumerate(zip(d.limits, d.states, strict=False)) if exhausted_for_good(lim.line, st)), None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ no effect.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..errors import BadRequest
 from ..money import usd_to_nano

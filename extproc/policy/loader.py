@@ -60,7 +60,7 @@ class PolicyHolder:
         self._mtime = self._stat()
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "PolicyHolder":
+    def from_file(cls, path: str | Path) -> PolicyHolder:
         return cls(load_policy(path), path)
 
     def _stat(self) -> float | None:

@@ -53,7 +53,9 @@ class ModelSpec(_Frozen):
     reasoning: bool = Field(False, description="generates hidden reasoning: a stream whose usage is lost is charged its reservation")
     audio_input: str | None = Field(None, description="USD per 1M audio input tokens (default: `input`)")
     audio_output: str | None = Field(None, description="USD per 1M audio output tokens (default: `output`)")
-    tool_calls: dict[str, str] = Field({}, description="USD per call of a built-in tool (web_search, file_search, ...); a request enabling an unlisted one is refused")
+    tool_calls: dict[str, str] = Field(
+        {}, description="USD per call of a built-in tool (web_search, file_search, ...); a request enabling an unlisted one is refused"
+    )
     tool_calls_reserved: int = Field(4, ge=0, le=1000, description="calls of the priciest enabled tool reserved per request")
 
     _money = field_validator("input", "output", "cached_input", "cache_write", "audio_input", "audio_output", mode="before")(
@@ -111,7 +113,7 @@ class LimitSpec(_Frozen):
     mode: Mode | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "LimitSpec":
+    def _check(self) -> LimitSpec:
         if self.dimension == "cost":
             decimal_str(self.limit)
         elif isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
@@ -293,12 +295,14 @@ class Policy(_Frozen):
             inputs = data.get("inputs") or {}
             if isinstance(inputs, dict):
                 if "image_tokens" in inputs:
-                    raise ValueError("image_tokens is set both at the top level (the old place) and in inputs; keep only inputs.image_tokens")
+                    raise ValueError(
+                        "image_tokens is set both at the top level (the old place) and in inputs; keep only inputs.image_tokens"
+                    )
                 data = {k: v for k, v in data.items() if k != "image_tokens"} | {"inputs": {**inputs, "image_tokens": data["image_tokens"]}}
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "Policy":
+    def _check(self) -> Policy:
         seen: set[str] = set()
         for k in self.keys:
             if k.sha256 in seen:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Literal, Mapping
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -72,7 +73,7 @@ class RouteSpec(BaseModel):
         return out
 
     @model_validator(mode="after")
-    def _check(self) -> "RouteSpec":
+    def _check(self) -> RouteSpec:
         if (self.action == "meter") != (self.api is not None):
             raise ValueError("`api` is required for action meter and only allowed there")
         if (self.action == "flat") != (self.price is not None):
@@ -108,7 +109,7 @@ def _match(c: _Compiled, segments: tuple[str, ...]) -> dict[str, str] | None:
     if (len(segments) < len(parts)) if wild else (len(segments) != len(parts)):
         return None
     params: dict[str, str] = {}
-    for part, seg in zip(parts, segments):
+    for part, seg in zip(parts, segments, strict=False):  # a trailing * matches the rest
         if part == "*":
             break
         if part.startswith("{"):
@@ -121,7 +122,7 @@ def _match(c: _Compiled, segments: tuple[str, ...]) -> dict[str, str] | None:
 def _canonical(c: _Compiled, segments: tuple[str, ...]) -> str:
     """The route's own spelling of the literal segments, the request's of the rest."""
     literal = c.spec.path.strip("/").split("/")
-    out = [lit if not (lit.startswith("{") or lit == "*") else seg for lit, seg in zip(literal, segments)]
+    out = [lit if not (lit.startswith("{") or lit == "*") else seg for lit, seg in zip(literal, segments, strict=False)]
     if literal[-1] == "*":
         out[len(literal) - 1 :] = segments[len(literal) - 1 :]
     return "/" + "/".join(out)

@@ -104,7 +104,7 @@ class SelfHostedBackend(_Frozen):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "SelfHostedBackend":
+    def _check(self) -> SelfHostedBackend:
         if self.amortization_years <= 0:
             raise ValueError("amortization_years must be > 0")
         if self.amortization_years > 50:
@@ -134,7 +134,7 @@ class SelfHostedSpec(_Frozen):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "SelfHostedSpec":
+    def _check(self) -> SelfHostedSpec:
         seen: dict[str, str] = {}
         for name, b in self.backends.items():
             for m in b.models:

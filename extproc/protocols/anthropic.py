@@ -14,6 +14,7 @@ repeat the input fields. The reader merges them field-wise (max).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from extproc.errors import BadRequest
@@ -155,7 +156,7 @@ def _message_delta(obj: dict[str, Any]) -> Observation:
 
 _DONE = Observation(done=True)
 
-_HANDLERS = {
+_HANDLERS: dict[str, Callable[[dict[str, Any]], Observation]] = {
     "message_start": _message_start,
     "content_block_start": _content_block_start,
     "content_block_delta": _content_block_delta,

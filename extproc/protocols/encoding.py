@@ -26,7 +26,7 @@ An unknown coding raises `UnsupportedEncoding` when the decoder is made.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from extproc.errors import UpstreamError
@@ -40,7 +40,7 @@ try:
     from compression import zstd  # type: ignore[import-not-found]  # Python 3.14+
 except ImportError:
     try:
-        from backports import zstd  # type: ignore[import-not-found,no-redef]
+        from backports import zstd
     except ImportError:  # pragma: no cover - optional
         zstd = None
 
@@ -189,7 +189,7 @@ class _Zstd:
         return iter(())
 
 
-_CODECS = {
+_CODECS: dict[str, Callable[[], _Codec]] = {
     "gzip": lambda: _Zlib(gzip=True),
     "x-gzip": lambda: _Zlib(gzip=True),
     "deflate": lambda: _Zlib(gzip=False),

@@ -8,7 +8,8 @@ read `error.type`. Both carry the `budget` object so an agent can plan.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",

@@ -89,7 +89,7 @@ class PathScanner:
                     self._key_bytes(data, i, i + 1)
                     i += 1
                     continue
-                j = _STRING_BODY.match(data, i).end()  # type: ignore[union-attr]
+                j = _STRING_BODY.match(data, i).end()  # type: ignore[union-attr]  # the pattern matches the empty string
                 if j == n or data[j] == 0x5C:  # the piece ends in the string (maybe after a backslash)
                     self._key_bytes(data, i, n)
                     self._escape = j < n
@@ -140,12 +140,11 @@ class PathScanner:
                         capture_from = self._end_capture(data, capture_from, j)
                     self._expect_key = bool(self._stack)
                     self._key_path = None
-            elif c == 0x3A:  # ':'
-                if not self._deep and self._capture is None and self._key_path in self._wanted:
-                    self._capture = bytearray()
-                    self._capture_path = self._key_path
-                    self._capture_level = len(self._stack)
-                    capture_from = i
+            elif c == 0x3A and not self._deep and self._capture is None and self._key_path in self._wanted:  # ':'
+                self._capture = bytearray()
+                self._capture_path = self._key_path
+                self._capture_level = len(self._stack)
+                capture_from = i
         if self._capture is not None:
             self._append_capture(data, capture_from, n)
 

@@ -278,9 +278,8 @@ class SSEParser:
             self._data.append(_decode(value))
         elif name == b"event":
             self._event = _decode(value) or None
-        elif name == b"id":
-            if b"\x00" not in value:
-                self._id = _decode(value)
+        elif name == b"id" and b"\x00" not in value:
+            self._id = _decode(value)
         # "retry" and unknown fields are ignored, as the spec says
 
     def _emit(self, out: list[SSEEvent], raw: bytes) -> None:
@@ -423,7 +422,7 @@ class SSEParser:
                         self._set_small()
                     i = self._line_end(data, j)
                     self._state = _START
-            elif state == _DATA_SP or state == _SMALL_SP:
+            elif state in (_DATA_SP, _SMALL_SP):
                 if data[i] == 0x20:
                     i += 1
                 self._state = _DATA if state == _DATA_SP else _SMALL

@@ -88,7 +88,7 @@ class Usage:
 
     def plus(self, other: Usage) -> Usage:
         """Field-wise sum: separate reports of separate work (iterations, tool calls)."""
-        return Usage(*map(sum, zip(self._values(), other._values())))
+        return Usage(*map(sum, zip(self._values(), other._values(), strict=True)))
 
     def _values(self) -> tuple[int, ...]:
         return tuple(getattr(self, f) for f in _FIELDS)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -123,7 +124,7 @@ def _registry() -> CollectorRegistry:
         from prometheus_client import multiprocess
 
         reg = CollectorRegistry()
-        multiprocess.MultiProcessCollector(reg)
+        multiprocess.MultiProcessCollector(reg)  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
         return reg
     return REGISTRY
 
@@ -198,7 +199,7 @@ def make_admin_app(engine: Engine, policy: PolicyHolder, tokens: Tokens) -> web.
     return app
 
 
-async def _json(request: web.Request) -> dict:
+async def _json(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
     except json.JSONDecodeError as e:

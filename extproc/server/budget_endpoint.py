@@ -32,7 +32,8 @@ async def answer(s: Services, policy: Policy, path: str, headers: Mapping[str, s
     if "/decisions/" in path:
         logged = s.decisions.get(path.rsplit("/", 1)[1])
         if logged is None or logged.principal != who.principal:
-            return json_reply(404, error_body("openai", status=404, message="no such decision", type="invalid_request_error", code="not_found"))
+            body = error_body("openai", status=404, message="no such decision", type="invalid_request_error", code="not_found")
+            return json_reply(404, body)
         return json_reply(200, json.dumps(decision_doc(logged)).encode())
     run_id = next((headers[h] for h in policy.runs.headers if headers.get(h)), None)
     try:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import grpc
 
@@ -46,7 +47,7 @@ class CallerGate:
     _last_log: float = float("-inf")
 
     @classmethod
-    def configure(cls, grpc_addr: str, token_file: str | Path | None, *, allow_unauthenticated: bool = False) -> "CallerGate":
+    def configure(cls, grpc_addr: str, token_file: str | Path | None, *, allow_unauthenticated: bool = False) -> CallerGate:
         """The gate for these settings, or ConfigError saying why the service must not start."""
         if token_file:
             return cls(Tokens.from_file(token_file, "caller token"), False)
@@ -80,7 +81,7 @@ class CallerGate:
         self._refused(reason)
         return None
 
-    async def authenticate(self, context: grpc.aio.ServicerContext) -> bool:
+    async def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
         """Whether the call is authenticated; a refused call is aborted with UNAUTHENTICATED here."""
         admitted = self.admit(context.invocation_metadata() or ())
         if admitted is None:

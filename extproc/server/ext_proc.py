@@ -10,8 +10,10 @@ is closed in a background task so settlement never delays Envoy.
 from __future__ import annotations
 
 import logging
-from typing import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
+import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -117,12 +119,14 @@ def to_proto(phase: str, reply: Reply) -> ep.ProcessingResponse:
     return resp
 
 
-class ExternalProcessor(epg.ExternalProcessorServicer):
+class ExternalProcessor(epg.ExternalProcessorServicer):  # type: ignore[misc]  # generated servicer: no stubs
     def __init__(self, services: Services, callers: CallerGate) -> None:
         self.services = services
         self.callers = callers
 
-    async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest], context) -> AsyncIterator[ep.ProcessingResponse]:  # type: ignore[override]
+    async def Process(
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[ep.ProcessingResponse]:
         authenticated = await self.callers.authenticate(context)
         session = Session(self.services, caller_authenticated=authenticated)
         try:

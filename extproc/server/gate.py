@@ -65,8 +65,9 @@ class Gate:
     def _route(self, path: RequestPath, method: str) -> RouteMatch | Reply:
         route, path_known = self.policy.route_table.find(path.segments, method)
         if route is None:
-            e = MethodNotAllowed(f"{method} is not allowed on {path.path}") if path_known else NoRoute(f"{path.path} is not a route of this gateway")
-            return self._refuse(e)
+            if path_known:
+                return self._refuse(MethodNotAllowed(f"{method} is not allowed on {path.path}"))
+            return self._refuse(NoRoute(f"{path.path} is not a route of this gateway"))
         self.route = route
         self.schema = schema_by_name(route.spec.api) if route.spec.api else None
         self.envelope = self.schema.envelope if self.schema else self.envelope
@@ -93,7 +94,9 @@ class Gate:
         """Identity, run, and a refusal if a budget is already spent (no body needed): ext_authz asks
         the store; ext_proc uses this process's recent decision and leaves the rest to the reservation."""
         try:
-            self.caller = identity.caller(self.policy, headers, peer_id, authenticated=self.authenticated, reservation_id=self.reservation_id)
+            self.caller = identity.caller(
+                self.policy, headers, peer_id, authenticated=self.authenticated, reservation_id=self.reservation_id
+            )
         except ClientError as e:
             return self._refuse(e)
         c, engine = self.caller, self.s.engine
@@ -124,7 +127,8 @@ class Gate:
 
     def _early_refusal(self, d: Decision, blocked: int | None) -> Reply:
         assert self.caller is not None and blocked is not None
-        refusal = replace(d, allowed=False, decision_id=uuid.uuid4().hex, blocked=blocked, hold=Hold(self.caller.who.tag, self.reservation_id))
+        hold = Hold(self.caller.who.tag, self.reservation_id)
+        refusal = replace(d, allowed=False, decision_id=uuid.uuid4().hex, blocked=blocked, hold=hold)
         metrics.DECISIONS.labels("block", refusal.limits[blocked].scope).inc()
         return self._done(Reply(immediate=render.refusal(self.envelope, refusal, self._headers(refusal), [])))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -49,7 +49,7 @@ class StoreHealth:
         try:
             await asyncio.wait_for(self.ping(), self.timeout)
             ok = True
-        except Exception as e:  # noqa: BLE001 — any failure means the store cannot serve
+        except Exception as e:
             ok = False
             if self.serving is not False:
                 log.error("store unreachable, health NOT_SERVING: %s", e or type(e).__name__)

@@ -12,7 +12,7 @@ see callers.py): anyone else can put anything in a ProcessingRequest.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..engine.budget import Identity
 from ..engine.calls import Caller

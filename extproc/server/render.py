@@ -7,7 +7,8 @@ budget the IETF `RateLimit-Policy` / `RateLimit` fields.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..engine.budget import AppliedLimit, Decision
 from ..money import nano_to_usd
@@ -130,7 +131,7 @@ def refusal(envelope: str, d: Decision, headers: list[tuple[str, str]], alternat
 def budget_rows(limits: Sequence[AppliedLimit], states: Sequence[LineState], now_ms: int) -> list[dict[str, Any]]:
     """The caller's budgets as JSON rows (the budget endpoint)."""
     rows = []
-    for lim, st in zip(limits, states):
+    for lim, st in zip(limits, states, strict=False):
         dim = lim.spec.dimension
         rows.append(
             {

@@ -24,9 +24,9 @@ class Services:
     decisions: DecisionLog = field(default_factory=DecisionLog)
     recent: RecentStates = field(default_factory=RecentStates)
     rates: Any = None  # costrate.CostRates when the policy has self-hosted backends
-    background: set[asyncio.Task[Any]] = field(default_factory=set)
+    background: set[asyncio.Future[Any]] = field(default_factory=set)
 
     def spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        task: asyncio.Future[Any] = asyncio.ensure_future(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)

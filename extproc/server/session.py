@@ -51,7 +51,8 @@ class Session(Gate):
         if isinstance(path, Reply):
             return path
         if budget_endpoint.is_budget_path(self.policy, headers.get(":method", ""), path.path):
-            return self._done(await budget_endpoint.answer(self.s, self.policy, path.path, headers, peer_id, authenticated=self.authenticated))
+            answer = await budget_endpoint.answer(self.s, self.policy, path.path, headers, peer_id, authenticated=self.authenticated)
+            return self._done(answer)
         route = self._route(path, headers.get(":method", ""))
         if isinstance(route, Reply):
             return route
@@ -198,7 +199,8 @@ class Session(Gate):
         if not end_of_stream:
             return Reply(body=None if out == chunk else out)
         if self.reader.malformed_events:  # never silent: a skipped frame could be unbilled spend
-            log.warning("stream %s had %d malformed event(s): %s", self.reservation_id, self.reader.malformed_events, self.reader.last_error)
+            r = self.reader
+            log.warning("stream %s had %d malformed event(s): %s", self.reservation_id, r.malformed_events, r.last_error)
         cost = await self._settle_stream(ended=True)
         if self.reader.may_rewrite:  # never inside a compressed body
             out += f": {H.COST}={nano_to_usd(cost)}\n\n".encode()

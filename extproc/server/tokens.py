@@ -17,8 +17,8 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import ConfigError
 
@@ -66,7 +66,7 @@ class Tokens:
     @classmethod
     def from_file(
         cls, path: str | Path, what: str, *, check_every: float = 1.0, clock: Callable[[], float] = time.monotonic
-    ) -> "Tokens":
+    ) -> Tokens:
         """Read `path` now; ConfigError if it is unreadable, empty or holds the placeholder."""
         p = Path(path)
         try:
@@ -84,7 +84,7 @@ class Tokens:
         return cls(tokens, p, check_every=check_every, clock=clock)
 
     @classmethod
-    def from_env(cls, name: str) -> "Tokens":
+    def from_env(cls, name: str) -> Tokens:
         value = os.environ.get(name, "").strip()
         return cls((value.encode(),) if value and value != PLACEHOLDER else ())
 

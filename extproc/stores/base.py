@@ -40,8 +40,9 @@ The interface is split by who calls it: `Reservations` (the hot path),
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from ..rules import Kind, Line, LineState, Mode, Window
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from ..errors import StoreUnavailable
 from ..rules import blocks, over, rolling_need
@@ -230,7 +231,7 @@ class EmbeddedStore:
         for ts, amount in self._db.execute("SELECT ts, amount FROM events WHERE k=? ORDER BY ts", (f"{tag}|{EVENTS}|{line.key}",)):
             freed += amount
             if freed >= need:
-                return max(1, ts + line.window_ms - now_ms)
+                return max(1, int(ts) + line.window_ms - now_ms)
         return None
 
     # -- runs --------------------------------------------------------------------
@@ -301,7 +302,7 @@ class EmbeddedStore:
         states = self._states(tag, lines, now_ms)
         blocked: int | None = None
         warned: list[int] = []
-        for i, (line, st) in enumerate(zip(lines, states)):
+        for i, (line, st) in enumerate(zip(lines, states, strict=True)):
             if line.mode is Mode.ADVISORY:
                 if over(line, st):
                     warned.append(i)
@@ -330,7 +331,7 @@ class EmbeddedStore:
             )
             return res
         after, deltas = [], []
-        for line, st in zip(lines, res.states):
+        for line, st in zip(lines, res.states, strict=True):
             if line.kind is Kind.DURATION:
                 self._db.execute("INSERT OR IGNORE INTO kv (k, v) VALUES (?, ?)", (f"{tag}|{FIRST}|{line.key}", now_ms))
                 after.append(st)
@@ -534,7 +535,9 @@ class EmbeddedStore:
 
 def _entry(seq: int, tag: str, rid: str, outcome: str, reserved_at: int, closed_at: int, data: str) -> LedgerEntry:
     d = json.loads(data)
-    return LedgerEntry(str(seq), tag, rid, Outcome(outcome), d["reserved"], d["charged"], d["meta"], reserved_at, closed_at, tuple(d["lines"]))
+    return LedgerEntry(
+        str(seq), tag, rid, Outcome(outcome), d["reserved"], d["charged"], d["meta"], reserved_at, closed_at, tuple(d["lines"])
+    )
 
 def _result_json(r: ReserveResult) -> dict[str, Any]:
     return {

@@ -25,8 +25,9 @@ immediate retry on a fresh connection covers pooled sockets that died).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -92,7 +93,7 @@ def _parse_result(rid: str, keys: Sequence[str], replayed: bool, text: str) -> R
     parts = text.split(";")
     ok, blocked, retry, warned, reason, active = parts[0] == "1", int(parts[1]), int(parts[2]), parts[3], parts[4], int(parts[5])
     states = []
-    for key, st in zip(keys, parts[6:]):
+    for key, st in zip(keys, parts[6:], strict=False):
         limit, spent, reserved = (int(x) for x in st.split(","))
         states.append(LineState(key, limit, spent, reserved))
     return ReserveResult(
@@ -147,12 +148,13 @@ class RedisStore:
                 await self._r.initialize()
                 self._cluster_ready = True
 
-    async def _call(self, coro_fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    async def _call(self, coro_fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        """Await one client call (replies are untyped RESP values); connection errors → StoreUnavailable."""
         try:
             if not self._cluster_ready:
                 await self._ensure_ready()
             return await coro_fn(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as e:
             raise StoreUnavailable(f"redis {self.url}: {type(e).__name__}: {e}") from e
         except RedisError as e:
             raise StoreUnavailable(f"redis {self.url}: {type(e).__name__}: {e}") from e

@@ -13,7 +13,8 @@ none, `run` is 0/1. Keys of a budget tree are `<kind><sep><line key>`, with
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..rules import Kind, Line, Mode, Window
 from . import _json as json

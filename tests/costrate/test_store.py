@@ -10,7 +10,7 @@ import pytest
 
 from extproc.costrate import RatePublisher, RedisRatePublisher, SQLiteRatePublisher, cost_rate, open_rate_publisher
 from extproc.errors import StoreUnavailable
-from tests.support.redis_server import RedisCluster, RedisServer
+from tests.support.redis_server import RedisCluster, RedisServer, with_redis
 
 from .conftest import backend_spec, closed_port
 
@@ -37,7 +37,7 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["sqlite", "redis", "cluster"])
+@pytest.fixture(params=with_redis("sqlite"))
 async def pub(request, tmp_path):
     if request.param == "sqlite":
         p: RatePublisher = SQLiteRatePublisher(tmp_path / "budget.db")
@@ -78,6 +78,7 @@ async def test_lease_has_one_holder_and_renews(pub):
     assert await pub.acquire(fresh(), "pod-b", 30)  # other backends are independent
 
 
+@pytest.mark.integration
 async def test_lease_expires(redis_server, tmp_path):
     clock = Clock()
     sqlite = SQLiteRatePublisher(tmp_path / "lease.db", clock=clock)

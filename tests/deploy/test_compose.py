@@ -111,6 +111,7 @@ def test_every_mounted_file_exists():
             assert host.is_file(), f"{name}: {host} (mounted at {container}) does not exist"
 
 
+@pytest.mark.integration
 def test_envoy_mounts_a_config_the_real_binary_validates():
     cmd = argv("envoy")
     config = host_file("envoy", cmd[cmd.index("-c") + 1])

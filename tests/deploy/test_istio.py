@@ -175,6 +175,7 @@ def istio_bootstrap(*, listen_port: int, admin_port: int, app: tuple[str, int], 
 # ---------------------------------------------------------------------------- Envoy
 
 
+@pytest.mark.integration
 def test_envoyfilter_config_validates_with_real_envoy(tmp_path):
     cfg = istio_bootstrap(listen_port=15006, admin_port=15000, app=("127.0.0.1", 8000), extproc=("127.0.0.1", 50051))
     path = tmp_path / "istio-sidecar.yaml"

@@ -38,6 +38,7 @@ ALICE = {"authorization": "Bearer sk-demo-alice", "content-type": "application/j
 CHAT = {"model": "gpt-4o-mini", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
 
 
+@pytest.mark.integration
 def test_sidecar_config_validates_with_real_envoy():
     envoy_validate(SIDECAR)
 

@@ -8,7 +8,6 @@ from extproc.engine.budget import Decision, Hold
 from extproc.engine.runs import run_overrides_from_headers
 from extproc.errors import BadRequest
 from extproc.stores.base import Mode, Outcome, RunRefusal
-
 from tests.engine.conftest import ALICE, BOB, local_ms, make_policy, usd
 
 NY = "America/New_York"

@@ -9,7 +9,6 @@ import pytest
 
 from extproc.engine.budget import Identity
 from extproc.rules import Mode, exhausted, exhausted_for_good
-
 from tests.engine.conftest import make_policy
 
 LIMIT = 100  # units of the dimension (nano-USD for cost); soft_gate_margin 0.1 -> 10 units of slack

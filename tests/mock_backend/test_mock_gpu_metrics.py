@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+from mock_backend_helpers import parse_prometheus, sample
 
 from extproc.mock_backend.gpu import SimulatedGPU
 from extproc.tokenizers import count_tokens
-from mock_backend_helpers import parse_prometheus, sample
 
 
 class FakeClock:

@@ -8,9 +8,9 @@ import time
 from typing import Any
 
 import aiohttp
+from mock_backend_helpers import parse_sse, sse_json
 
 from extproc.tokenizers import count_tokens
-from mock_backend_helpers import parse_sse, sse_json
 
 USER = [{"role": "user", "content": "What is the capital of France?"}]
 USER_TOKENS = count_tokens("What is the capital of France?")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from mock_backend_helpers import parse_sse, sse_json
 
 from extproc.mock_backend import generate as g
 from extproc.mock_backend.usage import BadRequest, Knobs, Usage, count_prompt, decide, prompt_text
 from extproc.tokenizers import count_tokens
-from mock_backend_helpers import parse_sse, sse_json
 
 
 def test_generated_text_is_one_token_per_hello() -> None:

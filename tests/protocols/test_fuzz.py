@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import zlib
@@ -130,10 +131,8 @@ SHAPED = st.builds(
 @FUZZ
 @given(schema=st.sampled_from(SCHEMAS), raw=st.binary(max_size=300))
 def test_parse_random_bytes(schema: Schema, raw: bytes) -> None:
-    try:
+    with contextlib.suppress(BadRequest, BodyTooLarge):
         schema.parse_request(raw, max_bytes=200)
-    except (BadRequest, BodyTooLarge):
-        pass
 
 
 @FUZZ

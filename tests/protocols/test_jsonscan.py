@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -17,7 +18,7 @@ PATHS = {("type",), ("usage",), ("response", "usage"), ("message", "usage")}
 def scan(raw: bytes, chunks: list[int] | None = None, paths: Any = PATHS, **kw: Any) -> dict[str, Any]:
     s = PathScanner(paths, **kw)
     cuts = [0, *(chunks or []), len(raw)]
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         s.feed(raw[a:b])
     return s.result()
 

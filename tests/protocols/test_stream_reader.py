@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.errors import UpstreamError
 from extproc.protocols import (
     ANTHROPIC_MESSAGES,
     OPENAI_CHAT,

@@ -8,6 +8,7 @@ price per token class so a token counted in the wrong class shows up.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -66,10 +67,8 @@ def builtin_tools(corpus) -> set[str]:
     tools: set[str] = set()
     for ex in corpus.values():
         schema = schema_by_name(API_SCHEMA[ex["api"]])
-        try:
+        with contextlib.suppress(BadRequest):  # recorded malformed requests are refused before pricing
             tools |= schema.parse_request(ex["request"]["body"].encode()).builtin_tools
-        except BadRequest:
-            pass  # recorded malformed requests are refused before pricing
     return tools
 
 

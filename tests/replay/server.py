@@ -70,7 +70,7 @@ class ReplayServer:
     received: dict[str, dict[str, Any]] = field(default_factory=dict)
     pause_s: float = 0.003
 
-    def start(self) -> "ReplayServer":
+    def start(self) -> ReplayServer:
         ready = threading.Event()
         self._loop = asyncio.new_event_loop()
 

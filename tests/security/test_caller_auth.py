@@ -8,8 +8,8 @@ is read back through the service's own admin API.
 
 from __future__ import annotations
 
-import hashlib
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -194,7 +194,7 @@ async def refused_with(addr: str, token: str | None, wait: float = 10.0) -> grpc
         call = epg.ExternalProcessorStub(ch).Process(metadata=metadata(token))
         try:
             return await asyncio.wait_for(call.code(), wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             call.cancel()
             return None
 

@@ -16,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.redis_server import RedisServer, free_port
 
+pytestmark = pytest.mark.integration  # a real redis-server and `extproc serve`
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -70,7 +70,7 @@ async def test_anthropic_paths_get_the_anthropic_envelope(services):
 
 
 async def test_unmetered_routes_still_need_identity_and_public_ones_do_not(services):
-    got, body = error(await Session(services).request_headers(headers("/v1/models", "GET"), True))
+    got, _ = error(await Session(services).request_headers(headers("/v1/models", "GET"), True))
     assert got == 401
     r = await Session(services).request_headers(headers("/v1/models", "GET", **AUTH), True)
     assert r.immediate is None and r.skip_rest

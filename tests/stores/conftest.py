@@ -9,7 +9,7 @@ import redis
 
 from extproc.stores.embedded import EmbeddedStore
 from extproc.stores.redis_store import RedisStore
-from tests.support.redis_server import RedisCluster, RedisServer
+from tests.support.redis_server import RedisCluster, RedisServer, with_redis
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def redis_cluster():
     cluster.stop()
 
 
-@pytest.fixture(params=["embedded", "redis", "cluster"])
+@pytest.fixture(params=with_redis("embedded"))
 async def store(request, tmp_path):
     kind = request.param
     if kind == "embedded":

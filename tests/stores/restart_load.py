@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from extproc.engine.budget import Engine, Identity
 from extproc.errors import StoreUnavailable
@@ -60,7 +60,7 @@ async def run_load(
             if n % 10 == 9:
                 continue  # left open: the reaper must settle it
             await asyncio.sleep(0)
-            for attempt in range(200):  # settle like the session does: retry until the store answers
+            for _attempt in range(200):  # settle like the session does: retry until the store answers
                 try:
                     if n % 10 == 8:
                         await engine.release(d.hold)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from extproc.stores.base import Outcome
-
 from tests.stores.helpers import NOW, cost, entries, state, take
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from extproc.stores.base import Mode
-
 from tests.stores.helpers import NOW, cost, mode, spent_reserved, take
 
 

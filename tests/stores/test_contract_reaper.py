@@ -11,7 +11,6 @@ import pytest
 
 from extproc.errors import StoreUnavailable
 from extproc.stores.embedded import EmbeddedStore
-
 from tests.stores.helpers import NOW, cost, take
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from extproc.stores.base import RunRef, RunRefusal
-
 from tests.stores.helpers import NOW, concurrency, cost, counter, duration, entries, spent_reserved, state, take
 
 HOUR = 3_600_000

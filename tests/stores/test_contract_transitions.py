@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from extproc.stores.base import CLOSED_MEMORY_MS, REFUSAL_MEMORY_MS, Outcome
-
 from tests.stores.helpers import NOW, TTL, cost, entries, spent_reserved, take
 
 K = cost("k", 100)

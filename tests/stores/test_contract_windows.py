@@ -5,7 +5,6 @@ exactly when the request would fit."""
 from __future__ import annotations
 
 from extproc.stores.base import Mode
-
 from tests.stores.helpers import NOW, calendar, entries, mode, rolling, spent_reserved, state, take
 
 D1, D2 = "2026-01-01@UTC", "2026-01-02@UTC"

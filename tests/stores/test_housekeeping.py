@@ -8,7 +8,6 @@ import redis
 
 from extproc.stores.base import RunRef
 from extproc.stores.embedded import EmbeddedStore
-
 from tests.stores.helpers import NOW, calendar, cost, duration, rolling, take
 
 DAY = "2026-01-01@UTC"

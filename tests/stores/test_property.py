@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from extproc.stores.base import Kind, Line, Mode, Outcome, Window, normalize_usage
 from extproc.stores.embedded import EmbeddedStore
 from extproc.stores.redis_store import RedisStore
+from tests.support.redis_server import with_redis
 
 T0 = 1_700_000_000_000
 WINDOW = 4_000
@@ -58,7 +59,7 @@ programs = st.lists(st.lists(op, min_size=1, max_size=10), min_size=2, max_size=
 limits = st.lists(st.integers(0, 250), min_size=len(BASE), max_size=len(BASE))
 
 
-@pytest.fixture(params=["embedded", "redis", "cluster"])
+@pytest.fixture(params=with_redis("embedded"))
 def open_store(request):
     kind = request.param
     if kind == "embedded":
@@ -96,7 +97,6 @@ def test_random_interleavings_keep_the_books(open_store, programs, limits, fan):
 
 async def _drive(store, lines: list[Line], programs: list[list[tuple]]) -> None:
     clock = Clock()
-    by_key = {l.key: l for l in lines}
     taken: dict[str, dict[str, int]] = {}  # rid -> {line key: amount} of every reservation that was taken
     sent: dict[str, dict[str, int]] = {}  # rid -> usage we settled with
     estimates: dict[str, dict[str, int]] = {}

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from extproc.engine.budget import Engine
 from extproc.errors import StoreUnavailable
 from extproc.stores.base import Outcome
@@ -84,6 +86,7 @@ async def test_embedded_store_survives_sigkill_of_the_service(tmp_path):
         await store.close()
 
 
+@pytest.mark.integration
 async def test_redis_restart_mid_load_loses_no_settled_spend():
     server = RedisServer().start()  # appendonly yes, appendfsync always
     store = RedisStore(server.url, socket_timeout=1.0)

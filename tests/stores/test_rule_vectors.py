@@ -41,6 +41,7 @@ def test_python_rules_answer_the_vectors(v):
     assert _python(v) == _expected(v)
 
 
+@pytest.mark.integration
 def test_lua_rules_answer_the_same_vectors(redis_server):
     with redis.Redis(port=redis_server.port, decode_responses=True) as r:
         got = r.eval(rules_lua() + HARNESS, 0, json.dumps(VECTORS))

@@ -14,6 +14,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def with_redis(local: str) -> list[Any]:
+    """Fixture params: the local store, then Redis and Redis Cluster (real redis-server
+    processes, so marked `integration`: `make unit` runs only the local one)."""
+    return [local, pytest.param("redis", marks=pytest.mark.integration), pytest.param("cluster", marks=pytest.mark.integration)]
 
 
 def free_port() -> int:
@@ -79,7 +88,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         args = [
             redis_binary(),
             "--port", str(self.port),
@@ -126,7 +135,7 @@ class RedisCluster:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.nodes[0].port}/0"
 
-    def start(self) -> "RedisCluster":
+    def start(self) -> RedisCluster:
         for n in self.nodes:
             n.start()
         subprocess.run(
