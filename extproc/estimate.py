@@ -46,7 +46,6 @@ from .tokenizers import count_text, get_encoding, lower_bound, utf8_len
 PER_SEGMENT_OVERHEAD = 4  # role/name/separators per message (OpenAI's documented 3, rounded up)
 PER_REQUEST_OVERHEAD = 3  # the assistant reply primer
 MANY_SEGMENTS = 2048  # past this many uncached segments in one request, tiny ones are bounded by bytes
-TINY_CHARS = 64  # a segment this short costs at most its UTF-8 length in tokens (every token >= 1 byte)
 ENTRY_OVERHEAD = 160  # bytes per cache entry besides the text: dict slot, LRU links, key tuple
 
 
@@ -210,7 +209,8 @@ class TokenCounter:
             known, missing = self._split(segments, encoding)
         if len(missing) > MANY_SEGMENTS:  # e.g. 150k one-word messages: bound the tiny ones by their bytes
             missing.sort(key=len)  # order does not matter for a sum; tiny ones first
-            tiny = next((i for i, m in enumerate(missing) if len(m) >= TINY_CHARS), len(missing))
+            # shorter than what the cache keeps: each costs at most its UTF-8 length (every token >= 1 byte)
+            tiny = next((i for i, m in enumerate(missing) if len(m) >= self.min_segment_chars), len(missing))
             bounded = [(utf8_len(m), False) for m in missing[:tiny]]
             rest = await self._count(missing[tiny:], encoding, owner)
             return self._finish(encoding, known, missing, bounded + rest)

@@ -205,8 +205,7 @@ async def test_many_tiny_messages_leave_memory_bounded():
     rss = []
     try:
         for call in range(20):
-            # each at least TINY_CHARS long, so it is tokenized and may be cached
-            msgs = ",".join('{"role":"user","content":"m%02d-%06d small but cacheable text, long enough to be counted"}' % (call, i) for i in range(150_000))
+            msgs = ",".join('{"role":"user","content":"m%02d-%06d tiny but cacheable text"}' % (call, i) for i in range(150_000))
             body = ('{"model":"gpt-4o","messages":[' + msgs + "]}").encode()
             assert len(body) > 6_000_000
             facts = schema.parse_request(body, max_bytes=16 << 20)
@@ -225,8 +224,8 @@ async def test_many_tiny_messages_leave_memory_bounded():
 
 async def test_many_tiny_segments_are_bounded_by_their_bytes_not_tokenized(monkeypatch):
     """150k one-word messages would be 150k tiktoken calls holding the GIL between them:
-    past MANY_SEGMENTS uncached segments, the tiny ones count as their UTF-8 length (an
-    upper bound: every token is at least one byte) and are never cached."""
+    past MANY_SEGMENTS uncached segments, those too short to be cached count as their UTF-8
+    length (an upper bound: every token is at least one byte)."""
     import extproc.estimate as est
 
     seen: list[int] = []
@@ -235,7 +234,7 @@ async def test_many_tiny_segments_are_bounded_by_their_bytes_not_tokenized(monke
     counter = TokenCounter()
     try:
         tiny = [f"w{i}" for i in range(est.MANY_SEGMENTS + 10)]
-        long = ["a longer message that is well over sixty-four characters, so it is tokenized as usual"]
+        long = ["a message long enough to be cached, so it is tokenized as usual"]
         counts = await counter.count_async(tiny + long, ENC, owner="mallory")
         assert seen == [1], "only the one long segment reaches tiktoken"
         assert counts.tokens == sum(len(t) for t in tiny) + counter.count(long[0], ENC)
