@@ -143,3 +143,12 @@ def test_tiktoken_itself_fails_on_a_long_space_run():
     with pytest.raises(ValueError, match="stack"):
         get_encoding("o200k_base").encode("x" + " " * 1_000_000 + "y", disallowed_special=())
     assert count_text("x" + " " * 1_000_000 + "y")[0] > 0
+
+
+def test_the_longest_token_is_computed_once_per_encoding():
+    """It scans the whole vocabulary; a large request's lower bound must not pay that each time."""
+    from extproc.tokenizers import max_token_bytes
+
+    max_token_bytes.cache_clear()
+    assert max_token_bytes("o200k_base") == max_token_bytes("o200k_base") == 128
+    assert max_token_bytes.cache_info().misses == 1
