@@ -37,11 +37,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .errors import ClientError, InputNotBounded
 from .protocols.media import MediaPart
 from .tokenizers import count_text, get_encoding, lower_bound, utf8_len
+
+T = TypeVar("T")
 
 PER_SEGMENT_OVERHEAD = 4  # role/name/separators per message (OpenAI's documented 3, rounded up)
 PER_REQUEST_OVERHEAD = 3  # the assistant reply primer
@@ -248,6 +250,12 @@ class TokenCounter:
         self.misses += len(missing)
         fresh = tuple((s, n) for s, (n, exact) in zip(missing, results, strict=True) if exact and self._cacheable(s))
         return Counts(encoding, known + sum(n for n, _ in results), all(ok for _, ok in results), fresh)
+
+    async def run_large(self, owner: str, fn: Callable[..., T], *args: Any) -> T:
+        """Other large per-request work (parsing a multi-megabyte body) in the same lanes as large
+        counts: off the event loop, one at a time per owner. Raises `CountingBusy` likewise."""
+        result: T = await self._lanes.run(owner, fn, *args)
+        return result
 
     def close(self) -> None:
         self._lanes.close()

@@ -10,6 +10,7 @@ and the one hold a call owns is settled or released exactly once by
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -20,7 +21,7 @@ from ..engine.calls import Plan, Planner
 from ..engine.holds import CallHold
 from ..engine.recent import LoggedDecision
 from ..errors import BadRequest, ClientError, RouteDenied, StoreUnavailable, UpstreamError
-from ..estimate import Counts
+from ..estimate import CountingBusy, Counts
 from ..money import nano_to_usd, usd_to_nano
 from ..protocols.usage import Usage
 from . import budget_endpoint, metrics, render
@@ -86,11 +87,13 @@ class Session(Gate):
         policy, caller = self.policy, self.caller
         param = self.route.spec.model_param
         route_model = policy.deployments.get(self.route.params[param], self.route.params[param]) if param else None
-        try:
-            facts = self.schema.parse_request(body, max_bytes=policy.max_body_bytes, model=route_model)
+        parse = functools.partial(self.schema.parse_request, body, max_bytes=policy.max_body_bytes, model=route_model)
+        try:  # a multi-megabyte body is parsed off the event loop, one at a time per caller
+            large = len(body) >= LARGE_BODY_BYTES
+            facts = await self.s.counter.run_large(caller.who.principal, parse) if large else parse()
             call = Planner.call_input(policy, facts, api=self.schema.name)  # priced model, tools, bounded media
         except ClientError as e:
-            return self._refuse(e)
+            return self._refuse(e, retry_after=1 if isinstance(e, CountingBusy) else None)
         rates = self.s.rates
         planner = Planner(self.s.engine, policy, live_price=rates.price_for_model if rates else None, spawn=self.s.spawn)
         names = planner.models(facts, downshift=route_model is None)  # a path-named model cannot be re-routed
