@@ -17,6 +17,7 @@ SELECTED_MODEL = "x-budget-selected-model"
 OUTPUT_CLAMPED = "x-budget-output-clamped"
 PRICE_VERSION = "x-budget-price-table-version"
 COST = "x-budget-cost-usd"
+COST_SOURCE = "x-budget-cost-source"  # what the cost was computed from: the ledger's usage_source
 RUN_ID = "x-run-id"
 SHOULD_RETRY = "x-should-retry"
 FAILURE_MODE = "x-budget-failure-mode"

@@ -42,6 +42,7 @@ class Session(Gate):
         self.status = 0
         self.strip_usage = False  # we injected include_usage, so hide the usage chunk
         self.content_encoding: str | None = None
+        self.cost_source = ""  # the settled charge's usage_source
 
 
     async def request_headers(self, headers: Mapping[str, str], end_of_stream: bool, peer_id: str | None = None) -> Reply:
@@ -197,7 +198,7 @@ class Session(Gate):
                 log.warning("unparseable response body for %s: %s; charging the reservation", self.reservation_id, e)
                 usage = None
             cost = await self._settle(usage, source="body" if usage else "estimate")
-            return Reply(set_headers=[(H.COST, nano_to_usd(cost))], metadata=self._metadata(cost))
+            return Reply(set_headers=[(H.COST, nano_to_usd(cost)), (H.COST_SOURCE, self.cost_source)], metadata=self._metadata(cost))
         out = self.reader.feed(chunk) + (self.reader.finish() if end_of_stream else b"")
         if not end_of_stream:
             return Reply(body=None if out == chunk else out)
@@ -205,8 +206,9 @@ class Session(Gate):
             r = self.reader
             log.warning("stream %s had %d malformed event(s): %s", self.reservation_id, r.malformed_events, r.last_error)
         cost = await self._settle_stream(ended=True)
-        if self.reader.may_rewrite:  # never inside a compressed body
-            out += f": {H.COST}={nano_to_usd(cost)}\n\n".encode()
+        if self.reader.may_rewrite:  # never inside a compressed body; says when the cost is an estimate
+            estimate = f": {H.COST_SOURCE}={self.cost_source}\n\n" if self.cost_source != "stream" else ""
+            out += f"{estimate}: {H.COST}={nano_to_usd(cost)}\n\n".encode()
         return Reply(body=out, metadata=self._metadata(cost))
 
     async def close(self) -> None:
@@ -228,6 +230,7 @@ class Session(Gate):
     async def _settle(self, usage: Usage | None, *, source: str) -> int:
         assert self.hold is not None
         t0 = time.perf_counter()
+        self.cost_source = source
         done = await self.hold.settle(usage, source=source, status=self.status)
         self.phase = Phase.DONE
         if done is None:
@@ -241,7 +244,6 @@ class Session(Gate):
             metrics.INFLIGHT.dec()
         self.phase = Phase.DONE
 
-    def _metadata(self, cost: int) -> dict[str, Any]:
-        """Envoy dynamic metadata (namespace extproc.budget) for the access log."""
+    def _metadata(self, cost: int) -> dict[str, Any]:  # Envoy dynamic metadata for the access log
         principal, model = (self.caller.who.principal if self.caller else ""), (self.plan.chosen.name if self.plan else "")
         return render.log_metadata(self.hold.decision if self.hold else None, cost, principal, model)

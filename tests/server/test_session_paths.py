@@ -100,7 +100,20 @@ async def test_json_settles_on_its_usage(world):
     await s.response_headers({":status": "200", "content-type": "application/json"})
     r = await s.response_body(json.dumps({"usage": {"prompt_tokens": 10, "completion_tokens": 20}}).encode(), True)
     assert ("x-budget-cost-usd", "0.00005") in r.set_headers  # 10 x $1/1M + 20 x $2/1M
+    assert ("x-budget-cost-source", "body") in r.set_headers
     assert await outcomes(store) == [("settled", "body", 50_000)]
+
+
+async def test_an_estimated_cost_says_so(world):
+    services, _ = world
+    s = await started(services, chat(stream=True))
+    await s.response_headers({":status": "200", "content-type": "text/event-stream"})
+    r = await s.response_body(sse(DELTA) + b"data: [DONE]\n\n", True)  # a stream that reported no usage
+    assert b": x-budget-cost-source=counted\n\n: x-budget-cost-usd=" in r.body
+    s = await started(services, chat())
+    await s.response_headers({":status": "200", "content-type": "application/json"})
+    r = await s.response_body(b'{"id": "no usage here"}', True)
+    assert ("x-budget-cost-source", "estimate") in r.set_headers
 
 
 async def test_sse_settles_on_the_final_usage_and_appends_the_cost_comment(world):
