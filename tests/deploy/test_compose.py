@@ -4,18 +4,21 @@ the real binary and run through the local twin of the topology."""
 from __future__ import annotations
 
 import re
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import aiohttp
 import pytest
+import yaml
 
 from extproc.cli import build_parser
 from extproc.costrate.__main__ import load_spec
 from extproc.policy.loader import load_policy
 from extproc.server.tokens import PLACEHOLDER, Tokens
-from extproc.stack import Stack
+from extproc.stack import Stack, envoy_binary, free_port, render_envoy_config, stop_process
 
 from .conftest import (
     EXT_PROC,
@@ -201,3 +204,62 @@ async def test_compose_envoy_config_runs_in_the_local_twin(tmp_path):
         assert any(e["status"] == 200 and e["cost_usd"] == cost for e in access_log(stack.log("envoy")))
     finally:
         stack.stop()
+
+
+def compose_healthcheck(service: str, rewrite: dict[str, str]) -> list[str]:
+    """The service's healthcheck argv, run as Docker runs a CMD test (no shell around it);
+    `rewrite` swaps in-container addresses for the local ones (ports only)."""
+    cmd = [str(a) for a in SERVICES[service]["healthcheck"]["test"]]
+    assert cmd[0] == "CMD"
+    out = cmd[1:]
+    for old, new in rewrite.items():
+        assert any(old in a for a in out), f"{old} not in {out}"
+        out = [a.replace(old, new) for a in out]
+    return out
+
+
+def healthy_within_retries(service: str, argv_: list[str]) -> bool:
+    """Docker's loop: run the test every `interval` up to `retries` times; healthy on exit 0."""
+    hc = SERVICES[service]["healthcheck"]
+    interval = float(str(hc["interval"]).rstrip("s"))
+    timeout = float(str(hc["timeout"]).rstrip("s"))
+    for _ in range(int(hc["retries"])):
+        try:
+            if subprocess.run(argv_, capture_output=True, timeout=timeout).returncode == 0:
+                return True
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(interval)
+    return False
+
+
+@pytest.mark.integration
+def test_envoy_healthcheck_passes_against_real_envoy(tmp_path):
+    """The compose healthcheck command itself, against Envoy started with compose/envoy.yaml
+    (ports rewritten): `docker compose up --wait` needs it to exit 0. Envoy's admin answers an
+    HTTP/1.0 request with 426, which the first version of the check sent."""
+    admin = free_port()
+    cfg = render_envoy_config(
+        COMPOSE_DIR / "envoy.yaml",
+        listen_port=free_port(),
+        admin_port=admin,
+        backends={"mock-gpu": f"127.0.0.1:{free_port()}"},
+        extproc=f"127.0.0.1:{free_port()}",
+    )
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    log = (tmp_path / "envoy.log").open("w")
+    proc = subprocess.Popen(
+        [envoy_binary(), "-c", str(config), "--log-level", "warn", "--disable-hot-restart", "--concurrency", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        check = compose_healthcheck("envoy", {"/dev/tcp/127.0.0.1/9901": f"/dev/tcp/127.0.0.1/{admin}"})
+        assert healthy_within_retries("envoy", check), (tmp_path / "envoy.log").read_text()[-2000:]
+        assert proc.poll() is None
+        # and the check is not vacuous: the HTTP/1.0 request it replaced is refused
+        old = [a.replace("HTTP/1.1", "HTTP/1.0") for a in check]
+        assert subprocess.run(old, capture_output=True, timeout=5).returncode != 0
+    finally:
+        stop_process(proc)
+        log.close()
