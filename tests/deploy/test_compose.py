@@ -4,9 +4,11 @@ the real binary and run through the local twin of the topology."""
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -310,3 +312,29 @@ async def test_the_mock_gpu_service_serves_the_metrics_the_policy_prices_from(tm
         stop_process(proc)
         log.close()
 
+
+def pip_installs(dockerfile: Path) -> list[str]:
+    """The requirement arguments of every `pip install` in the Dockerfile's RUN lines."""
+    out: list[str] = []
+    for line in dockerfile.read_text().replace("\\\n", " ").splitlines():
+        if not line.startswith("RUN "):
+            continue
+        for cmd in re.split(r"&&|;", line[4:]):
+            words = shlex.split(cmd)
+            if words[:2] == ["pip", "install"]:
+                out += [w for w in words[2:] if not w.startswith("-")]
+    return out
+
+
+def test_the_image_installs_the_k8s_extra_the_status_patch_needs():
+    """rbac.yaml grants the InferenceService status PATCH (extproc/costrate/k8s.py imports
+    `kubernetes`); an image without the k8s extra fails it with No module named 'kubernetes'."""
+    (spec,) = pip_installs(COMPOSE_DIR / "Dockerfile")
+    m = re.fullmatch(r"\.\[([\w,-]+)\]", spec)
+    assert m, f"installs {spec!r}: the package with its extras, e.g. .[k8s]"
+    extras = set(m.group(1).split(","))
+    assert "dev" not in extras  # no test tooling in the image
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    provided = {re.match(r"[\w-]+", r).group(0) for e in extras for r in optional[e]}  # type: ignore[union-attr]
+    assert "kubernetes" in provided
+    assert re.search(r"^\s*(from kubernetes|import kubernetes)", (ROOT / "extproc/costrate/k8s.py").read_text(), re.M)
