@@ -338,3 +338,33 @@ def test_the_image_installs_the_k8s_extra_the_status_patch_needs():
     provided = {re.match(r"[\w-]+", r).group(0) for e in extras for r in optional[e]}  # type: ignore[union-attr]
     assert "kubernetes" in provided
     assert re.search(r"^\s*(from kubernetes|import kubernetes)", (ROOT / "extproc/costrate/k8s.py").read_text(), re.M)
+
+
+def dockerignored(patterns: list[str], path: str) -> bool:
+    """Docker's .dockerignore rule: the last pattern matching the path or one of its parent
+    directories decides; `!` re-includes; `**` spans directories, `*` stays within one."""
+    parts = path.split("/")
+    ignored = False
+    for raw in patterns:
+        neg = raw.startswith("!")
+        pat = raw[1:] if neg else raw
+        rx = re.escape(pat.strip("/")).replace(r"\*\*/", "(?:.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        rx = rx.replace(r"\?", "[^/]")
+        if any(re.fullmatch(rx, "/".join(parts[:i])) for i in range(1, len(parts) + 1)):
+            ignored = not neg
+    return ignored
+
+
+def test_dockerignore_keeps_the_venv_and_git_out_of_the_build_context():
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [l.strip() for l in lines if l.strip() and not l.lstrip().startswith("#")]
+    for junk in (".venv/bin/envoy", ".venv/lib/python3.11/site-packages/numpy/__init__.py", ".git/HEAD",
+                 "var/budget.db", "extproc/__pycache__/cli.cpython-311.pyc", ".pytest_cache/README.md",
+                 "extproc.egg-info/PKG-INFO", "bench/out/report.json"):
+        assert dockerignored(patterns, junk), junk
+    # what the Dockerfile copies is still sent
+    for line in (COMPOSE_DIR / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                files = [src] if (ROOT / src).is_file() else [str(p.relative_to(ROOT)) for p in (ROOT / src).rglob("*.py")]
+                assert files and not any(dockerignored(patterns, f) for f in files), src
