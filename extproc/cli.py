@@ -64,10 +64,19 @@ def _serve(args: argparse.Namespace) -> int:
     if args.grpc.startswith("unix:"):
         raise SystemExit("--workers > 1 needs a TCP --grpc address (a Unix socket path cannot be shared)")
     import multiprocessing as mp
+    import shutil
     import tempfile
 
-    # Metrics of all workers are aggregated by the admin endpoint of worker 0.
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="extproc-metrics-"))
+    # Metrics of all workers are aggregated by the admin endpoint of worker 0, through files
+    # in a fresh directory under --state-dir: under readOnlyRootFilesystem there is no
+    # writable /tmp, so the image points it at a mounted emptyDir / tmpfs.
+    try:
+        metrics_dir = tempfile.mkdtemp(prefix="extproc-metrics-", dir=args.state_dir)
+    except OSError as e:
+        print(f"extproc serve: --workers needs a writable --state-dir ({args.state_dir or tempfile.gettempdir()}): {e}",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
     ctx = mp.get_context("spawn")  # never fork a process that may hold gRPC state
     workers = [
         ctx.Process(
@@ -92,6 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
     for w in workers:
         w.join()
         status = status or (w.exitcode or 0)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
 
 
@@ -230,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default=DEFAULT_STORE, help="sqlite:PATH (default %(default)s), redis://HOST:PORT, redis+cluster://HOST:PORT")
     s.add_argument("--grpc", default="127.0.0.1:50051", help="host:port or unix:/path (default %(default)s)")
     s.add_argument("--workers", type=int, default=1, help="worker processes sharing the gRPC port (TCP only)")
+    s.add_argument("--state-dir", default=os.environ.get("EXTPROC_STATE_DIR") or None,
+                   help="writable directory for the workers' shared metrics files (--workers > 1); default "
+                        "$EXTPROC_STATE_DIR, else the system temp dir. Mount an emptyDir / tmpfs there under a "
+                        "read-only root filesystem")
     s.add_argument("--admin", default=None, help="admin HTTP host:port (metrics, budgets, ledger); keep it on loopback")
     s.add_argument("--admin-token-file", default=None,
                    help="file holding the admin bearer token(s), one per line, re-read when it changes (else $EXTPROC_ADMIN_TOKEN)")
