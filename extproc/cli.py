@@ -35,6 +35,7 @@ def _serve_one(args: argparse.Namespace, admin: str | None, log: tuple[str, str]
         serve(
             args.policy, args.store, args.grpc, admin_addr=admin, admin_token_file=args.admin_token_file,
             caller_token_file=args.caller_token_file, allow_unauthenticated_callers=args.allow_unauthenticated_callers,
+            socket_mode=args.socket_mode,
         )
     )
 
@@ -228,6 +229,13 @@ def _policy_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _octal_mode(text: str) -> int:
+    mode = int(text, 8)
+    if not 0 <= mode <= 0o777:
+        raise ValueError(text)
+    return mode
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="extproc", description="Budget enforcement for LLM traffic behind Envoy ext_proc.")
     p.add_argument("--log-level", default="INFO")
@@ -239,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", required=True, help="policy YAML file")
     s.add_argument("--store", default=DEFAULT_STORE, help="sqlite:PATH (default %(default)s), redis://HOST:PORT, redis+cluster://HOST:PORT")
     s.add_argument("--grpc", default="127.0.0.1:50051", help="host:port or unix:/path (default %(default)s)")
+    s.add_argument("--socket-mode", type=_octal_mode, default=None,
+                   help="file mode of a unix: --grpc socket, octal (default 0666: the pod-private emptyDir is the "
+                        "boundary, so the pod's Envoy, another uid, can connect; 0660 with a shared fsGroup)")
     s.add_argument("--workers", type=int, default=1, help="worker processes sharing the gRPC port (TCP only)")
     s.add_argument("--state-dir", default=os.environ.get("EXTPROC_STATE_DIR") or None,
                    help="writable directory for the workers' shared metrics files (--workers > 1); default "
