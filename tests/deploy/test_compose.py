@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 import shlex
-import sys
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -19,16 +19,16 @@ import yaml
 
 from extproc.cli import build_parser
 from extproc.costrate.__main__ import load_spec
+from extproc.costrate.sampler import Sampler
 from extproc.policy.loader import load_policy
 from extproc.server.tokens import PLACEHOLDER, Tokens
-from extproc.costrate.sampler import Sampler
 from extproc.stack import Stack, envoy_binary, free_port, render_envoy_config, stop_process, wait_http
 
 from .conftest import (
     EXT_PROC,
     HEADER_MUTATION,
-    ROOT,
     PATH_HYGIENE,
+    ROOT,
     ROUTER,
     access_log,
     caller_token,
