@@ -80,6 +80,21 @@ async def _watch_policy(holder: PolicyHolder, interval: float) -> None:
             holder.reload()
 
 
+# The Unix socket's mode. gRPC creates it with the process umask (0755 by uid 10001), and
+# the pod's Envoy runs as another user (uid 101) with no group in common, so every call was
+# refused (503). 0666: the socket lives in the pod-private emptyDir that only this pod's
+# containers mount, so that directory is the access boundary. Narrower: give the pod a shared
+# fsGroup (the kubelet makes the emptyDir setgid, so the socket gets that group) and serve
+# with --socket-mode 0660.
+DEFAULT_SOCKET_MODE = 0o666
+
+
+def unix_socket_path(grpc_addr: str) -> str:
+    """The file of a gRPC unix: address (unix:path or unix:///abs/path)."""
+    path = grpc_addr.removeprefix("unix:")
+    return path[2:] if path.startswith("//") else path
+
+
 def _cost_rates(holder: PolicyHolder, store_url: str) -> CostRates | None:
     """Live cost rates of the policy's self-hosted backends (None when it has none)."""
     spec = holder.current.self_hosted
@@ -107,6 +122,7 @@ async def serve(
     caller_token_file: str | None = None,
     allow_unauthenticated_callers: bool = False,
     reap_interval: float = 1.0,
+    socket_mode: int | None = None,
 ) -> None:
     callers = CallerGate.configure(grpc_addr, caller_token_file, allow_unauthenticated=allow_unauthenticated_callers)
     admin_tokens = load_token(admin_token_file) if admin_addr else None
@@ -127,6 +143,8 @@ async def serve(
     if not grpc_addr.startswith("unix:") and bound == 0:
         raise OSError(f"cannot bind gRPC address {grpc_addr}")
     await server.start()
+    if grpc_addr.startswith("unix:"):
+        os.chmod(unix_socket_path(grpc_addr), DEFAULT_SOCKET_MODE if socket_mode is None else socket_mode)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -35,6 +35,7 @@ def _serve_one(args: argparse.Namespace, admin: str | None, log: tuple[str, str]
         serve(
             args.policy, args.store, args.grpc, admin_addr=admin, admin_token_file=args.admin_token_file,
             caller_token_file=args.caller_token_file, allow_unauthenticated_callers=args.allow_unauthenticated_callers,
+            socket_mode=args.socket_mode,
         )
     )
 
@@ -64,10 +65,19 @@ def _serve(args: argparse.Namespace) -> int:
     if args.grpc.startswith("unix:"):
         raise SystemExit("--workers > 1 needs a TCP --grpc address (a Unix socket path cannot be shared)")
     import multiprocessing as mp
+    import shutil
     import tempfile
 
-    # Metrics of all workers are aggregated by the admin endpoint of worker 0.
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="extproc-metrics-"))
+    # Metrics of all workers are aggregated by the admin endpoint of worker 0, through files
+    # in a fresh directory under --state-dir: under readOnlyRootFilesystem there is no
+    # writable /tmp, so the image points it at a mounted emptyDir / tmpfs.
+    try:
+        metrics_dir = tempfile.mkdtemp(prefix="extproc-metrics-", dir=args.state_dir)
+    except OSError as e:
+        print(f"extproc serve: --workers needs a writable --state-dir ({args.state_dir or tempfile.gettempdir()}): {e}",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
     ctx = mp.get_context("spawn")  # never fork a process that may hold gRPC state
     workers = [
         ctx.Process(
@@ -92,6 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
     for w in workers:
         w.join()
         status = status or (w.exitcode or 0)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
 
 
@@ -218,6 +229,13 @@ def _policy_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _octal_mode(text: str) -> int:
+    mode = int(text, 8)
+    if not 0 <= mode <= 0o777:
+        raise ValueError(text)
+    return mode
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="extproc", description="Budget enforcement for LLM traffic behind Envoy ext_proc.")
     p.add_argument("--log-level", default="INFO")
@@ -229,7 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", required=True, help="policy YAML file")
     s.add_argument("--store", default=DEFAULT_STORE, help="sqlite:PATH (default %(default)s), redis://HOST:PORT, redis+cluster://HOST:PORT")
     s.add_argument("--grpc", default="127.0.0.1:50051", help="host:port or unix:/path (default %(default)s)")
+    s.add_argument("--socket-mode", type=_octal_mode, default=None,
+                   help="file mode of a unix: --grpc socket, octal (default 0666: the pod-private emptyDir is the "
+                        "boundary, so the pod's Envoy, another uid, can connect; 0660 with a shared fsGroup)")
     s.add_argument("--workers", type=int, default=1, help="worker processes sharing the gRPC port (TCP only)")
+    s.add_argument("--state-dir", default=os.environ.get("EXTPROC_STATE_DIR") or None,
+                   help="writable directory for the workers' shared metrics files (--workers > 1); default "
+                        "$EXTPROC_STATE_DIR, else the system temp dir. Mount an emptyDir / tmpfs there under a "
+                        "read-only root filesystem")
     s.add_argument("--admin", default=None, help="admin HTTP host:port (metrics, budgets, ledger); keep it on loopback")
     s.add_argument("--admin-token-file", default=None,
                    help="file holding the admin bearer token(s), one per line, re-read when it changes (else $EXTPROC_ADMIN_TOKEN)")

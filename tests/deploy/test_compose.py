@@ -4,24 +4,31 @@ the real binary and run through the local twin of the topology."""
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
+import sys
+import time
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import aiohttp
 import pytest
+import yaml
 
 from extproc.cli import build_parser
 from extproc.costrate.__main__ import load_spec
+from extproc.costrate.sampler import Sampler
 from extproc.policy.loader import load_policy
 from extproc.server.tokens import PLACEHOLDER, Tokens
-from extproc.stack import Stack
+from extproc.stack import Stack, envoy_binary, free_port, render_envoy_config, stop_process, wait_http
 
 from .conftest import (
     EXT_PROC,
     HEADER_MUTATION,
-    ROOT,
     PATH_HYGIENE,
+    ROOT,
     ROUTER,
     access_log,
     caller_token,
@@ -201,3 +208,163 @@ async def test_compose_envoy_config_runs_in_the_local_twin(tmp_path):
         assert any(e["status"] == 200 and e["cost_usd"] == cost for e in access_log(stack.log("envoy")))
     finally:
         stack.stop()
+
+
+def compose_healthcheck(service: str, rewrite: dict[str, str]) -> list[str]:
+    """The service's healthcheck argv, run as Docker runs a CMD test (no shell around it);
+    `rewrite` swaps in-container addresses for the local ones (ports only)."""
+    cmd = [str(a) for a in SERVICES[service]["healthcheck"]["test"]]
+    assert cmd[0] == "CMD"
+    out = cmd[1:]
+    for old, new in rewrite.items():
+        assert any(old in a for a in out), f"{old} not in {out}"
+        out = [a.replace(old, new) for a in out]
+    return out
+
+
+def healthy_within_retries(service: str, argv_: list[str]) -> bool:
+    """Docker's loop: run the test every `interval` up to `retries` times; healthy on exit 0."""
+    hc = SERVICES[service]["healthcheck"]
+    interval = float(str(hc["interval"]).rstrip("s"))
+    timeout = float(str(hc["timeout"]).rstrip("s"))
+    for _ in range(int(hc["retries"])):
+        try:
+            if subprocess.run(argv_, capture_output=True, timeout=timeout).returncode == 0:
+                return True
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(interval)
+    return False
+
+
+@pytest.mark.integration
+def test_envoy_healthcheck_passes_against_real_envoy(tmp_path):
+    """The compose healthcheck command itself, against Envoy started with compose/envoy.yaml
+    (ports rewritten): `docker compose up --wait` needs it to exit 0. Envoy's admin answers an
+    HTTP/1.0 request with 426, which the first version of the check sent."""
+    admin = free_port()
+    cfg = render_envoy_config(
+        COMPOSE_DIR / "envoy.yaml",
+        listen_port=free_port(),
+        admin_port=admin,
+        backends={"mock-gpu": f"127.0.0.1:{free_port()}"},
+        extproc=f"127.0.0.1:{free_port()}",
+    )
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    log = (tmp_path / "envoy.log").open("w")
+    proc = subprocess.Popen(
+        [envoy_binary(), "-c", str(config), "--log-level", "warn", "--disable-hot-restart", "--concurrency", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        check = compose_healthcheck("envoy", {"/dev/tcp/127.0.0.1/9901": f"/dev/tcp/127.0.0.1/{admin}"})
+        assert healthy_within_retries("envoy", check), (tmp_path / "envoy.log").read_text()[-2000:]
+        assert proc.poll() is None
+        # and the check is not vacuous: the HTTP/1.0 request it replaced is refused
+        old = [a.replace("HTTP/1.1", "HTTP/1.0") for a in check]
+        assert subprocess.run(old, capture_output=True, timeout=5).returncode != 0
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+def test_the_policys_self_hosted_metrics_url_is_the_mock_gpu_service():
+    """extproc prices self-hosted backends from the metrics_url of the policy compose mounts;
+    in the extproc container 127.0.0.1 is extproc itself (nothing on :8000), so the URL must
+    name the compose service serving /metrics: the mock backend."""
+    args = build_parser().parse_args(argv("extproc"))
+    policy = load_policy(host_file("extproc", args.policy))
+    assert policy.self_hosted.backends
+    mock = build_parser().parse_args(argv("mock-gpu"))
+    assert mock.command == "mock-backend" and mock.host == "0.0.0.0"
+    for name, backend in policy.self_hosted.backends.items():
+        assert backend.metrics_url is not None, name
+        url = urlparse(backend.metrics_url)
+        assert url.hostname in SERVICES, f"{name}: {url.hostname} is not a compose service"
+        assert (url.hostname, url.port, url.path) == ("mock-gpu", mock.port, "/metrics"), name
+
+
+@pytest.mark.integration
+async def test_the_mock_gpu_service_serves_the_metrics_the_policy_prices_from(tmp_path):
+    """The mock-gpu container's command (address rewritten to loopback) serves the DCGM metrics
+    at the policy's metrics_url path: sampled, the rate comes from DCGM, not the TDP fallback."""
+    args = build_parser().parse_args(argv("extproc"))
+    policy = load_policy(host_file("extproc", args.policy))
+    port = free_port()
+    cmd = argv("mock-gpu")
+    cmd[cmd.index("--host") + 1] = "127.0.0.1"
+    cmd[cmd.index("--port") + 1] = str(port)
+    log = (tmp_path / "mock.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "extproc"), *cmd], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", 30, proc)
+        for name, backend in policy.self_hosted.backends.items():
+            url = urlparse(backend.metrics_url)
+            local = url._replace(netloc=f"127.0.0.1:{port}").geturl()
+            sampler = Sampler(name, backend.model_copy(update={"metrics_url": local, "token_metrics_url": None}))
+            try:
+                rate = await sampler.sample()
+            finally:
+                await sampler.close()
+            assert rate.source == "dcgm", rate.reason
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+def pip_installs(dockerfile: Path) -> list[str]:
+    """The requirement arguments of every `pip install` in the Dockerfile's RUN lines."""
+    out: list[str] = []
+    for line in dockerfile.read_text().replace("\\\n", " ").splitlines():
+        if not line.startswith("RUN "):
+            continue
+        for cmd in re.split(r"&&|;", line[4:]):
+            words = shlex.split(cmd)
+            if words[:2] == ["pip", "install"]:
+                out += [w for w in words[2:] if not w.startswith("-")]
+    return out
+
+
+def test_the_image_installs_the_k8s_extra_the_status_patch_needs():
+    """rbac.yaml grants the InferenceService status PATCH (extproc/costrate/k8s.py imports
+    `kubernetes`); an image without the k8s extra fails it with No module named 'kubernetes'."""
+    (spec,) = pip_installs(COMPOSE_DIR / "Dockerfile")
+    m = re.fullmatch(r"\.\[([\w,-]+)\]", spec)
+    assert m, f"installs {spec!r}: the package with its extras, e.g. .[k8s]"
+    extras = set(m.group(1).split(","))
+    assert "dev" not in extras  # no test tooling in the image
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    provided = {re.match(r"[\w-]+", r).group(0) for e in extras for r in optional[e]}  # type: ignore[union-attr]
+    assert "kubernetes" in provided
+    assert re.search(r"^\s*(from kubernetes|import kubernetes)", (ROOT / "extproc/costrate/k8s.py").read_text(), re.M)
+
+
+def dockerignored(patterns: list[str], path: str) -> bool:
+    """Docker's .dockerignore rule: the last pattern matching the path or one of its parent
+    directories decides; `!` re-includes; `**` spans directories, `*` stays within one."""
+    parts = path.split("/")
+    ignored = False
+    for raw in patterns:
+        neg = raw.startswith("!")
+        pat = raw[1:] if neg else raw
+        rx = re.escape(pat.strip("/")).replace(r"\*\*/", "(?:.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        rx = rx.replace(r"\?", "[^/]")
+        if any(re.fullmatch(rx, "/".join(parts[:i])) for i in range(1, len(parts) + 1)):
+            ignored = not neg
+    return ignored
+
+
+def test_dockerignore_keeps_the_venv_and_git_out_of_the_build_context():
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [l.strip() for l in lines if l.strip() and not l.lstrip().startswith("#")]
+    for junk in (".venv/bin/envoy", ".venv/lib/python3.11/site-packages/numpy/__init__.py", ".git/HEAD",
+                 "var/budget.db", "extproc/__pycache__/cli.cpython-311.pyc", ".pytest_cache/README.md",
+                 "extproc.egg-info/PKG-INFO", "bench/out/report.json"):
+        assert dockerignored(patterns, junk), junk
+    # what the Dockerfile copies is still sent
+    for line in (COMPOSE_DIR / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                files = [src] if (ROOT / src).is_file() else [str(p.relative_to(ROOT)) for p in (ROOT / src).rglob("*.py")]
+                assert files and not any(dockerignored(patterns, f) for f in files), src

