@@ -142,8 +142,7 @@ async def print_budgets(stack: Stack, policy_path: str) -> bool:
 
 
 def _point_metrics_at(policy_path: str, stack: Stack) -> str:
-    """A copy of the policy whose self-hosted backends read the stack's mock GPU metrics:
-    the shipped URL names the compose service (mock-gpu), which no local resolver knows."""
+    """A copy of the policy whose self-hosted backends read the stack's mock GPU metrics."""
     assert stack.workdir is not None
     doc = yaml.safe_load(Path(policy_path).read_text())
     for name, backend in (doc.get("self_hosted") or {}).get("backends", {}).items():

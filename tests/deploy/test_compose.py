@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -19,10 +18,9 @@ import yaml
 
 from extproc.cli import build_parser
 from extproc.costrate.__main__ import load_spec
-from extproc.costrate.sampler import Sampler
 from extproc.policy.loader import load_policy
 from extproc.server.tokens import PLACEHOLDER, Tokens
-from extproc.stack import Stack, envoy_binary, free_port, render_envoy_config, stop_process, wait_http
+from extproc.stack import Stack, envoy_binary, free_port, render_envoy_config, stop_process
 
 from .conftest import (
     EXT_PROC,
@@ -264,50 +262,6 @@ def test_envoy_healthcheck_passes_against_real_envoy(tmp_path):
         # and the check is not vacuous: the HTTP/1.0 request it replaced is refused
         old = [a.replace("HTTP/1.1", "HTTP/1.0") for a in check]
         assert subprocess.run(old, capture_output=True, timeout=5).returncode != 0
-    finally:
-        stop_process(proc)
-        log.close()
-
-
-def test_the_policys_self_hosted_metrics_url_is_the_mock_gpu_service():
-    """extproc prices self-hosted backends from the metrics_url of the policy compose mounts;
-    in the extproc container 127.0.0.1 is extproc itself (nothing on :8000), so the URL must
-    name the compose service serving /metrics: the mock backend."""
-    args = build_parser().parse_args(argv("extproc"))
-    policy = load_policy(host_file("extproc", args.policy))
-    assert policy.self_hosted.backends
-    mock = build_parser().parse_args(argv("mock-gpu"))
-    assert mock.command == "mock-backend" and mock.host == "0.0.0.0"
-    for name, backend in policy.self_hosted.backends.items():
-        assert backend.metrics_url is not None, name
-        url = urlparse(backend.metrics_url)
-        assert url.hostname in SERVICES, f"{name}: {url.hostname} is not a compose service"
-        assert (url.hostname, url.port, url.path) == ("mock-gpu", mock.port, "/metrics"), name
-
-
-@pytest.mark.integration
-async def test_the_mock_gpu_service_serves_the_metrics_the_policy_prices_from(tmp_path):
-    """The mock-gpu container's command (address rewritten to loopback) serves the DCGM metrics
-    at the policy's metrics_url path: sampled, the rate comes from DCGM, not the TDP fallback."""
-    args = build_parser().parse_args(argv("extproc"))
-    policy = load_policy(host_file("extproc", args.policy))
-    port = free_port()
-    cmd = argv("mock-gpu")
-    cmd[cmd.index("--host") + 1] = "127.0.0.1"
-    cmd[cmd.index("--port") + 1] = str(port)
-    log = (tmp_path / "mock.log").open("w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "extproc"), *cmd], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", 30, proc)
-        for name, backend in policy.self_hosted.backends.items():
-            url = urlparse(backend.metrics_url)
-            local = url._replace(netloc=f"127.0.0.1:{port}").geturl()
-            sampler = Sampler(name, backend.model_copy(update={"metrics_url": local, "token_metrics_url": None}))
-            try:
-                rate = await sampler.sample()
-            finally:
-                await sampler.close()
-            assert rate.source == "dcgm", rate.reason
     finally:
         stop_process(proc)
         log.close()

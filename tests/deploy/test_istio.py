@@ -21,9 +21,9 @@ from extproc.stack import Stack, free_port
 from .conftest import (
     EXT_PROC,
     HEADER_MUTATION,
+    PATH_HYGIENE,
     ROOT,
     ROUTER,
-    PATH_HYGIENE,
     access_log,
     caller_token,
     docs,
