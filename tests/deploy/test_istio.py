@@ -224,7 +224,7 @@ def test_kustomization_lists_every_manifest():
 def test_every_object_is_well_formed():
     kinds = sorted(o["kind"] for o in objects())
     assert kinds == sorted(
-        ["Namespace", "Deployment", "Service", "Deployment", "Service", "ServiceAccount", "ConfigMap",
+        ["Namespace", "Deployment", "Service", "Deployment", "Service", "ServiceAccount", "ConfigMap", "PodDisruptionBudget",
          "ClusterRole", "ClusterRoleBinding", "EnvoyFilter", "AuthorizationPolicy", "NetworkPolicy", "NetworkPolicy"]
     )
     for o in objects() + objects(ISTIO / "example"):
@@ -379,6 +379,26 @@ def test_example_workload_is_selected_on_the_patched_port():
     assert c["ports"][0]["containerPort"] == inserted_filter(EXT_PROC)["match"]["listener"]["portNumber"]
     args = build_parser().parse_args(c["args"])
     assert args.command == "mock-backend" and args.port == c["ports"][0]["containerPort"]
+
+
+def test_a_disruption_never_takes_every_extproc_pod():
+    """Fail closed means no ready pod = every budgeted call 503: a PodDisruptionBudget keeps
+    one through drains (and allows one eviction at a time), replicas prefer distinct nodes."""
+    dep = one("Deployment", "extproc")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    replicas = dep["spec"]["replicas"]
+    assert replicas >= 2
+    pdb = one("PodDisruptionBudget", "extproc")
+    assert pdb["apiVersion"] == "policy/v1" and pdb["metadata"]["namespace"] == dep["metadata"]["namespace"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    spec = pdb["spec"]
+    assert ("minAvailable" in spec) != ("maxUnavailable" in spec)
+    allowed = replicas - spec["minAvailable"] if "minAvailable" in spec else spec["maxUnavailable"]
+    assert 1 <= allowed < replicas  # a drain can proceed, and never empties the service
+    anti = dep["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
 
 
 # ---------------------------------------------------------------------------- live
