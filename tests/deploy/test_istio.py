@@ -224,7 +224,7 @@ def test_kustomization_lists_every_manifest():
 def test_every_object_is_well_formed():
     kinds = sorted(o["kind"] for o in objects())
     assert kinds == sorted(
-        ["Namespace", "Deployment", "Service", "Deployment", "Service", "ServiceAccount", "ConfigMap", "PodDisruptionBudget",
+        ["Namespace", "StatefulSet", "Service", "Deployment", "Service", "ServiceAccount", "ConfigMap", "PodDisruptionBudget",
          "ClusterRole", "ClusterRoleBinding", "EnvoyFilter", "AuthorizationPolicy", "NetworkPolicy", "NetworkPolicy"]
     )
     for o in objects() + objects(ISTIO / "example"):
@@ -262,7 +262,7 @@ def test_grpc_cluster_is_the_extproc_services_grpc_port():
     assert args.store.startswith("redis://redis.extproc-system.svc.cluster.local:6379")
     redis = one("Service", "redis")
     assert redis["spec"]["ports"][0]["port"] == 6379
-    assert redis["spec"]["selector"].items() <= one("Deployment", "redis")["spec"]["template"]["metadata"]["labels"].items()
+    assert redis["spec"]["selector"].items() <= one("StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_policy_configmap_is_the_demo_policy_and_is_mounted_where_serve_reads_it():
@@ -361,7 +361,7 @@ def test_only_budgeted_workloads_reach_the_grpc_port():
 
 def test_only_the_service_reaches_redis():
     netpol = one("NetworkPolicy", "redis")
-    redis_labels = one("Deployment", "redis")["spec"]["template"]["metadata"]["labels"]
+    redis_labels = one("StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"]
     extproc_labels = one("Deployment", "extproc")["spec"]["template"]["metadata"]["labels"]
     assert netpol["spec"]["podSelector"]["matchLabels"].items() <= redis_labels.items()
     (rule,) = netpol["spec"]["ingress"]
@@ -379,6 +379,25 @@ def test_example_workload_is_selected_on_the_patched_port():
     assert c["ports"][0]["containerPort"] == inserted_filter(EXT_PROC)["match"]["listener"]["portNumber"]
     args = build_parser().parse_args(c["args"])
     assert args.command == "mock-backend" and args.port == c["ports"][0]["containerPort"]
+
+
+def test_redis_keeps_the_budgets_across_reschedules_and_never_runs_twice():
+    """emptyDir loses every budget on a reschedule; a Deployment's RollingUpdate runs two
+    Redis pods on one data set. A StatefulSet with a claim template and AOF does neither."""
+    sts = one("StatefulSet", "redis")
+    assert sts["spec"]["replicas"] == 1 and sts["spec"]["serviceName"] == "redis"
+    assert one("Service", sts["spec"]["serviceName"])
+    pod = sts["spec"]["template"]["spec"]
+    assert not [v for v in pod.get("volumes", []) if "emptyDir" in v]
+    (c,) = pod["containers"]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
+    args = c["args"]
+    assert args[0] == "redis-server"
+    opts = dict(zip(args[1::2], args[2::2]))
+    assert opts["--appendonly"] == "yes" and opts["--dir"] == mount["mountPath"]
+    assert not [o for o in objects() if o["kind"] == "Deployment" and o["metadata"]["name"] == "redis"]
 
 
 def test_a_disruption_never_takes_every_extproc_pod():
