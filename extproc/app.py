@@ -27,7 +27,7 @@ from .server.ext_authz import Authorization
 from .server.ext_proc import ExternalProcessor
 from .server.health import StoreHealth
 from .server.services import Services
-from .stores import parse_url
+from .stores import parse_url, redacted
 from .stores.base import Store
 from .tokenizers import get_encoding
 
@@ -142,7 +142,7 @@ async def serve(
         log.info("admin API on http://%s", admin_addr)
     unauthenticated = callers.tokens is None and not callers.trusted_without_token
     log.log(logging.WARNING if unauthenticated else logging.INFO, "gRPC callers: %s", callers.describe())
-    log.info("extproc serving ext_proc on %s (store %s, policy %s)", grpc_addr, store_url, policy_path)
+    log.info("extproc serving ext_proc on %s (store %s, policy %s)", grpc_addr, redacted(store_url), policy_path)
     print(f"extproc listening {grpc_addr}", flush=True)
     await stop.wait()
     await health.stop()

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -259,7 +262,7 @@ def test_grpc_cluster_is_the_extproc_services_grpc_port():
     args = build_parser().parse_args(c["args"])  # the command the image runs is a valid one
     assert args.command == "serve"
     assert args.grpc == f"0.0.0.0:{cp['containerPort']}"
-    assert args.store.startswith("redis://redis.extproc-system.svc.cluster.local:6379")
+    assert urlsplit(args.store).hostname == "redis.extproc-system.svc.cluster.local" and urlsplit(args.store).port == 6379
     redis = one("Service", "redis")
     assert redis["spec"]["ports"][0]["port"] == 6379
     assert redis["spec"]["selector"].items() <= one("StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"].items()
@@ -311,9 +314,13 @@ def test_secrets_are_created_once_never_applied_with_a_placeholder():
     assert not [o for o in objects() if o["kind"] == "Secret"]
     assert "secretGenerator" not in load(ISTIO / "kustomization.yaml")
     how = (ISTIO / "kustomization.yaml").read_text()
-    for flag in ("admin_token_file", "caller_token_file"):
-        name, key = secret_mount(flag)
-        assert f"-n extproc-system create secret generic {name} --from-literal={key}=" in how, name
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    first_apply = readme.index("kubectl apply -k deploy/istio")
+    refs = [secret_mount(flag) for flag in ("admin_token_file", "caller_token_file")] + [REDIS_SECRET]
+    for name, key in refs:
+        create = f"-n extproc-system create secret generic {name} --from-literal={key}="
+        assert create in how, name
+        assert readme.index(create) < first_apply, f"README: create {name} before the first apply"
 
 
 def test_the_service_requires_the_caller_token_the_envoyfilter_sends():
@@ -396,8 +403,74 @@ def test_redis_keeps_the_budgets_across_reschedules_and_never_runs_twice():
     args = c["args"]
     assert args[0] == "redis-server"
     opts = dict(zip(args[1::2], args[2::2]))
-    assert opts["--appendonly"] == "yes" and opts["--dir"] == mount["mountPath"]
+    assert opts["--appendonly"] == "yes" and "--dir" not in opts
+    assert mount["mountPath"] == "/data"  # the redis image's working directory, where AOF goes
     assert not [o for o in objects() if o["kind"] == "Deployment" and o["metadata"]["name"] == "redis"]
+
+
+REDIS_SECRET = ("extproc-redis", "password")
+
+
+def kubelet_env(container: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """A container's env as the kubelet builds it (value, or secretKeyRef from `secrets`)."""
+    env: dict[str, str] = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = secrets[ref["name"]][ref["key"]]
+    return env
+
+
+def kubelet_args(container: dict[str, Any], env: dict[str, str]) -> list[str]:
+    """The args with $(VAR) expanded from the container's env, the way the kubelet does."""
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in container["args"]]
+
+
+@pytest.mark.integration
+async def test_redis_requires_the_password_the_service_sends(tmp_path):
+    """Both containers as the kubelet starts them, with the Secret the README creates: the
+    manifest's redis-server refuses a client without the password, the probe's redis-cli and
+    the service's expanded --store URL get in, and the service's log masks the password."""
+    from extproc.app import open_store
+    from extproc.stores import redacted
+    from extproc.errors import StoreUnavailable
+
+    from tests.support.redis_server import RedisServer, redis_binary
+
+    password = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+    secrets = {REDIS_SECRET[0]: {REDIS_SECRET[1]: password}}
+    (rc,) = one("StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+    renv = kubelet_env(rc, secrets)
+    rargs = kubelet_args(rc, renv)
+    assert rargs[0] == "redis-server" and password in rargs
+    server = RedisServer(args=tuple(rargs[1:])).start()  # the manifest's options, on a loopback port
+    try:
+        probe = subprocess.run(
+            [redis_binary("redis-cli"), "-p", str(server.port), *rc["readinessProbe"]["exec"]["command"][1:]],
+            env={**os.environ, **renv}, capture_output=True, text=True, timeout=10,
+        )
+        assert probe.stdout.strip() == "PONG", probe.stdout + probe.stderr
+        (ec,) = one("Deployment", "extproc")["spec"]["template"]["spec"]["containers"]
+        url = build_parser().parse_args(kubelet_args(ec, kubelet_env(ec, secrets))).store
+        local = url.replace("redis.extproc-system.svc.cluster.local:6379", f"127.0.0.1:{server.port}")
+        assert local != url and f":{password}@" in local
+        store = open_store(local)
+        try:
+            await store.ping()
+            assert password not in store.url  # what its errors show
+        finally:
+            await store.close()
+        anonymous = open_store(server.url)
+        try:
+            with pytest.raises(StoreUnavailable, match="AuthenticationError"):
+                await anonymous.ping()
+        finally:
+            await anonymous.close()
+        assert password not in redacted(url) and "***" in redacted(url)
+    finally:
+        server.stop()
 
 
 def test_a_disruption_never_takes_every_extproc_pod():
