@@ -107,6 +107,7 @@ async def serve(
     caller_token_file: str | None = None,
     allow_unauthenticated_callers: bool = False,
     reap_interval: float = 1.0,
+    shutdown_grace: float = 30.0,
 ) -> None:
     callers = CallerGate.configure(grpc_addr, caller_token_file, allow_unauthenticated=allow_unauthenticated_callers)
     admin_tokens = load_token(admin_token_file) if admin_addr else None
@@ -145,8 +146,12 @@ async def serve(
     log.info("extproc serving ext_proc on %s (store %s, policy %s)", grpc_addr, redacted(store_url), policy_path)
     print(f"extproc listening {grpc_addr}", flush=True)
     await stop.wait()
+    # Graceful stop: health turns NOT_SERVING, no new calls are accepted, and the calls in
+    # flight (a streamed response's ext_proc stream lasts as long as the stream) get up to
+    # shutdown_grace seconds to finish before they are cancelled.
+    log.info("stopping: %g s for the calls in flight", shutdown_grace)
     await health.stop()
-    await server.stop(grace=5)
+    await server.stop(grace=shutdown_grace)
     if admin_runner is not None:
         await admin_runner.cleanup()
     for t in tasks:

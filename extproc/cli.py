@@ -35,6 +35,7 @@ def _serve_one(args: argparse.Namespace, admin: str | None, log: tuple[str, str]
         serve(
             args.policy, args.store, args.grpc, admin_addr=admin, admin_token_file=args.admin_token_file,
             caller_token_file=args.caller_token_file, allow_unauthenticated_callers=args.allow_unauthenticated_callers,
+            shutdown_grace=args.shutdown_grace,
         )
     )
 
@@ -240,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve a TCP --grpc address without a caller token: for local development only, or a port that "
                         "nothing but the pod's own Envoy can reach (prefer a unix: socket, which needs no token). "
                         "Principals then come from API keys only")
+    s.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds the calls in flight get to finish after SIGTERM (default %(default)s); "
+                        "at least the longest stream you allow, and below the pod's terminationGracePeriodSeconds")
     s.set_defaults(fn=_serve)
 
     m = sub.add_parser("mock-backend", help="run the mock GPU inference backend (OpenAI + Anthropic APIs)")
