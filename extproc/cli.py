@@ -99,7 +99,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _mock_backend(args: argparse.Namespace) -> int:
     from .mock_backend import MockConfig, run
 
-    run(args.host, args.port, MockConfig(token_delay_ms=args.token_delay_ms, name=args.name, gpus=args.gpus, tdp_watts=args.tdp_watts))
+    config = MockConfig(token_delay_ms=args.token_delay_ms, name=args.name, gpus=args.gpus, tdp_watts=args.tdp_watts)
+    run(args.host, args.port, config, metrics_port=args.metrics_port)
     return 0
 
 
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--token-delay-ms", type=float, default=0.0)
     m.add_argument("--gpus", type=int, default=1)
     m.add_argument("--tdp-watts", type=float, default=700.0)
+    m.add_argument("--metrics-port", type=int, default=None,
+                   help="also serve only /metrics on this port (like a DCGM exporter beside the inference port)")
     m.set_defaults(fn=_mock_backend)
 
     st = sub.add_parser("stack", help="run mock backend + service + Envoy locally until SIGINT/SIGTERM")

@@ -277,7 +277,14 @@ def test_policy_configmap_is_the_demo_policy_and_is_mounted_where_serve_reads_it
     cm = one("ConfigMap", vol["configMap"]["name"])
     key = str(policy_path.relative_to(mount["mountPath"]))
     text = cm["data"][key]
-    assert text == (ROOT / "policies" / "demo.yaml").read_text()
+    demo = (ROOT / "policies" / "demo.yaml").read_text()
+    in_cluster = parse_policy(text, "ConfigMap").self_hosted.backends["backend"].metrics_url
+    local = parse_policy(demo, "demo").self_hosted.backends["backend"].metrics_url
+    def code(t: str) -> list[str]:
+        return [c for ln in t.splitlines() if "metrics_url" not in ln and (c := ln.split("#")[0].rstrip())]
+
+    assert code(text) == code(demo)  # the demo policy, but for where the GPU metrics are
+    assert in_cluster != local
     policy = parse_policy(text, f"ConfigMap {cm['metadata']['name']}")
     assert set(policy.prices.models) >= {"gpt-4o", "gpt-4o-mini"} and policy.keys
 
@@ -305,6 +312,59 @@ def test_admin_token_comes_from_a_secret_and_the_admin_binds_loopback():
     rule = one("ClusterRole")["rules"][0]
     assert rule["apiGroups"] == ["serving.kserve.io"] and rule["resources"] == ["inferenceservices/status"]
     assert "patch" in rule["verbs"]
+
+
+def test_gpu_metrics_url_is_a_service_the_sampler_can_read():
+    """metrics_url 127.0.0.1:8000 is the extproc pod's own loopback: every rate fell back to
+    TDP. Each self-hosted backend's URL names a Service of the manifests, on a port whose
+    container port is not the one the budget filter guards (it refuses /metrics)."""
+    (c,) = one("Deployment", "extproc")["spec"]["template"]["spec"]["containers"]
+    cm = one("ConfigMap", "extproc-policy")
+    policy = parse_policy(cm["data"]["policy.yaml"], "ConfigMap")
+    guarded = inserted_filter(EXT_PROC)["match"]["listener"]["portNumber"]
+    everything = objects() + objects(ISTIO / "example")
+    assert policy.self_hosted.backends
+    for name, backend in policy.self_hosted.backends.items():
+        url = urlsplit(str(backend.metrics_url))
+        m = re.fullmatch(r"([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local", url.hostname or "")
+        assert m, f"{name}: {url.hostname} is not a Service's DNS name"
+        (svc,) = [o for o in everything if o["kind"] == "Service" and o["metadata"]["name"] == m.group(1)
+                  and o["metadata"]["namespace"] == m.group(2)]
+        (sp,) = [p for p in svc["spec"]["ports"] if p["port"] == url.port]
+        (dep,) = [o for o in everything if o["kind"] == "Deployment" and o["metadata"]["namespace"] == m.group(2)
+                  and svc["spec"]["selector"].items() <= o["spec"]["template"]["metadata"]["labels"].items()]
+        (bc,) = dep["spec"]["template"]["spec"]["containers"]
+        (cp,) = [p for p in bc["ports"] if p["name"] == sp["targetPort"]]
+        assert cp["containerPort"] != guarded
+        args = build_parser().parse_args(bc["args"])
+        assert args.metrics_port == cp["containerPort"] and url.path == "/metrics"
+
+
+@pytest.mark.integration
+async def test_example_backend_serves_only_metrics_on_its_metrics_port(tmp_path):
+    """The example container's command, on loopback ports: /metrics answers on the metrics
+    port (DCGM power for the sampler) and nothing inference-shaped does."""
+    import sys
+
+    from extproc.stack import wait_http
+
+    (bc,) = one("Deployment", "mock-gpu", ISTIO / "example")["spec"]["template"]["spec"]["containers"]
+    http_port, metrics_port = free_port(), free_port()
+    args = list(bc["args"])
+    args[args.index("--host") + 1] = "127.0.0.1"
+    args[args.index("--port") + 1] = str(http_port)
+    args[args.index("--metrics-port") + 1] = str(metrics_port)
+    proc = subprocess.Popen([sys.executable, "-m", "extproc", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 30, proc)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+                assert r.status == 200 and "DCGM_FI_DEV_POWER_USAGE" in await r.text()
+            async with http.post(f"http://127.0.0.1:{metrics_port}/v1/chat/completions", json={}) as r:
+                assert r.status == 404
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_secrets_are_created_once_never_applied_with_a_placeholder():
