@@ -553,6 +553,48 @@ def test_a_disruption_never_takes_every_extproc_pod():
     assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
 
 
+def _commands(text: str) -> list[str]:
+    """Shell commands in a file's comments or a README's code blocks, continuation lines joined."""
+    lines = [re.sub(r"^\s*#\s?", "", ln).strip() for ln in text.splitlines()]
+    out: list[str] = []
+    for ln in lines:
+        if out and out[-1].endswith("\\"):
+            out[-1] = out[-1][:-1] + " " + ln
+        elif ln.startswith(("kubectl", "curl")):
+            out.append(ln)
+    return out
+
+
+def test_enforcement_is_checked_through_the_mesh_never_by_port_forward():
+    """port-forward reaches the pod's port past its sidecar: a request without a key got 200
+    there. The documented check runs curl in a mesh pod against the budgeted Service."""
+    example = ISTIO / "example"
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    istio_section = readme[readme.index("## Istio"):readme.index("\n## ", readme.index("## Istio") + 1)]
+    texts = [p.read_text() for p in example.glob("*.yaml")] + [istio_section]
+    commands = [c for t in texts for c in _commands(t)]
+    assert not [c for c in commands if "port-forward" in c and "demo" in c], "port-forward bypasses the sidecar"
+    assert not [c for c in commands if c.startswith("curl") and ("localhost" in c or "127.0.0.1" in c)]
+    checks = [c for c in commands if c.startswith("kubectl -n demo exec") and "curl" in c]
+    assert len(checks) >= 2  # in the example and in the README
+    guarded = inserted_filter(EXT_PROC)["match"]["listener"]["portNumber"]
+    svc = one("Service", "mock-gpu", example)
+    (sp,) = [p for p in svc["spec"]["ports"] if p["targetPort"] == "http"]
+    budgeted = one("Deployment", "mock-gpu", example)["spec"]["template"]["spec"]["containers"][0]
+    assert [p["containerPort"] for p in budgeted["ports"] if p["name"] == "http"] == [guarded]
+    for c in checks:
+        m = re.search(r"exec deploy/([a-z0-9-]+) -c ([a-z0-9-]+) -- curl .*http://([a-z0-9.-]+):(\d+)/v1/", c)
+        assert m, c
+        client = one("Deployment", m.group(1), example)
+        pod = client["spec"]["template"]
+        assert m.group(2) in [k["name"] for k in pod["spec"]["containers"]]
+        assert not SELECTOR.items() <= pod["metadata"]["labels"].items()  # a caller, not budgeted
+        assert pod["metadata"].get("annotations", {}).get("sidecar.istio.io/inject") != "false"
+        assert one("Namespace", client["metadata"]["namespace"], example)["metadata"]["labels"]["istio-injection"] == "enabled"
+        assert m.group(3) in (f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local", svc["metadata"]["name"])
+        assert int(m.group(4)) == sp["port"]
+
+
 # ---------------------------------------------------------------------------- live
 
 
