@@ -215,6 +215,23 @@ def test_the_filter_is_the_sidecars_filter_but_for_its_address():
     assert istio["failure_mode_allow"] is False
 
 
+def test_docs_say_portnumber_is_the_container_port_and_the_real_minimum_envoy():
+    """A Service port in portNumber matches no inbound listener and disables enforcement
+    without an error; the header's version note named Envoy 1.40 for fields first released
+    in 1.36 (envoyproxy/envoy#41124, #41076)."""
+    header = (ISTIO / "envoyfilter.yaml").read_text().split("apiVersion:")[0]
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    for text in (header, readme):
+        assert re.search(r"portNumber.{0,60}\bcontainer[\s#>]+port", text, re.S | re.I), text[:200]
+        assert "Envoy 1.36" in text and "Istio 1.28" in text
+    assert "1.40)" not in header and "are in Envoy 1.40" not in header
+    ports = {p["match"].get("listener", p["match"].get("routeConfiguration", p["match"].get("cluster", {}))).get("portNumber")
+             for p in envoy_filter()["spec"]["configPatches"]}
+    ports.discard(None)
+    example = one("Deployment", "mock-gpu", ISTIO / "example")["spec"]["template"]["spec"]["containers"][0]
+    assert ports == {example["ports"][0]["containerPort"]}  # one container port everywhere
+
+
 # ---------------------------------------------------------------------------- Kubernetes
 
 
