@@ -215,6 +215,28 @@ def test_the_filter_is_the_sidecars_filter_but_for_its_address():
     assert istio["failure_mode_allow"] is False
 
 
+def _images(o: dict[str, Any]) -> list[str]:
+    spec = o.get("spec", {}).get("template", {}).get("spec", {})
+    return [c["image"] for c in spec.get("containers", []) + spec.get("initContainers", [])]
+
+
+def test_every_image_is_set_in_one_place_the_kustomization():
+    """The image name was in two files with no `images:` entry: `kustomize edit set image`
+    (or a registry change) missed one. Every container image of each folder is named by its
+    kustomization's images:, with the same tag."""
+    for folder in (ISTIO, ISTIO / "example"):
+        entries = {i["name"]: i for i in load(folder / "kustomization.yaml").get("images", [])}
+        used = {img for o in objects(folder) for img in _images(o)}
+        assert used
+        for img in used:
+            name, _, tag = img.partition(":")
+            assert name in entries, f"{folder.name}: image {img} has no kustomize images: entry"
+            assert str(entries[name]["newTag"]) == tag and entries[name].get("newName", name) == name
+    base = {i["name"]: i for i in load(ISTIO / "kustomization.yaml")["images"]}
+    example = {i["name"]: i for i in load(ISTIO / "example" / "kustomization.yaml")["images"]}
+    assert base["extproc"] == example["extproc"]
+
+
 def test_docs_say_portnumber_is_the_container_port_and_the_real_minimum_envoy():
     """A Service port in portNumber matches no inbound listener and disables enforcement
     without an error; the header's version note named Envoy 1.40 for fields first released
