@@ -21,7 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from .engine.budget import Engine
 from .policy.loader import PolicyHolder
-from .server.admin import load_token, make_admin_app, start_admin
+from .server.admin import load_token, make_admin_app, make_metrics_app, start_admin
 from .server.callers import CallerGate
 from .server.ext_authz import Authorization
 from .server.ext_proc import ExternalProcessor
@@ -108,6 +108,7 @@ async def serve(
     allow_unauthenticated_callers: bool = False,
     reap_interval: float = 1.0,
     shutdown_grace: float = 30.0,
+    metrics_addr: str | None = None,
 ) -> None:
     callers = CallerGate.configure(grpc_addr, caller_token_file, allow_unauthenticated=allow_unauthenticated_callers)
     admin_tokens = load_token(admin_token_file) if admin_addr else None
@@ -141,6 +142,10 @@ async def serve(
     if admin_addr and admin_tokens is not None:
         admin_runner = await start_admin(make_admin_app(engine, holder, admin_tokens), admin_addr)
         log.info("admin API on http://%s", admin_addr)
+    metrics_runner = None
+    if metrics_addr:
+        metrics_runner = await start_admin(make_metrics_app(), metrics_addr)
+        log.info("metrics on http://%s/metrics", metrics_addr)
     unauthenticated = callers.tokens is None and not callers.trusted_without_token
     log.log(logging.WARNING if unauthenticated else logging.INFO, "gRPC callers: %s", callers.describe())
     log.info("extproc serving ext_proc on %s (store %s, policy %s)", grpc_addr, redacted(store_url), policy_path)
@@ -152,8 +157,9 @@ async def serve(
     log.info("stopping: %g s for the calls in flight", shutdown_grace)
     await health.stop()
     await server.stop(grace=shutdown_grace)
-    if admin_runner is not None:
-        await admin_runner.cleanup()
+    for runner in (admin_runner, metrics_runner):
+        if runner is not None:
+            await runner.cleanup()
     for t in tasks:
         t.cancel()
     if rates is not None:

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 DEFAULT_STORE = "sqlite:var/budget.db"
 
 
-def _serve_one(args: argparse.Namespace, admin: str | None, log: tuple[str, str] | None = None) -> None:
+def _serve_one(
+    args: argparse.Namespace, admin: str | None, log: tuple[str, str] | None = None, metrics: str | None = None
+) -> None:
     from .app import serve
 
     if log is not None:  # a spawned worker starts with no logging configured
@@ -35,7 +37,7 @@ def _serve_one(args: argparse.Namespace, admin: str | None, log: tuple[str, str]
         serve(
             args.policy, args.store, args.grpc, admin_addr=admin, admin_token_file=args.admin_token_file,
             caller_token_file=args.caller_token_file, allow_unauthenticated_callers=args.allow_unauthenticated_callers,
-            shutdown_grace=args.shutdown_grace,
+            shutdown_grace=args.shutdown_grace, metrics_addr=metrics,
         )
     )
 
@@ -60,7 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"extproc serve: {e}", file=sys.stderr)
         return 2
     if args.workers <= 1:
-        _serve_one(args, args.admin)
+        _serve_one(args, args.admin, metrics=args.metrics)
         return 0
     if args.grpc.startswith("unix:"):
         raise SystemExit("--workers > 1 needs a TCP --grpc address (a Unix socket path cannot be shared)")
@@ -73,7 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
     workers = [
         ctx.Process(
             target=_serve_one,
-            args=(args, args.admin if i == 0 else None, (args.log_level, args.log_format or "json")),
+            args=(args, args.admin if i == 0 else None, (args.log_level, args.log_format or "json"),
+                  args.metrics if i == 0 else None),
             daemon=False,
         )
         for i in range(args.workers)
@@ -233,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc", default="127.0.0.1:50051", help="host:port or unix:/path (default %(default)s)")
     s.add_argument("--workers", type=int, default=1, help="worker processes sharing the gRPC port (TCP only)")
     s.add_argument("--admin", default=None, help="admin HTTP host:port (metrics, budgets, ledger); keep it on loopback")
+    s.add_argument("--metrics", default=None,
+                   help="host:port serving only GET /metrics (e.g. 0.0.0.0:9464 for Prometheus), apart from --admin, "
+                        "which keeps budgets and the ledger on loopback")
     s.add_argument("--admin-token-file", default=None,
                    help="file holding the admin bearer token(s), one per line, re-read when it changes (else $EXTPROC_ADMIN_TOKEN)")
     s.add_argument("--caller-token-file", default=os.environ.get("EXTPROC_CALLER_TOKEN_FILE") or None,

@@ -215,6 +215,47 @@ def test_the_filter_is_the_sidecars_filter_but_for_its_address():
     assert istio["failure_mode_allow"] is False
 
 
+def test_prometheus_can_scrape_the_metrics_port_and_only_that():
+    """Metrics were only on the loopback admin address. --metrics binds all interfaces and
+    serves /metrics alone; the pod declares the port and the scrape annotations, and a
+    NetworkPolicy lets scrapes in; the admin API stays on loopback."""
+    dep = one("Deployment", "extproc")
+    pod = dep["spec"]["template"]
+    (c,) = pod["spec"]["containers"]
+    args = build_parser().parse_args(c["args"])
+    host, _, port = args.metrics.rpartition(":")
+    assert host == "0.0.0.0" and args.admin.startswith("127.0.0.1:") and args.admin != args.metrics
+    (cp,) = [p for p in c["ports"] if p["containerPort"] == int(port)]
+    ann = pod["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == port and ann["prometheus.io/path"] == "/metrics"
+    netpol = one("NetworkPolicy", "extproc-metrics")
+    assert netpol["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (rule,) = netpol["spec"]["ingress"]
+    assert {"port": cp["containerPort"], "protocol": "TCP"} in rule["ports"]
+    assert all(p["port"] != int(args.admin.rsplit(":", 1)[1]) for p in rule["ports"])
+
+
+@pytest.mark.integration
+async def test_metrics_address_serves_metrics_and_not_the_admin_api(tmp_path):
+    """A real `serve --metrics`: /metrics answers there with the service's metrics, the admin
+    API does not (even with its token); the admin address keeps serving it."""
+    metrics = f"127.0.0.1:{free_port()}"
+    stack = Stack(policy=str(ROOT / "policies" / "demo.yaml"), workdir=tmp_path / "stack", extra_service_args=("--metrics", metrics))
+    auth = {"authorization": f"Bearer {stack.admin_token}"}
+    try:
+        stack.start_service()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://{metrics}/metrics") as r:
+                assert r.status == 200 and "extproc_" in await r.text()
+            for path in ("/admin/budgets?principal=alice", "/admin/ledger", "/healthz"):
+                async with http.get(f"http://{metrics}{path}", headers=auth) as r:
+                    assert r.status == 404, path
+            async with http.get(f"{stack.admin_url}/admin/budgets?principal=alice", headers=auth) as r:
+                assert r.status == 200, await r.text()
+    finally:
+        stack.stop()
+
+
 def _images(o: dict[str, Any]) -> list[str]:
     spec = o.get("spec", {}).get("template", {}).get("spec", {})
     return [c["image"] for c in spec.get("containers", []) + spec.get("initContainers", [])]
@@ -267,7 +308,8 @@ def test_every_object_is_well_formed():
     kinds = sorted(o["kind"] for o in objects())
     assert kinds == sorted(
         ["Namespace", "StatefulSet", "Service", "Deployment", "Service", "ServiceAccount", "ConfigMap", "PodDisruptionBudget",
-         "ClusterRole", "ClusterRoleBinding", "EnvoyFilter", "AuthorizationPolicy", "NetworkPolicy", "NetworkPolicy"]
+         "ClusterRole", "ClusterRoleBinding", "EnvoyFilter", "AuthorizationPolicy", "NetworkPolicy", "NetworkPolicy",
+         "NetworkPolicy"]
     )
     for o in objects() + objects(ISTIO / "example"):
         assert o["apiVersion"] and o["metadata"]["name"], o
