@@ -24,9 +24,9 @@ from extproc.stack import Stack, free_port
 from .conftest import (
     EXT_PROC,
     HEADER_MUTATION,
+    PATH_HYGIENE,
     ROOT,
     ROUTER,
-    PATH_HYGIENE,
     access_log,
     caller_token,
     docs,
@@ -399,7 +399,6 @@ def test_gpu_metrics_url_is_a_service_the_sampler_can_read():
     """metrics_url 127.0.0.1:8000 is the extproc pod's own loopback: every rate fell back to
     TDP. Each self-hosted backend's URL names a Service of the manifests, on a port whose
     container port is not the one the budget filter guards (it refuses /metrics)."""
-    (c,) = one("Deployment", "extproc")["spec"]["template"]["spec"]["containers"]
     cm = one("ConfigMap", "extproc-policy")
     policy = parse_policy(cm["data"]["policy.yaml"], "ConfigMap")
     guarded = inserted_filter(EXT_PROC)["match"]["listener"]["portNumber"]
@@ -575,9 +574,8 @@ async def test_redis_requires_the_password_the_service_sends(tmp_path):
     manifest's redis-server refuses a client without the password, the probe's redis-cli and
     the service's expanded --store URL get in, and the service's log masks the password."""
     from extproc.app import open_store
-    from extproc.stores import redacted
     from extproc.errors import StoreUnavailable
-
+    from extproc.stores import redacted
     from tests.support.redis_server import RedisServer, redis_binary
 
     password = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
