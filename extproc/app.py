@@ -21,13 +21,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from .engine.budget import Engine
 from .policy.loader import PolicyHolder
-from .server.admin import load_token, make_admin_app, start_admin
+from .server.admin import load_token, make_admin_app, make_metrics_app, start_admin
 from .server.callers import CallerGate
 from .server.ext_authz import Authorization
 from .server.ext_proc import ExternalProcessor
 from .server.health import StoreHealth
 from .server.services import Services
-from .stores import parse_url
+from .stores import parse_url, redacted
 from .stores.base import Store
 from .tokenizers import get_encoding
 
@@ -123,6 +123,8 @@ async def serve(
     allow_unauthenticated_callers: bool = False,
     reap_interval: float = 1.0,
     socket_mode: int | None = None,
+    shutdown_grace: float = 30.0,
+    metrics_addr: str | None = None,
 ) -> None:
     callers = CallerGate.configure(grpc_addr, caller_token_file, allow_unauthenticated=allow_unauthenticated_callers)
     admin_tokens = load_token(admin_token_file) if admin_addr else None
@@ -158,15 +160,24 @@ async def serve(
     if admin_addr and admin_tokens is not None:
         admin_runner = await start_admin(make_admin_app(engine, holder, admin_tokens), admin_addr)
         log.info("admin API on http://%s", admin_addr)
+    metrics_runner = None
+    if metrics_addr:
+        metrics_runner = await start_admin(make_metrics_app(), metrics_addr)
+        log.info("metrics on http://%s/metrics", metrics_addr)
     unauthenticated = callers.tokens is None and not callers.trusted_without_token
     log.log(logging.WARNING if unauthenticated else logging.INFO, "gRPC callers: %s", callers.describe())
-    log.info("extproc serving ext_proc on %s (store %s, policy %s)", grpc_addr, store_url, policy_path)
+    log.info("extproc serving ext_proc on %s (store %s, policy %s)", grpc_addr, redacted(store_url), policy_path)
     print(f"extproc listening {grpc_addr}", flush=True)
     await stop.wait()
+    # Graceful stop: health turns NOT_SERVING, no new calls are accepted, and the calls in
+    # flight (a streamed response's ext_proc stream lasts as long as the stream) get up to
+    # shutdown_grace seconds to finish before they are cancelled.
+    log.info("stopping: %g s for the calls in flight", shutdown_grace)
     await health.stop()
-    await server.stop(grace=5)
-    if admin_runner is not None:
-        await admin_runner.cleanup()
+    await server.stop(grace=shutdown_grace)
+    for runner in (admin_runner, metrics_runner):
+        if runner is not None:
+            await runner.cleanup()
     for t in tasks:
         t.cancel()
     if rates is not None:

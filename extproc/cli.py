@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 DEFAULT_STORE = "sqlite:var/budget.db"
 
 
-def _serve_one(args: argparse.Namespace, admin: str | None, log: tuple[str, str] | None = None) -> None:
+def _serve_one(
+    args: argparse.Namespace, admin: str | None, log: tuple[str, str] | None = None, metrics: str | None = None
+) -> None:
     from .app import serve
 
     if log is not None:  # a spawned worker starts with no logging configured
@@ -35,7 +37,7 @@ def _serve_one(args: argparse.Namespace, admin: str | None, log: tuple[str, str]
         serve(
             args.policy, args.store, args.grpc, admin_addr=admin, admin_token_file=args.admin_token_file,
             caller_token_file=args.caller_token_file, allow_unauthenticated_callers=args.allow_unauthenticated_callers,
-            socket_mode=args.socket_mode,
+            socket_mode=args.socket_mode, shutdown_grace=args.shutdown_grace, metrics_addr=metrics,
         )
     )
 
@@ -60,7 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"extproc serve: {e}", file=sys.stderr)
         return 2
     if args.workers <= 1:
-        _serve_one(args, args.admin)
+        _serve_one(args, args.admin, metrics=args.metrics)
         return 0
     if args.grpc.startswith("unix:"):
         raise SystemExit("--workers > 1 needs a TCP --grpc address (a Unix socket path cannot be shared)")
@@ -82,7 +84,8 @@ def _serve(args: argparse.Namespace) -> int:
     workers = [
         ctx.Process(
             target=_serve_one,
-            args=(args, args.admin if i == 0 else None, (args.log_level, args.log_format or "json")),
+            args=(args, args.admin if i == 0 else None, (args.log_level, args.log_format or "json"),
+                  args.metrics if i == 0 else None),
             daemon=False,
         )
         for i in range(args.workers)
@@ -109,7 +112,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _mock_backend(args: argparse.Namespace) -> int:
     from .mock_backend import MockConfig, run
 
-    run(args.host, args.port, MockConfig(token_delay_ms=args.token_delay_ms, name=args.name, gpus=args.gpus, tdp_watts=args.tdp_watts))
+    config = MockConfig(token_delay_ms=args.token_delay_ms, name=args.name, gpus=args.gpus, tdp_watts=args.tdp_watts)
+    run(args.host, args.port, config, metrics_port=args.metrics_port)
     return 0
 
 
@@ -256,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "$EXTPROC_STATE_DIR, else the system temp dir. Mount an emptyDir / tmpfs there under a "
                         "read-only root filesystem")
     s.add_argument("--admin", default=None, help="admin HTTP host:port (metrics, budgets, ledger); keep it on loopback")
+    s.add_argument("--metrics", default=None,
+                   help="host:port serving only GET /metrics (e.g. 0.0.0.0:9464 for Prometheus), apart from --admin, "
+                        "which keeps budgets and the ledger on loopback")
     s.add_argument("--admin-token-file", default=None,
                    help="file holding the admin bearer token(s), one per line, re-read when it changes (else $EXTPROC_ADMIN_TOKEN)")
     s.add_argument("--caller-token-file", default=os.environ.get("EXTPROC_CALLER_TOKEN_FILE") or None,
@@ -265,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve a TCP --grpc address without a caller token: for local development only, or a port that "
                         "nothing but the pod's own Envoy can reach (prefer a unix: socket, which needs no token). "
                         "Principals then come from API keys only")
+    s.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds the calls in flight get to finish after SIGTERM (default %(default)s); "
+                        "at least the longest stream you allow, and below the pod's terminationGracePeriodSeconds")
     s.set_defaults(fn=_serve)
 
     m = sub.add_parser("mock-backend", help="run the mock GPU inference backend (OpenAI + Anthropic APIs)")
@@ -274,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--token-delay-ms", type=float, default=0.0)
     m.add_argument("--gpus", type=int, default=1)
     m.add_argument("--tdp-watts", type=float, default=700.0)
+    m.add_argument("--metrics-port", type=int, default=None,
+                   help="also serve only /metrics on this port (like a DCGM exporter beside the inference port)")
     m.set_defaults(fn=_mock_backend)
 
     st = sub.add_parser("stack", help="run mock backend + service + Envoy locally until SIGINT/SIGTERM")

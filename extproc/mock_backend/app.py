@@ -231,3 +231,12 @@ def make_app(config: MockConfig | None = None) -> web.Application:
     app.router.add_post("/dispatch", backend.dispatch)
     app.on_response_prepare.append(_tag)
     return app
+
+
+def make_metrics_app(app: web.Application) -> web.Application:
+    """Only `/metrics` of `app`'s backend (DCGM + vLLM counters), for a port of its own: the
+    exporter port a cost-rate sampler scrapes, outside the inference port that a budget
+    sidecar guards (where /metrics is refused to callers)."""
+    metrics = web.Application()
+    metrics.router.add_get("/metrics", app[BACKEND].metrics)
+    return metrics

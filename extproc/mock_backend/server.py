@@ -10,7 +10,7 @@ import sys
 from aiohttp import web
 
 from ..tokenizers import get_encoding
-from .app import make_app
+from .app import make_app, make_metrics_app
 from .config import MockConfig
 
 
@@ -44,8 +44,9 @@ async def serve(
         await runner.cleanup()
 
 
-def run(host: str, port: int, config: MockConfig) -> None:
-    """Blocking entry point for ``extproc mock-backend``: one log line, clean exit on SIGINT/SIGTERM."""
+def run(host: str, port: int, config: MockConfig, *, metrics_port: int | None = None) -> None:
+    """Blocking entry point for ``extproc mock-backend``: one log line, clean exit on SIGINT/SIGTERM.
+    ``metrics_port``: also serve only /metrics there (the DCGM exporter's port)."""
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -54,7 +55,12 @@ def run(host: str, port: int, config: MockConfig) -> None:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         runner, bound = await _start(host, port, config)
+        runners = [runner]
         try:
+            if metrics_port is not None:
+                runners.append(web.AppRunner(make_metrics_app(runner.app), access_log=None, handle_signals=False))
+                await runners[-1].setup()
+                await web.TCPSite(runners[-1], host, metrics_port).start()
             print(
                 f"mock-backend {config.name!r} listening on http://{host}:{bound} "
                 f"(token_delay_ms={config.token_delay_ms:g}, gpus={config.gpus})",
@@ -63,7 +69,8 @@ def run(host: str, port: int, config: MockConfig) -> None:
             )
             await stop.wait()
         finally:
-            await runner.cleanup()
+            for r in reversed(runners):
+                await r.cleanup()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())

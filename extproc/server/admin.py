@@ -133,6 +133,18 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status)
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(_registry()), headers={"content-type": CONTENT_TYPE_LATEST})
+
+
+def make_metrics_app() -> web.Application:
+    """Only GET /metrics (no token, like the admin API's): for `serve --metrics`, an address
+    Prometheus can scrape while the admin API stays on loopback."""
+    app = web.Application()
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
 def make_admin_app(engine: Engine, policy: PolicyHolder, tokens: Tokens) -> web.Application:
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -149,9 +161,6 @@ def make_admin_app(engine: Engine, policy: PolicyHolder, tokens: Tokens) -> web.
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok")
-
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(_registry()), headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def get_budgets(request: web.Request) -> web.Response:
         q = request.query
@@ -191,7 +200,7 @@ def make_admin_app(engine: Engine, policy: PolicyHolder, tokens: Tokens) -> web.
 
     app = web.Application(middlewares=[auth])
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", _metrics)
     app.router.add_get("/admin/budgets", get_budgets)
     app.router.add_post("/admin/budgets/adjust", post_adjust)
     app.router.add_post("/admin/runs/close", post_close_run)

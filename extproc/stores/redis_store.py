@@ -38,6 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreUnavailable
 from . import _json as json
+from . import redacted
 from .base import (
     CLOSED_MEMORY_MS,
     REFUSAL_MEMORY_MS,
@@ -113,7 +114,7 @@ class RedisStore:
     """Store on one Redis server or a Redis Cluster (pass `cluster=True`)."""
 
     def __init__(self, url: str, *, cluster: bool = False, socket_timeout: float = 2.0, max_connections: int = 256) -> None:
-        self.url = url
+        self.url = redacted(url)  # what errors and logs show: never the password
         if cluster:
             self._r: Any = aioredis.RedisCluster.from_url(
                 url,

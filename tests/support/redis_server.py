@@ -62,12 +62,13 @@ def redis_binary(name: str = "redis-server") -> str:
 
 
 def _wait_port(port: int, timeout: float = 10.0) -> None:
+    """Until the server answers PING (+PONG, or -NOAUTH when it requires a password)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
                 s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
+                if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                     return
         except OSError:
             time.sleep(0.02)
@@ -77,7 +78,10 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
 class RedisServer:
     """One redis-server on a free port, with its own data dir (AOF on, so restarts keep data)."""
 
-    def __init__(self, *, port: int | None = None, cluster: bool = False, appendonly: bool = True) -> None:
+    def __init__(
+        self, *, port: int | None = None, cluster: bool = False, appendonly: bool = True, args: tuple[str, ...] = ()
+    ) -> None:
+        self.extra_args = args  # appended last: later options override (e.g. --requirepass)
         self.port = port or (_cluster_port() if cluster else free_port())
         self.dir = Path(tempfile.mkdtemp(prefix=f"redis-{self.port}-"))
         self.cluster = cluster
@@ -102,6 +106,7 @@ class RedisServer:
         ]
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.dir / "nodes.conf"), "--cluster-node-timeout", "2000"]
+        args += list(self.extra_args)
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port)
         return self
