@@ -146,13 +146,31 @@ def test_envoy_config_points_at_the_compose_services():
 def test_extproc_policy_exists_and_passes_validation_and_the_store_is_the_redis_service():
     args = build_parser().parse_args(argv("extproc"))
     policy = host_file("extproc", args.policy)
-    assert policy == ROOT / "policies" / "demo.yaml"
+    assert policy == COMPOSE_DIR / "policy.yaml"
     assert load_policy(policy).keys
     store = urlparse(args.store)
     assert store.scheme == "redis" and store.hostname == "redis" and store.port == 6379
     assert args.grpc.startswith("0.0.0.0:")  # reachable from the envoy container
     assert args.admin.startswith("127.0.0.1:")  # admin API stays inside the container
     assert SERVICES["extproc"]["environment"]["EXTPROC_ADMIN_TOKEN"]
+
+
+def test_the_compose_policy_is_the_demo_policy_with_the_gpu_metrics_of_the_mock_gpu_service():
+    """In the extproc container 127.0.0.1 is extproc itself: the self-hosted backend's metrics
+    must come from the compose service that serves them, or the price falls back to TDP. The
+    rest of the policy is the demo policy, line for line."""
+    compose = (COMPOSE_DIR / "policy.yaml").read_text()
+    demo = (ROOT / "policies" / "demo.yaml").read_text()
+
+    def code(t: str) -> list[str]:
+        return [c for ln in t.splitlines() if "metrics_url" not in ln and (c := ln.split("#")[0].rstrip())]
+
+    assert code(compose) == code(demo)
+    mock = build_parser().parse_args(argv("mock-gpu"))
+    for name, backend in load_policy(COMPOSE_DIR / "policy.yaml").self_hosted.backends.items():
+        url = urlparse(backend.metrics_url or "")
+        assert url.hostname in SERVICES, f"{name}: {url.hostname} is not a compose service"
+        assert (url.hostname, url.port, url.path) == ("mock-gpu", mock.port, "/metrics"), name
 
 
 def test_envoy_sends_the_caller_token_the_service_reads():
