@@ -33,8 +33,9 @@ mirrored by lua/rules.lua and held to it by shared test vectors):
   then capped by the run's lowered limit.
 
 The interface is split by who calls it: `Reservations` (the hot path),
-`Admin`, `Reaper` (housekeeping, one elected caller per store) and `Ledger`
-(reads for export); `Store` is all of them, what a backend implements.
+`Admin`, `Reaper` (housekeeping, one elected caller per store), `Ledger`
+(reads for export) and `Alerts` (the once-per-threshold marker); `Store` is
+all of them, what a backend implements.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from ..rules import Kind, Line, LineState, Mode, Window
 __all__ = [
     "Kind", "Line", "LineState", "Mode", "Window",  # re-exported: the neutral types live in extproc.rules
     "Outcome", "RunRefusal", "RunRef", "RunState", "ReserveResult", "SettleResult", "LedgerEntry",
-    "Reservations", "Admin", "Reaper", "Ledger", "Store",
+    "Reservations", "Admin", "Reaper", "Ledger", "Alerts", "Store",
     "REFUSAL_MEMORY_MS", "CLOSED_MEMORY_MS", "RUN_MEMORY_MS", "USAGE_FIELDS",
     "usage_of_lines", "run_state_of", "normalize_usage",
 ]  # fmt: skip
@@ -214,7 +215,16 @@ class Ledger(Protocol):
         ...
 
 
-class Store(Reservations, Admin, Reaper, Ledger, Protocol):
+class Alerts(Protocol):
+    """The once-only marker of threshold alerts, shared by every worker process and pod."""
+
+    async def claim_alert(self, tag: str, key: str, *, now_ms: int, ttl_ms: int) -> bool:
+        """Atomically mark `key` of tree `tag` as claimed until now + ttl: True for the one
+        caller that set it, False while it is set (then someone else sends that alert)."""
+        ...
+
+
+class Store(Reservations, Admin, Reaper, Ledger, Alerts, Protocol):
     """A whole backend: what `app.open_store` returns."""
 
     async def ping(self) -> None:

@@ -92,6 +92,7 @@ CREATE TABLE IF NOT EXISTS ledger (
   data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS ledger_closed ON ledger (closed_at);
 CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, until INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alerts (k TEXT PRIMARY KEY, until INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -446,6 +447,7 @@ class EmbeddedStore:
             self._db.execute("DELETE FROM resv WHERE state!='reserved' AND expires_at<=?", (now_ms,))
             self._db.execute("DELETE FROM kv WHERE k IN (SELECT k FROM kv_exp WHERE at<=?)", (now_ms,))
             self._db.execute("DELETE FROM kv_exp WHERE at<=?", (now_ms,))
+            self._db.execute("DELETE FROM alerts WHERE until<=?", (now_ms,))
             self._purge_runs(now_ms, limit)
             return len(due)
 
@@ -522,6 +524,16 @@ class EmbeddedStore:
                 return False
             self._db.execute("INSERT OR REPLACE INTO leases VALUES (?,?,?)", (name, owner, now_ms + ttl_ms))
             return True
+
+        return await self._write(go)
+
+    async def claim_alert(self, tag: str, key: str, *, now_ms: int, ttl_ms: int) -> bool:
+        """INSERT OR IGNORE after dropping an expired marker: one transaction, one winner."""
+        k = f"{tag}|{key}"
+
+        def go() -> bool:
+            self._db.execute("DELETE FROM alerts WHERE k=? AND until<=?", (k, now_ms))
+            return self._db.execute("INSERT OR IGNORE INTO alerts VALUES (?, ?)", (k, now_ms + ttl_ms)).rowcount == 1
 
         return await self._write(go)
 

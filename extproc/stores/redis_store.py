@@ -318,6 +318,10 @@ class RedisStore:
         key = f"xp:lease:{{{name}}}"
         return bool(await self._call(self._admin, keys=[key], args=["lease", owner, now_ms, ttl_ms]))
 
+    async def claim_alert(self, tag: str, key: str, *, now_ms: int, ttl_ms: int) -> bool:
+        """SET NX PX on one key of the tree (Redis's clock expires it)."""
+        return bool(await self._call(self._r.set, f"{_prefix(tag)}alert:{key}", now_ms, nx=True, px=ttl_ms))
+
     async def ping(self) -> None:
         await self._call(self._r.ping)
 
