@@ -259,6 +259,57 @@ class InputsSpec(_Frozen):
     )  # fmt: skip
 
 
+class WebhookSpec(_Frozen):
+    """Where threshold alerts go. `slack`: a Slack incoming-webhook body ({"text": ...});
+    `signed`: the alert as JSON with `x-extproc-signature: sha256=<hex>`, the HMAC-SHA256
+    of the body under a secret read (at each delivery) from `secret_file` or `secret_env`."""
+
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    kind: Literal["slack", "signed"] = "signed"
+    secret_file: str | None = None
+    secret_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    timeout_seconds: Decimal = Field(Decimal("5"), gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _check(self) -> WebhookSpec:
+        sources = (self.secret_file is not None) + (self.secret_env is not None)
+        if self.kind == "signed" and sources != 1:
+            raise ValueError("a signed webhook needs exactly one of secret_file or secret_env")
+        if self.kind == "slack" and sources:
+            raise ValueError("a slack webhook is not signed: remove secret_file / secret_env")
+        return self
+
+
+class AlertsSpec(_Frozen):
+    """Threshold alerts: each cost limit (of `scopes`, default every scope) alerts once
+    per threshold per period (calendar bucket; once ever for total windows) when its
+    settled spend reaches threshold × limit. Rolling windows do not alert here (their
+    spend falls again); the PrometheusRule covers them from the metrics."""
+
+    thresholds: tuple[Decimal, ...] = (Decimal("0.5"), Decimal("0.8"), Decimal("1.0"))
+    webhooks: tuple[WebhookSpec, ...] = ()
+    scopes: tuple[str, ...] | None = Field(None, description="scopes whose cost limits alert (org, team, key, user, run, label:<name>); null = all")
+    attempts: int = Field(6, ge=1, le=20, description="deliveries tried per webhook before giving up")
+    backoff_seconds: Decimal = Field(Decimal("1"), gt=0, le=600, description="first retry delay; doubles per attempt")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v: tuple[Decimal, ...]) -> tuple[Decimal, ...]:
+        for t in v:
+            if not 0 < t <= 1:
+                raise ValueError(f"alert threshold {t} is not in (0, 1]: a fraction of the limit")
+        if len(set(v)) != len(v):
+            raise ValueError("alert thresholds repeat a value")
+        return tuple(sorted(v))
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for scope in v or ():
+            BudgetSpec._scope(scope)
+        return v
+
+
 class Enforcement(_Frozen):
     mode: Mode = Mode.HARD_GATE
     soft_gate_margin: Decimal = Field(Decimal("0.1"), ge=0, le=10)
@@ -275,6 +326,7 @@ class Policy(_Frozen):
     budgets: tuple[BudgetSpec, ...] = ()
     runs: RunsSpec = RunsSpec()
     enforcement: Enforcement = Enforcement()
+    alerts: AlertsSpec | None = Field(None, description="threshold alerts to webhooks (see engine/alerts.py)")
     failure_mode: Literal["fail_closed", "fail_open"] = "fail_closed"
     reservation_ttl_seconds: int = Field(600, gt=0, le=86400)
     ledger_retention_days: int | None = Field(
