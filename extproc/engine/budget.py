@@ -441,6 +441,13 @@ class Engine:
     async def expire(self) -> int:
         return await self.store.expire(now_ms=self.clock())
 
+    async def record(self, tag: str, record_id: str, meta: Mapping[str, Any]) -> None:
+        """A zero-charge ledger entry with `meta` (an alert delivery): a reservation of no
+        line, settled at once, so the ledger export shows it among the calls."""
+        now = self.clock()
+        await self.store.reserve(tag, record_id, [], now_ms=now, ttl_ms=60_000, meta=meta)
+        await self.store.settle(tag, record_id, {}, now_ms=now)
+
     # -- housekeeping and the store's health -------------------------------------
 
     async def reap(self, owner: str, *, lease_ms: int, ledger_retention_ms: int | None = None) -> int | None:

@@ -288,7 +288,9 @@ class AlertsSpec(_Frozen):
 
     thresholds: tuple[Decimal, ...] = (Decimal("0.5"), Decimal("0.8"), Decimal("1.0"))
     webhooks: tuple[WebhookSpec, ...] = ()
-    scopes: tuple[str, ...] | None = Field(None, description="scopes whose cost limits alert (org, team, key, user, run, label:<name>); null = all")
+    scopes: tuple[str, ...] | None = Field(
+        None, description="scopes whose cost limits alert (org, team, key, user, run, label:<name>); null = all"
+    )
     attempts: int = Field(6, ge=1, le=20, description="deliveries tried per webhook before giving up")
     backoff_seconds: Decimal = Field(Decimal("1"), gt=0, le=600, description="first retry delay; doubles per attempt")
 
