@@ -19,6 +19,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc as azg
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
+from .engine.alerts import Alerter
 from .engine.budget import Engine
 from .policy.loader import PolicyHolder
 from .server.admin import load_token, make_admin_app, make_metrics_app, start_admin
@@ -135,6 +136,7 @@ async def serve(
     engine = Engine(store)
     rates = _cost_rates(holder, store_url)
     services = Services(holder, engine, rates=rates)
+    services.alerts = Alerter(engine, services.spawn)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     epg.add_ExternalProcessorServicer_to_server(ExternalProcessor(services, callers), server)
     azg.add_AuthorizationServicer_to_server(Authorization(services, callers), server)

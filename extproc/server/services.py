@@ -7,6 +7,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.alerts import Alerter
 from ..engine.budget import Engine
 from ..engine.recent import DecisionLog, RecentStates
 from ..estimate import TokenCounter
@@ -16,7 +17,8 @@ from ..policy.loader import PolicyHolder
 @dataclass
 class Services:
     """The policy source, the engine, the token cache, this process's recent decisions, the
-    live cost rates of self-hosted backends, and the background tasks (settle retries)."""
+    live cost rates of self-hosted backends, the threshold alerter, and the background tasks
+    (settle retries, alert checks and deliveries)."""
 
     policy: PolicyHolder
     engine: Engine
@@ -25,6 +27,7 @@ class Services:
     recent: RecentStates = field(default_factory=RecentStates)
     rates: Any = None  # costrate.CostRates when the policy has self-hosted backends
     background: set[asyncio.Future[Any]] = field(default_factory=set)
+    alerts: Alerter | None = None  # threshold alerts (policy `alerts`), sent from background tasks
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Future[Any] = asyncio.ensure_future(coro)

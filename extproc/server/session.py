@@ -236,6 +236,8 @@ class Session(Gate):
         if done is None:
             return 0
         metrics.settled(self.hold.decision, done, time.perf_counter() - t0)
+        if self.s.alerts is not None and done.stored and not done.replayed:
+            self.s.alerts.settled(self.policy, self.hold.decision, done.overrun)
         return done.cost
 
     async def _release(self) -> None:

@@ -194,3 +194,25 @@ async def test_a_store_error_during_downshift_releases_the_first_hold(tmp_path):
         assert [(e.reservation_id, e.outcome.value) for e in entries] == [(s.reservation_id, "released")]
     finally:
         await store.close()
+
+
+async def test_a_settle_that_crosses_thresholds_alerts_from_the_background(services):
+    from extproc.engine.alerts import Alerter
+
+    posted: list[dict] = []
+
+    async def post(url, body, headers, timeout):  # a webhook that accepts everything
+        posted.append(json.loads(body))
+        return 200
+
+    alerts = "\nalerts: {thresholds: ['0.5', '1.0'], webhooks: [{url: 'http://127.0.0.1:9/hook', kind: slack}]}\n"
+    services.policy = PolicyHolder(parse_policy(POLICY + alerts))
+    services.alerts = Alerter(services.engine, services.spawn, post=post, watch_delay=0.01)
+    s, r, _ = await call(services, "a", "small", 1000)
+    assert r.immediate is None
+    await s.response_headers({":status": "200", "content-type": "application/json"})
+    assert not services.background, "nothing near a threshold before the usage is known"
+    await s.response_body(json.dumps({"usage": {"prompt_tokens": 100000, "completion_tokens": 0}}).encode(), True)
+    while services.background:
+        await asyncio.wait(list(services.background), timeout=5)
+    assert sorted(p["text"].split(" reached ")[1].split("%")[0] for p in posted) == ["100", "50"]
