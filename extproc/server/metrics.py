@@ -27,6 +27,16 @@ ESTIMATE_RATIO = Histogram(
 STORE_ERRORS = Counter("extproc_store_errors_total", "Budget store operations that failed", ["op"])
 INFLIGHT = Gauge("extproc_inflight_reservations", "Reservations held by this process", multiprocess_mode="livesum")
 SPEND = Counter("extproc_spend_nano_usd_total", "Settled spend in nano-USD per budget (runs excluded)", ["budget"])
+# The state of each cost limit (runs excluded) as of the last settle on it, per window
+# (`total`, `day@UTC`, `roll3600s`, ...): what deploy/istio/prometheusrule.yaml alerts on.
+BUDGET_LIMIT = Gauge(
+    "extproc_budget_limit_nano_usd", "Cost limit of a budget in nano-USD (admin credits included)", ["budget", "window"],
+    multiprocess_mode="mostrecent",
+)
+BUDGET_SPENT = Gauge(
+    "extproc_budget_spent_nano_usd", "Settled spend of a budget in its current window, nano-USD, as of the last settle",
+    ["budget", "window"], multiprocess_mode="mostrecent",
+)
 FAIL_OPEN = Counter("extproc_fail_open_total", "Requests let through unmetered because the store was down (fail_open)")
 CALLERS_REFUSED = Counter(
     "extproc_grpc_callers_refused_total", "gRPC calls refused before any work: missing, wrong or placeholder caller token", ["reason"]
@@ -45,6 +55,9 @@ def settled(d: Any, done: Any, seconds: float) -> None:
     if not done.stored:
         STORE_ERRORS.labels("settle").inc()
     elif not done.replayed:
-        for lim in d.limits:
+        for lim, st in zip(d.limits, d.states, strict=False):
             if lim.spec.dimension == "cost" and lim.scope != "run":
                 SPEND.labels(lim.budget).inc(done.cost)
+                window = lim.spec.window_id
+                BUDGET_LIMIT.labels(lim.budget, window).set(st.limit)
+                BUDGET_SPENT.labels(lim.budget, window).set(st.spent + done.cost)

@@ -309,7 +309,7 @@ def test_every_object_is_well_formed():
     assert kinds == sorted(
         ["Namespace", "StatefulSet", "Service", "Deployment", "Service", "ServiceAccount", "ConfigMap", "PodDisruptionBudget",
          "ClusterRole", "ClusterRoleBinding", "EnvoyFilter", "AuthorizationPolicy", "NetworkPolicy", "NetworkPolicy",
-         "NetworkPolicy"]
+         "NetworkPolicy", "PrometheusRule"]
     )
     for o in objects() + objects(ISTIO / "example"):
         assert o["apiVersion"] and o["metadata"]["name"], o

@@ -216,3 +216,10 @@ async def test_a_settle_that_crosses_thresholds_alerts_from_the_background(servi
     while services.background:
         await asyncio.wait(list(services.background), timeout=5)
     assert sorted(p["text"].split(" reached ")[1].split("%")[0] for p in posted) == ["100", "50"]
+    # the gauges the PrometheusRule divides show the same crossing
+    from prometheus_client import REGISTRY
+
+    labels = {"budget": "key:p", "window": "total"}
+    spent = REGISTRY.get_sample_value("extproc_budget_spent_nano_usd", labels)
+    limit = REGISTRY.get_sample_value("extproc_budget_limit_nano_usd", labels)
+    assert limit and spent is not None and spent / limit >= 1.0
