@@ -17,7 +17,9 @@ from extproc.engine.alerts import SIGNATURE_HEADER, Alerter
 from extproc.engine.budget import Engine, Identity
 from extproc.money import usd_to_nano
 from extproc.stores.embedded import EmbeddedStore
+from extproc.stores.redis_store import RedisStore
 from tests.engine.conftest import make_policy
+from tests.support.redis_server import RedisServer
 
 SECRET = "s3cret-hook-key"
 TEAM = "ml"
@@ -78,6 +80,26 @@ async def receiver():
     await r.runner.cleanup()
 
 
+@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.integration)])
+async def two_stores(request, tmp_path):
+    """Two store clients on one store: what two worker processes (or pods) share."""
+    if request.param == "embedded":
+        stores = [EmbeddedStore(tmp_path / "budget.db") for _ in range(2)]
+        yield stores
+    else:
+        server = RedisServer().start()
+        stores = [RedisStore(server.url) for _ in range(2)]
+        try:
+            yield stores
+        finally:
+            for s in stores:
+                await s.close()
+            server.stop()
+        return
+    for s in stores:
+        await s.close()
+
+
 def _policy(url: str):
     return make_policy(
         budgets=[{"scope": "team", "limits": [{"dimension": "cost", "limit": LIMIT_USD, "window": "day"}]}],
@@ -107,51 +129,46 @@ async def _load(workers, policy, calls: int, cost: int) -> None:
     await asyncio.gather(*(_call(*workers[i % len(workers)], policy, who[i % 2], cost) for i in range(calls)))
 
 
-async def test_each_threshold_fires_once_per_period_under_concurrent_load(tmp_path, clock, receiver, monkeypatch):
+async def test_each_threshold_fires_once_per_period_under_concurrent_load(two_stores, clock, receiver, monkeypatch):
     monkeypatch.setenv("EXTPROC_TEST_HOOK_SECRET", SECRET)
     policy = _policy(receiver.url)
     tasks = Tasks()
-    stores = [EmbeddedStore(tmp_path / "budget.db") for _ in range(2)]  # two processes, one store
     workers = []
-    for s in stores:
+    for s in two_stores:
         engine = Engine(s, clock=clock)
         workers.append((engine, Alerter(engine, tasks.spawn, watch_delay=0.01)))
-    try:
-        cost = usd_to_nano(LIMIT_USD) // CALLS
-        await _load(workers, policy, CALLS, cost)
-        await tasks.drain()
+    cost = usd_to_nano(LIMIT_USD) // CALLS
+    await _load(workers, policy, CALLS, cost)
+    await tasks.drain()
 
-        for name in ("slack", "signed", "flaky"):
-            assert len(receiver.got[name]) == 3, name
-        signed = [json.loads(body) for body, _ in receiver.got["signed"]]
-        assert sorted(a["threshold"] for a in signed) == ["0.5", "0.8", "1.0"]
-        assert {a["budget"] for a in signed} == {f"team:{TEAM}"}
-        assert {a["period"] for a in signed} == {"2026-03-02@UTC"}
-        for a in signed:  # seen when spend had crossed, never before
-            assert Decimal(a["spent_usd"]) >= Decimal(a["threshold"]) * Decimal(a["limit_usd"])
-        for body, headers in receiver.got["signed"] + receiver.got["flaky"]:
-            expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-            assert hmac.compare_digest(headers[SIGNATURE_HEADER], expected)
-        texts = sorted(json.loads(body)["text"] for body, _ in receiver.got["slack"])
-        assert [t.split(" reached ")[1].split("%")[0] for t in texts] == ["100", "50", "80"]
-        assert receiver.refused == 2  # the flaky hook failed twice and was retried
+    for name in ("slack", "signed", "flaky"):
+        assert len(receiver.got[name]) == 3, name
+    signed = [json.loads(body) for body, _ in receiver.got["signed"]]
+    assert sorted(a["threshold"] for a in signed) == ["0.5", "0.8", "1.0"]
+    assert {a["budget"] for a in signed} == {f"team:{TEAM}"}
+    assert {a["period"] for a in signed} == {"2026-03-02@UTC"}
+    for a in signed:  # seen when spend had crossed, never before
+        assert Decimal(a["spent_usd"]) >= Decimal(a["threshold"]) * Decimal(a["limit_usd"])
+    for body, headers in receiver.got["signed"] + receiver.got["flaky"]:
+        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers[SIGNATURE_HEADER], expected)
+    texts = sorted(json.loads(body)["text"] for body, _ in receiver.got["slack"])
+    assert [t.split(" reached ")[1].split("%")[0] for t in texts] == ["100", "50", "80"]
+    assert receiver.refused == 2  # the flaky hook failed twice and was retried
 
-        entries = await workers[0][0].ledger()
-        alerts = [e for e in entries if e.meta.get("api") == "alert"]
-        assert Counter(e.meta["usage_source"] for e in alerts) == {"alert_delivered": 9}
-        flaky = [e.meta["alert"]["attempts"] for e in alerts if e.meta["alert"]["webhook"] == 2]
-        assert sum(flaky) == 3 + receiver.refused
-        assert all(not e.charged for e in alerts)
+    entries = await workers[0][0].ledger()
+    alerts = [e for e in entries if e.meta.get("api") == "alert"]
+    assert Counter(e.meta["usage_source"] for e in alerts) == {"alert_delivered": 9}
+    flaky = [e.meta["alert"]["attempts"] for e in alerts if e.meta["alert"]["webhook"] == 2]
+    assert sum(flaky) == 3 + receiver.refused
+    assert all(not e.charged for e in alerts)
 
-        # the next calendar day is a new period: its thresholds alert again
-        clock.advance(86_400_000)
-        await _load(workers, policy, CALLS // 2, cost)
-        await tasks.drain()
-        day2 = [json.loads(body) for body, _ in receiver.got["signed"][3:]]
-        assert [(a["period"], a["threshold"]) for a in day2] == [("2026-03-03@UTC", "0.5")]
-    finally:
-        for s in stores:
-            await s.close()
+    # the next calendar day is a new period: its thresholds alert again
+    clock.advance(86_400_000)
+    await _load(workers, policy, CALLS // 2, cost)
+    await tasks.drain()
+    day2 = [json.loads(body) for body, _ in receiver.got["signed"][3:]]
+    assert [(a["period"], a["threshold"]) for a in day2] == [("2026-03-03@UTC", "0.5")]
 
 
 async def test_a_hook_that_never_answers_is_given_up_and_recorded(tmp_path, clock, monkeypatch):
