@@ -160,7 +160,7 @@ async def serve(
     ]
     admin_runner = None
     if admin_addr and admin_tokens is not None:
-        admin_runner = await start_admin(make_admin_app(engine, holder, admin_tokens), admin_addr)
+        admin_runner = await start_admin(make_admin_app(engine, holder, admin_tokens, services.decisions), admin_addr)
         log.info("admin API on http://%s", admin_addr)
     metrics_runner = None
     if metrics_addr:

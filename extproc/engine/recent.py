@@ -51,6 +51,7 @@ class LoggedDecision:
     run: str | None
     plan: Plan
     price_version: str
+    at_ms: int = 0
 
 
 class DecisionLog:
@@ -65,3 +66,13 @@ class DecisionLog:
 
     def get(self, decision_id: str) -> LoggedDecision | None:
         return self._items.get(decision_id)
+
+    def refusals(self, principal: str, limit: int) -> list[LoggedDecision]:
+        """The principal's latest refused decisions still held, newest first."""
+        out: list[LoggedDecision] = []
+        for entry in reversed(self._items.values()):
+            if len(out) >= limit:
+                break
+            if entry.principal == principal and not entry.plan.decision.allowed:
+                out.append(entry)
+        return out

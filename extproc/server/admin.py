@@ -16,6 +16,11 @@ so it is served only on the admin address the operator chooses.
     POST /admin/budgets/adjust          {principal, scope, dimension, set_limit?, credit?, window?, run?}
     POST /admin/runs/close              {principal, run}
     GET  /admin/ledger?since=ISO|ms&format=jsonl|csv
+    GET  /admin/principals
+    GET  /admin/activity?principal=P[&since=ISO|ms][&buckets=N]   runs and spend over time (ledger)
+    GET  /admin/refusals?principal=P[&limit=N]   this process's recent refusals (DecisionLog)
+    GET  /admin/page                    the budget page: HTML without data, open; it asks for
+                                        the token and reads everything else from the above
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ from prometheus_client import (
 
 from .. import ledger as ledger_export
 from ..engine.budget import Engine, Identity
+from ..engine.recent import DecisionLog
 from ..ledger import parse_since
-from ..money import usd_to_nano
+from ..money import nano_to_usd, usd_to_nano
 from ..policy.loader import PolicyHolder
 from ..policy.model import Policy
-from . import render
+from . import page, render
 from .tokens import Tokens
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -116,6 +122,65 @@ async def export_ledger(engine: Engine, *, since_ms: int, fmt: str, write: Calla
     return await ledger_export.export(engine.ledger_pages(since_ms=since_ms), write, fmt)
 
 
+def principals(policy: Policy) -> list[str]:
+    """Every principal the policy names (API keys and the principals table), sorted."""
+    return sorted({k.principal for k in policy.keys} | set(policy.principals_by_name))
+
+
+async def activity(engine: Engine, policy: Policy, principal: str, *, since_ms: int, buckets: int = 48) -> dict[str, Any]:
+    """The principal's runs named in the ledger since `since_ms` (with their state now) and
+    its charged cost per time bucket, from one pass over the ledger pages."""
+    if not 1 <= buckets <= 1000:
+        raise ValueError("buckets must be 1..1000")
+    who = identity(policy, principal)
+    now = engine.clock()
+    since_ms = min(since_ms, now - 1)
+    step = -(-(now - since_ms) // buckets)
+    spend = [0] * buckets
+    runs: dict[str, dict[str, Any]] = {}
+    async for entries in engine.ledger_pages(since_ms=since_ms):
+        for e in entries:
+            if e.meta.get("principal") != who.principal:
+                continue
+            cost = e.charged.get("cost", 0)
+            spend[min(buckets - 1, max(0, (e.closed_at_ms - since_ms) // step))] += cost
+            if run := e.meta.get("run"):
+                r = runs.setdefault(run, {"run": run, "calls": 0, "charged": 0, "last_ms": 0})
+                r["calls"] += 1
+                r["charged"] += cost
+                r["last_ms"] = max(r["last_ms"], e.closed_at_ms)
+    out_runs = []
+    for r in sorted(runs.values(), key=lambda r: -r["last_ms"]):
+        st = await engine.run_state(who, r["run"])
+        out_runs.append({**r, "charged": nano_to_usd(r["charged"]), "state": st.state if st else "unknown",
+                         "expires_at_ms": st.expires_at_ms if st else None})
+    return {
+        "principal": who.principal,
+        "since_ms": since_ms,
+        "now_ms": now,
+        "step_ms": step,
+        "spend": [{"t_ms": since_ms + i * step, "charged": nano_to_usd(v)} for i, v in enumerate(spend)],
+        "runs": out_runs,
+    }
+
+
+def refusals(decisions: DecisionLog, policy: Policy, principal: str, limit: int = 50) -> dict[str, Any]:
+    """This process's latest refusals of the principal (the decision log is per process)."""
+    who = identity(policy, principal)
+    rows = []
+    for entry in decisions.refusals(who.principal, limit):
+        d = entry.plan.decision
+        rows.append({
+            "decision_id": d.decision_id,
+            "at_ms": entry.at_ms,
+            "run": entry.run,
+            "code": d.refusal_code,
+            "scope": d.blocking.budget if d.blocking else "",
+            "message": d.message,
+        })
+    return {"principal": who.principal, "refusals": rows}
+
+
 # -- HTTP ------------------------------------------------------------------------
 
 
@@ -145,10 +210,12 @@ def make_metrics_app() -> web.Application:
     return app
 
 
-def make_admin_app(engine: Engine, policy: PolicyHolder, tokens: Tokens) -> web.Application:
+def make_admin_app(engine: Engine, policy: PolicyHolder, tokens: Tokens, decisions: DecisionLog | None = None) -> web.Application:
+    log = decisions if decisions is not None else DecisionLog()
+
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/admin/"):
+        if request.path.startswith("/admin/") and request.path != "/admin/page":
             if not tokens:
                 return _error(403, "admin API disabled: no admin token configured (EXTPROC_ADMIN_TOKEN or --admin-token-file)")
             given = request.headers.get("authorization", "")
@@ -198,6 +265,23 @@ def make_admin_app(engine: Engine, policy: PolicyHolder, tokens: Tokens) -> web.
         await resp.write_eof()
         return resp
 
+    async def get_principals(request: web.Request) -> web.Response:
+        return web.json_response({"principals": principals(policy.current)})
+
+    async def get_activity(request: web.Request) -> web.Response:
+        q = request.query
+        if "principal" not in q:
+            raise ValueError("principal is required")
+        since = parse_since(q["since"]) if "since" in q else engine.clock() - 24 * 3600 * 1000
+        doc = await activity(engine, policy.current, q["principal"], since_ms=since, buckets=int(q.get("buckets", "48")))
+        return web.json_response(doc)
+
+    async def get_refusals(request: web.Request) -> web.Response:
+        q = request.query
+        if "principal" not in q:
+            raise ValueError("principal is required")
+        return web.json_response(refusals(log, policy.current, q["principal"], min(500, max(1, int(q.get("limit", "50"))))))
+
     app = web.Application(middlewares=[auth])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", _metrics)
@@ -205,6 +289,10 @@ def make_admin_app(engine: Engine, policy: PolicyHolder, tokens: Tokens) -> web.
     app.router.add_post("/admin/budgets/adjust", post_adjust)
     app.router.add_post("/admin/runs/close", post_close_run)
     app.router.add_get("/admin/ledger", get_ledger)
+    app.router.add_get("/admin/principals", get_principals)
+    app.router.add_get("/admin/activity", get_activity)
+    app.router.add_get("/admin/refusals", get_refusals)
+    app.router.add_get("/admin/page", page.handler)
     return app
 
 

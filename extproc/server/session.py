@@ -111,8 +111,9 @@ class Session(Gate):
         except StoreUnavailable as e:
             return self._store_down(e)
         d = plan.decision
-        self.s.recent.put(caller.who, caller.run_id, d, self.s.engine.clock())
-        self.s.decisions.add(LoggedDecision(caller.who.principal, caller.run_id, plan, policy.prices.version))
+        now = self.s.engine.clock()
+        self.s.recent.put(caller.who, caller.run_id, d, now)
+        self.s.decisions.add(LoggedDecision(caller.who.principal, caller.run_id, plan, policy.prices.version, now))
         refused = self._decided(d, plan.changed, plan.alternatives)
         if refused is not None:
             return refused
