@@ -28,6 +28,7 @@ from .server.ext_authz import Authorization
 from .server.ext_proc import ExternalProcessor
 from .server.health import StoreHealth
 from .server.services import Services
+from .server.webhooks import aiohttp_post
 from .stores import parse_url, redacted
 from .stores.base import Store
 from .tokenizers import get_encoding
@@ -136,7 +137,7 @@ async def serve(
     engine = Engine(store)
     rates = _cost_rates(holder, store_url)
     services = Services(holder, engine, rates=rates)
-    services.alerts = Alerter(engine, services.spawn)
+    services.alerts = Alerter(engine, services.spawn, post=aiohttp_post)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     epg.add_ExternalProcessorServicer_to_server(ExternalProcessor(services, callers), server)
     azg.add_AuthorizationServicer_to_server(Authorization(services, callers), server)

@@ -122,16 +122,6 @@ class Post(Protocol):
         ...
 
 
-async def aiohttp_post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> int:
-    import aiohttp
-
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http,
-        http.post(url, data=body, headers=dict(headers)) as resp,
-    ):
-        return resp.status
-
-
 def _eligible(spec: AlertsSpec, lim: AppliedLimit) -> bool:
     return (
         lim.spec.dimension == "cost"
@@ -143,7 +133,7 @@ def _eligible(spec: AlertsSpec, lim: AppliedLimit) -> bool:
 class Alerter:
     """One per worker process. `settled` is the request path's only cost: a comparison per line."""
 
-    def __init__(self, engine: Engine, spawn: Spawn, *, post: Post = aiohttp_post, watch_delay: float = WATCH_DELAY_S) -> None:
+    def __init__(self, engine: Engine, spawn: Spawn, *, post: Post, watch_delay: float = WATCH_DELAY_S) -> None:
         self.engine, self.spawn, self.post, self.watch_delay = engine, spawn, post, watch_delay
         self._seen: set[str] = set()  # alert keys known claimed (by this process or another)
         # tag|line key|period -> a watch task runs; True: a settle came since its last read

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.alerts import Alerter
-from ..engine.budget import Engine
+from ..engine.budget import Decision, Engine
+from ..engine.holds import Settled
 from ..engine.recent import DecisionLog, RecentStates
 from ..estimate import TokenCounter
 from ..policy.loader import PolicyHolder
+from ..policy.model import Policy
 
 
 @dataclass
@@ -33,3 +35,8 @@ class Services:
         task: asyncio.Future[Any] = asyncio.ensure_future(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+
+    def after_settle(self, policy: Policy, decision: Decision, done: Settled) -> None:
+        """What follows a settle the store took: threshold alerts (checked in the background)."""
+        if self.alerts is not None and done.stored and not done.replayed:
+            self.alerts.settled(policy, decision, done.overrun)

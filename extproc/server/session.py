@@ -111,11 +111,9 @@ class Session(Gate):
         except StoreUnavailable as e:
             return self._store_down(e)
         d = plan.decision
-        now = self.s.engine.clock()
-        self.s.recent.put(caller.who, caller.run_id, d, now)
+        self.s.recent.put(caller.who, caller.run_id, d, now := self.s.engine.clock())
         self.s.decisions.add(LoggedDecision(caller.who.principal, caller.run_id, plan, policy.prices.version, now))
-        refused = self._decided(d, plan.changed, plan.alternatives)
-        if refused is not None:
+        if (refused := self._decided(d, plan.changed, plan.alternatives)) is not None:
             return refused
         self.hold = CallHold(self.s.engine, d, plan.chosen, self.s.spawn)
         for c in counts.values():  # only allowed calls fill the token cache
@@ -144,8 +142,7 @@ class Session(Gate):
             d = await Planner(self.s.engine, self.policy).reserve_flat(self.caller, cost, api=f"flat:{self.route.spec.path}")
         except StoreUnavailable as e:
             return self._store_down(e)
-        refused = self._decided(d, False, [])
-        if refused is not None:
+        if (refused := self._decided(d, False, [])) is not None:
             return refused
         self.hold = CallHold(self.s.engine, d, None, self.s.spawn)
         return Reply(headers_only=True)
@@ -237,8 +234,7 @@ class Session(Gate):
         if done is None:
             return 0
         metrics.settled(self.hold.decision, done, time.perf_counter() - t0)
-        if self.s.alerts is not None and done.stored and not done.replayed:
-            self.s.alerts.settled(self.policy, self.hold.decision, done.overrun)
+        self.s.after_settle(self.policy, self.hold.decision, done)  # budget threshold alerts
         return done.cost
 
     async def _release(self) -> None:

@@ -16,6 +16,7 @@ from aiohttp import web
 from extproc.engine.alerts import SIGNATURE_HEADER, Alerter
 from extproc.engine.budget import Engine, Identity
 from extproc.money import usd_to_nano
+from extproc.server.webhooks import aiohttp_post
 from extproc.stores.embedded import EmbeddedStore
 from extproc.stores.redis_store import RedisStore
 from tests.engine.conftest import make_policy
@@ -136,7 +137,7 @@ async def test_each_threshold_fires_once_per_period_under_concurrent_load(two_st
     workers = []
     for s in two_stores:
         engine = Engine(s, clock=clock)
-        workers.append((engine, Alerter(engine, tasks.spawn, watch_delay=0.01)))
+        workers.append((engine, Alerter(engine, tasks.spawn, post=aiohttp_post, watch_delay=0.01)))
     cost = usd_to_nano(LIMIT_USD) // CALLS
     await _load(workers, policy, CALLS, cost)
     await tasks.drain()
@@ -181,7 +182,7 @@ async def test_a_hook_that_never_answers_is_given_up_and_recorded(tmp_path, cloc
     tasks = Tasks()
     engine = Engine(EmbeddedStore(tmp_path / "budget.db"), clock=clock)
     try:
-        await _load([(engine, Alerter(engine, tasks.spawn, watch_delay=0.01))], policy, 1, usd_to_nano("0.60"))
+        await _load([(engine, Alerter(engine, tasks.spawn, post=aiohttp_post, watch_delay=0.01))], policy, 1, usd_to_nano("0.60"))
         await tasks.drain()
         (entry,) = [e for e in await engine.ledger() if e.meta.get("api") == "alert"]
         assert entry.meta["usage_source"] == "alert_failed"
@@ -195,7 +196,7 @@ async def test_no_store_read_while_no_threshold_is_near(tmp_path, clock):
     tasks = Tasks()
     engine = Engine(EmbeddedStore(tmp_path / "budget.db"), clock=clock)
     try:
-        await _load([(engine, Alerter(engine, tasks.spawn))], policy, 3, usd_to_nano("0.10"))
+        await _load([(engine, Alerter(engine, tasks.spawn, post=aiohttp_post))], policy, 3, usd_to_nano("0.10"))
         assert not tasks.live  # 30% of the limit: the settle spawned nothing
     finally:
         await engine.close()
