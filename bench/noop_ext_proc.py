@@ -4,7 +4,10 @@ Same processing modes as the shipped filter (envoy/envoy.yaml: request headers
 and buffered request body sent, response headers sent, response body buffered)
 and the same per-request switch as extproc: an SSE response is moved to
 STREAMED with `mode_override`. Every phase is answered with an empty
-CommonResponse, so what this costs is the gRPC round trips and nothing else.
+CommonResponse, so what this costs is the gRPC round trips and nothing else,
+except the one header every request needs to be routed at all: the shipped
+Envoy config routes only requests marked `x-extproc-route` (closed world), so
+the no-op marks each request on its headers, as extproc does.
 Runs on grpc.aio like extproc, with `grpc.so_reuseport` so several processes
 can share one TCP port.
 
@@ -20,6 +23,7 @@ import signal
 from collections.abc import AsyncIterator
 
 import grpc
+from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
@@ -55,7 +59,10 @@ class NoopProcessor(epg.ExternalProcessorServicer):
                 if _is_sse(req.response_headers):
                     resp.mode_override.CopyFrom(_STREAM_RESPONSE)
             elif phase == "request_headers":
-                resp.request_headers.response.SetInParent()
+                common = resp.request_headers.response
+                mark = common.header_mutation.set_headers.add(append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+                mark.header.key, mark.header.raw_value = "x-extproc-route", b"meter"
+                common.clear_route_cache = True
                 if self.one_round_trip:
                     resp.mode_override.CopyFrom(_SKIP_REST)
             elif phase in ("request_body", "response_body"):

@@ -140,6 +140,16 @@ def bare_envoy_config(cfg: dict[str, Any]) -> dict[str, Any]:
                 hcm["http_filters"] = kept
     if "envoy.filters.http.ext_proc" not in found:
         raise RuntimeError("envoy/envoy.yaml has no envoy.filters.http.ext_proc filter: update bench/run.py")
+    # Nothing marks requests without extproc: drop the closed-world route condition (same route table otherwise).
+    for lst in cfg["static_resources"]["listeners"]:
+        for chain in lst["filter_chains"]:
+            for f in chain["filters"]:
+                for vh in f.get("typed_config", {}).get("route_config", {}).get("virtual_hosts", []):
+                    for route in vh["routes"]:
+                        kept = [h for h in route["match"].get("headers", []) if h["name"] != "x-extproc-route"]
+                        route["match"]["headers"] = kept
+                        if not kept:
+                            del route["match"]["headers"]
     cfg["static_resources"]["clusters"] = [c for c in cfg["static_resources"]["clusters"] if c["name"] != "extproc"]
     return cfg
 
