@@ -44,7 +44,6 @@ class Session(Gate):
         self.content_encoding: str | None = None
         self.cost_source = ""  # the settled charge's usage_source
 
-
     async def request_headers(self, headers: Mapping[str, str], end_of_stream: bool, peer_id: str | None = None) -> Reply:
         """Closed world: the normalised path must be a route of the policy, which says whether the
         call is metered, flat-priced, unmetered, public or denied."""
