@@ -19,7 +19,7 @@ import yaml
 from extproc.cli import build_parser
 from extproc.policy.loader import parse_policy
 from extproc.server.tokens import PLACEHOLDER
-from extproc.stack import Stack, free_port
+from extproc.stack import Stack, free_port, wait_http
 
 from .conftest import (
     EXT_PROC,
@@ -244,6 +244,9 @@ async def test_metrics_address_serves_metrics_and_not_the_admin_api(tmp_path):
     auth = {"authorization": f"Bearer {stack.admin_token}"}
     try:
         stack.start_service()
+        # the gRPC port answers first; the HTTP listeners start right after it
+        wait_http(f"http://{metrics}/metrics", 30, stack.procs_by_name("extproc"))
+        wait_http(f"{stack.admin_url}/healthz", 30, stack.procs_by_name("extproc"))
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://{metrics}/metrics") as r:
                 assert r.status == 200 and "extproc_" in await r.text()
