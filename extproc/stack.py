@@ -254,6 +254,7 @@ class Stack:
             env={"EXTPROC_ADMIN_TOKEN": self.admin_token},
         )
         wait_connect(self.grpc, 30, proc)
+        wait_http(f"{self.admin_url}/healthz", 30, proc)  # the admin API starts just after the gRPC port
 
     def procs_by_name(self, name: str) -> subprocess.Popen[Any]:
         return next(p for n, p in self.procs if n == name)
