@@ -25,17 +25,17 @@ def is_budget_path(policy: Policy, method: str, path: str) -> bool:
 
 
 async def answer(s: Services, policy: Policy, path: str, headers: Mapping[str, str], peer_id: str | None, *, authenticated: bool) -> Reply:
-    try:
-        who = identity.resolve(policy, headers, peer_id, caller_authenticated=authenticated)
+    try:  # the same reading of identity and run as a metered call (run header validated there)
+        caller = identity.caller(policy, headers, peer_id, authenticated=authenticated, reservation_id="")
     except ClientError as e:
         return client_error("openai", e)
+    who, run_id = caller.who, caller.run_id
     if "/decisions/" in path:
         logged = s.decisions.get(path.rsplit("/", 1)[1])
         if logged is None or logged.principal != who.principal:
             body = error_body("openai", status=404, message="no such decision", type="invalid_request_error", code="not_found")
             return json_reply(404, body)
         return json_reply(200, json.dumps(decision_doc(logged)).encode())
-    run_id = next((headers[h] for h in policy.runs.headers if headers.get(h)), None)
     try:
         snap = await s.engine.snapshot_lines(policy, who, run_id=run_id)
     except StoreUnavailable:

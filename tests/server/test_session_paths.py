@@ -247,3 +247,13 @@ async def test_envoys_own_local_reply_passes_without_a_request(world):
     r = await Session(services).response_headers({":status": "400"})
     assert r.immediate is None and r.skip_response_body
     assert await store.ledger() == []
+
+
+async def test_the_budget_endpoint_reads_the_run_as_a_metered_call_does(world):
+    services, _ = world
+    budget = {":path": "/v1/budget", ":method": "GET", **AUTH}
+    r = await Session(services).request_headers({**budget, "x-run-id": "job-1"}, True)
+    assert r.immediate is not None and r.immediate.status == 200
+    assert json.loads(r.immediate.body)["run"] == "job-1"
+    r = await Session(services).request_headers({**budget, "x-run-id": "x" * 200}, True)
+    assert r.immediate is not None and r.immediate.status == 400  # the same bound as on a metered call
