@@ -88,8 +88,8 @@ class Session(Gate):
         param = self.route.spec.model_param
         route_model = policy.deployments.get(self.route.params[param], self.route.params[param]) if param else None
         parse = functools.partial(self.schema.parse_request, body, max_bytes=policy.max_body_bytes, model=route_model)
+        large = len(body) >= LARGE_BODY_BYTES
         try:  # a multi-megabyte body is parsed off the event loop, one at a time per caller
-            large = len(body) >= LARGE_BODY_BYTES
             facts = await self.s.counter.run_large(caller.who.principal, parse) if large else parse()
             call = Planner.call_input(policy, facts, api=self.schema.name)  # priced model, tools, bounded media
         except ClientError as e:
@@ -98,7 +98,7 @@ class Session(Gate):
         planner = Planner(self.s.engine, policy, live_price=rates.price_for_model if rates else None, spawn=self.s.spawn)
         names = planner.models(facts, downshift=route_model is None)  # a path-named model cannot be re-routed
         try:
-            if len(body) >= LARGE_BODY_BYTES and (too_big := await planner.refused_by_size(call, names, caller)) is not None:
+            if large and (too_big := await planner.refused_by_size(call, names, caller)) is not None:
                 return self._early_refusal(too_big, too_big.blocked)
             counts: dict[str, Counts] = {}
             for enc in planner.encodings(names):  # once per encoding, large counts off the event loop
