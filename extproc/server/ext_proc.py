@@ -70,9 +70,9 @@ def _fill(mutation: ep.HeaderMutation, headers: Iterable[tuple[str, str]]) -> No
 
 
 def _mutation(reply: Reply) -> ep.HeaderMutation | None:
-    if not reply.set_headers and not reply.remove_headers:
+    if not reply.set_headers:
         return None
-    mutation = ep.HeaderMutation(remove_headers=reply.remove_headers)
+    mutation = ep.HeaderMutation()
     _fill(mutation, reply.set_headers)
     return mutation
 

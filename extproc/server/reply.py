@@ -25,7 +25,6 @@ class Immediate:
 @dataclass(slots=True)
 class Reply:
     set_headers: list[tuple[str, str]] = field(default_factory=list)
-    remove_headers: list[str] = field(default_factory=list)
     body: bytes | None = None  # replaces the buffered body, or this streamed chunk
     clear_route_cache: bool = False
     immediate: Immediate | None = None
