@@ -19,20 +19,23 @@ only ever owns the one hold of the decision it gets back.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from ..errors import StoreUnavailable, ToolNotPriced, UnknownModel
 from ..estimate import estimate, lower_bound_tokens, media_tokens, upper_bound_tokens
 from ..money import Price, nano_to_usd
-from ..policy.model import Policy
+from ..policy.model import ModelSpec, Policy
 from ..protocols.request import RequestFacts
 from .budget import Decision, Engine, Hold, Identity
 from .downshift import Candidate, affordable_output, chain, missing_capabilities
 from .pricing import tool_reserve, unpriced_tools
 
 LivePrice = Callable[[str], Price | None]
+ExpectedOutput = Callable[[str, ModelSpec], int | None]  # (model, spec) -> output per choice a right-sized call reserves
 Spawn = Callable[[Awaitable[Any]], None]
 TOKEN_DIMENSIONS = ("cost", "input_tokens", "output_tokens", "total_tokens")
 
@@ -95,11 +98,20 @@ def past_soft(d: Decision, amount: int) -> bool:
 class Planner:
     """Model choice and reservation for one call, over one policy snapshot."""
 
-    def __init__(self, engine: Engine, policy: Policy, *, live_price: LivePrice | None = None, spawn: Spawn | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        policy: Policy,
+        *,
+        live_price: LivePrice | None = None,
+        spawn: Spawn | None = None,
+        expected_output: ExpectedOutput | None = None,
+    ) -> None:
         self.engine = engine
         self.policy = policy
         self.live_price = live_price
         self.spawn = spawn
+        self.expected_output = expected_output  # given when the call's answer will pass as a stream
 
     # -- candidates --------------------------------------------------------------
 
@@ -126,8 +138,13 @@ class Planner:
     def encodings(self, names: list[str]) -> set[str]:
         return {spec.encoding for n in names if (spec := self.policy.model(n)) is not None}
 
+    def streams(self, facts: RequestFacts, spec: ModelSpec) -> bool:
+        """Whether the answer passes through the service as a stream it can grow and cut."""
+        return self.expected_output is not None and self.policy.streaming.right_size and (facts.stream or spec.upstream_stream)
+
     def candidate(self, call: CallInput, name: str, *, max_output: int | None = None) -> Candidate:
-        """`name`'s worst case for this call."""
+        """`name` for this call: its worst case, or for a call that streams through the service
+        (`streams`) its input plus the expected output, growing later up to the worst case."""
         spec = self.policy.model(name)
         assert spec is not None
         est = estimate(
@@ -143,8 +160,13 @@ class Planner:
         )
         live = self.live_price(name) if self.live_price is not None else None
         price = live or spec.price
-        cost = price.cost(input_tokens=est.input_tokens, output_tokens=est.output_tokens) + tool_reserve(spec, call.facts.builtin_tools)
-        return Candidate(name, spec, price, est.input_tokens, est.output_tokens, cost, "cost_rate" if live else "static")
+        output, worst = est.output_tokens, 0
+        if self.expected_output is not None and self.streams(call.facts, spec):
+            expected = self.expected_output(name, spec)
+            if expected is not None and expected * max(1, call.facts.n) < est.output_tokens:
+                output, worst = expected * max(1, call.facts.n), est.output_tokens
+        cost = price.cost(input_tokens=est.input_tokens, output_tokens=output) + tool_reserve(spec, call.facts.builtin_tools)
+        return Candidate(name, spec, price, est.input_tokens, output, cost, "cost_rate" if live else "static", worst)
 
     # -- before tokenizing -----------------------------------------------------------
 
@@ -168,7 +190,7 @@ class Planner:
         options = [requested]
         for name in names[1:]:
             c = self.candidate(call, name)
-            if not missing_capabilities(c.spec, facts, c.input_tokens, c.output_tokens):
+            if not missing_capabilities(c.spec, facts, c.input_tokens, c.output_cap):
                 options.append(c)
         reserve = _Reserver(self, caller, api, requested.name)
         start = 1 if len(options) > 1 and caller.recent is not None and past_soft(caller.recent, requested.cost) else 0
@@ -234,7 +256,7 @@ class Planner:
         out = []
         for name in chain(self.policy, call.facts.model):
             c = self.candidate(call, name)
-            missing = missing_capabilities(c.spec, call.facts, c.input_tokens, c.output_tokens)
+            missing = missing_capabilities(c.spec, call.facts, c.input_tokens, c.output_cap)
             caps = c.spec.capabilities
             out.append(
                 {
@@ -255,6 +277,15 @@ class Planner:
         return out
 
 
+def admission_headroom(c: Candidate, factor: Decimal) -> dict[str, int] | None:
+    """What a right-sized call must also find free to be admitted: `factor` times its expected
+    output, left for the calls already streaming to grow into (fairness under pressure)."""
+    if not c.right_sized or not factor:
+        return None
+    tokens = math.ceil(c.output_tokens * factor)
+    return {"cost": c.price.cost(output_tokens=tokens), "output_tokens": tokens, "total_tokens": tokens}
+
+
 class _Reserver:
     """The reservations one plan makes, with the hold it must give back if the store fails."""
 
@@ -272,6 +303,7 @@ class _Reserver:
             estimate=c.estimate,
             meta={"model": c.name, "requested_model": self.requested, "api": self.api, "request_id": self.caller.request_id},
             run_overrides=self.caller.run_overrides,
+            headroom=admission_headroom(c, self.p.policy.streaming.admission_headroom),
         )
 
     async def first_fit(self, options: list[Candidate], first_attempt: int) -> tuple[Decision, Candidate]:

@@ -39,6 +39,17 @@ class Candidate:
     output_tokens: int  # all choices
     cost: int  # nano-USD
     price_source: str = "static"  # or "cost_rate"
+    worst_output: int = 0  # a right-sized call: the most it may generate (all choices); 0: output_tokens
+
+    @property
+    def output_cap(self) -> int:
+        """The most output this call may generate, all choices (the cap forwarded to the backend)."""
+        return self.worst_output or self.output_tokens
+
+    @property
+    def right_sized(self) -> bool:
+        """Reserves less than its worst case: the reservation grows with the stream."""
+        return self.worst_output > self.output_tokens
 
     @property
     def estimate(self) -> dict[str, int]:

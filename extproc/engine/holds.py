@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import StoreUnavailable
+from ..policy.model import Policy
 from ..protocols.usage import Usage
+from ..stores.base import ExtendResult
 from .budget import Decision, Engine
 from .downshift import Candidate
+from .growth import Need
 from .pricing import ledger_usage, settlement, usage_cost
 
 log = logging.getLogger("extproc.holds")
@@ -44,9 +47,37 @@ class Settled:
 
 
 class CallHold:
-    def __init__(self, engine: Engine, decision: Decision, chosen: Candidate | None, spawn: Spawn) -> None:
-        self.engine, self.decision, self.chosen, self.spawn = engine, decision, chosen, spawn
+    def __init__(self, engine: Engine, decision: Decision, chosen: Candidate | None, spawn: Spawn, policy: Policy | None = None) -> None:
+        self.engine, self.decision, self.chosen, self.spawn, self.policy = engine, decision, chosen, spawn, policy
         self.open = True
+        self.reserved: dict[str, int] = dict(decision.reserved)  # grows with a right-sized stream
+        self.reserved_output = chosen.output_tokens if chosen is not None else 0
+        self.uncharged = 0  # nano-USD the backend used beyond what the budgets could cover (never charged)
+
+    @property
+    def growable(self) -> bool:
+        return self.chosen is not None and self.chosen.right_sized and self.policy is not None
+
+    async def grow(self, need: Need) -> ExtendResult:
+        """Grow the reserved output to `need.step` tokens, or if that does not fit to `need.tokens`,
+        on every line of the hold at once. Raises StoreUnavailable."""
+        result = await self._extend_output(need.step)
+        if not result.ok and result.found and result.reason is None and need.tokens < need.step:
+            result = await self._extend_output(need.tokens)
+        return result
+
+    async def _extend_output(self, tokens: int) -> ExtendResult:
+        c, policy = self.chosen, self.policy
+        assert c is not None and policy is not None
+        before = c.price.cost(input_tokens=c.input_tokens, output_tokens=self.reserved_output)
+        after = c.price.cost(input_tokens=c.input_tokens, output_tokens=tokens)
+        delta = {"cost": after - before, "output_tokens": tokens - self.reserved_output}
+        result = await self.engine.extend(policy, self.decision.hold, delta)
+        if result.ok:
+            self.reserved_output = tokens
+            for dim, amount in (*delta.items(), ("total_tokens", delta["output_tokens"])):
+                self.reserved[dim] = self.reserved.get(dim, 0) + amount
+        return result
 
     def stream_outcome(self, reader: StreamFacts | None, *, ended: bool) -> tuple[Usage | None, str]:
         """What a call whose answer streamed (or never came) is charged, and the ledger's
@@ -67,7 +98,7 @@ class CallHold:
     def charge(self, usage: Usage | None) -> dict[str, int]:
         """What settling `usage` charges (None, or no model: the reservation)."""
         if usage is None or self.chosen is None:
-            return dict(self.decision.reserved)
+            return dict(self.reserved)
         cost = usage_cost(self.chosen.spec, self.chosen.price, usage)
         return {"cost": cost, "input_tokens": usage.total_input, "output_tokens": usage.output_tokens, "requests": 1}
 
@@ -77,7 +108,9 @@ class CallHold:
             return None
         self.open = False
         charge = self.charge(usage)
-        reserved = self.decision.reserved.get("cost", 0)
+        if self.growable and charge.get("cost", 0) > self.reserved.get("cost", 0):
+            charge = await self._within_budget(charge)
+        reserved = self.reserved.get("cost", 0)
         meta: dict[str, Any] = {"usage_source": source, "status": status}
         if self.chosen is not None:
             p = self.chosen.price
@@ -87,6 +120,8 @@ class CallHold:
             }
         if usage is not None:
             meta["usage"] = ledger_usage(usage)
+        if self.uncharged:
+            meta["uncharged"] = self.uncharged
         overrun = max(0, charge.get("cost", 0) - reserved)
         if overrun:  # the backend outgrew the reservation
             meta["overrun"] = overrun
@@ -99,6 +134,24 @@ class CallHold:
             self.spawn(self.engine.settle_retrying(hold, charge, meta))
             return Settled(charge.get("cost", 0), reserved, overrun, stored=False)
         return Settled(result.charged.get("cost", 0), reserved, overrun, stored=True, replayed=result.replayed)
+
+    async def _within_budget(self, charge: dict[str, int]) -> dict[str, int]:
+        """A right-sized call that used more than it reserved (the backend counted more than we
+        did): grow the hold to cover it if the budgets allow, else charge what is reserved and
+        record the rest as `uncharged`, so spend never passes a limit."""
+        assert self.policy is not None
+        over = {dim: v - self.reserved.get(dim, 0) for dim, v in charge.items() if v > self.reserved.get(dim, 0)}
+        try:
+            result: ExtendResult | None = await self.engine.extend(self.policy, self.decision.hold, over)
+        except StoreUnavailable:
+            result = None
+        if result is not None and result.ok:
+            for dim, amount in over.items():
+                self.reserved[dim] = self.reserved.get(dim, 0) + amount
+            return charge
+        self.uncharged = over.get("cost", 0)
+        log.warning("%s used %d nano-USD beyond what its budgets cover; not charged", self.decision.hold.reservation_id, self.uncharged)
+        return {dim: min(v, self.reserved.get(dim, v)) for dim, v in charge.items()}
 
     async def release(self) -> bool:
         """Give everything back; False if the hold was already closed."""

@@ -57,6 +57,16 @@ class ModelSpec(_Frozen):
         {}, description="USD per call of a built-in tool (web_search, file_search, ...); a request enabling an unlisted one is refused"
     )
     tool_calls_reserved: int = Field(4, ge=0, le=1000, description="calls of the priciest enabled tool reserved per request")
+    expected_output_tokens: int | None = Field(
+        None, gt=0, le=10_000_000,
+        description="output a streamed call reserves per choice before this caller's history is known "
+        "(the reservation then grows with the stream); unset: the worst case until history exists",
+    )  # fmt: skip
+    upstream_stream: bool = Field(
+        False,
+        description="ask the backend to stream a JSON call, grow its reservation as tokens arrive and return "
+        "the JSON assembled from the stream (right-sized reservations for non-streamed calls too)",
+    )
 
     _money = field_validator("input", "output", "cached_input", "cache_write", "audio_input", "audio_output", mode="before")(
         lambda cls, v: None if v is None else decimal_str(v)
@@ -312,6 +322,29 @@ class AlertsSpec(_Frozen):
         return v
 
 
+class StreamingSpec(_Frozen):
+    """Right-sized reservations for calls the service sees stream (engine/growth.py).
+
+    A streamed call reserves its input plus an *expected* output: the
+    `history_percentile` of what this principal's last `history_calls` calls
+    of the model produced (once `min_history` are known), else the model's
+    `expected_output_tokens`, else the worst case; never more than the call's
+    own cap. As output passes, the reservation grows in steps of at least
+    `extend_step_tokens` (or half of what is reserved, whichever is larger)
+    before the chunk that needs it is released; when a step does not fit the
+    stream ends cleanly in the API's terms. `admission_headroom` keeps room for
+    the calls already streaming: a new call is admitted only if its budget also
+    has `admission_headroom` times its expected output left beyond it.
+    """
+
+    right_size: bool = True
+    history_calls: int = Field(20, ge=1, le=1000)
+    history_percentile: int = Field(95, ge=50, le=100)
+    min_history: int = Field(3, ge=1, le=1000)
+    extend_step_tokens: int = Field(256, ge=16, le=1_000_000)
+    admission_headroom: Decimal = Field(Decimal("1"), ge=0, le=100)
+
+
 class Enforcement(_Frozen):
     mode: Mode = Mode.HARD_GATE
     soft_gate_margin: Decimal = Field(Decimal("0.1"), ge=0, le=10)
@@ -328,6 +361,7 @@ class Policy(_Frozen):
     budgets: tuple[BudgetSpec, ...] = ()
     runs: RunsSpec = RunsSpec()
     enforcement: Enforcement = Enforcement()
+    streaming: StreamingSpec = StreamingSpec()
     alerts: AlertsSpec | None = Field(None, description="threshold alerts to webhooks (see engine/alerts.py)")
     failure_mode: Literal["fail_closed", "fail_open"] = "fail_closed"
     reservation_ttl_seconds: int = Field(600, gt=0, le=86400)

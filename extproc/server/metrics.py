@@ -41,6 +41,12 @@ FAIL_OPEN = Counter("extproc_fail_open_total", "Requests let through unmetered b
 CALLERS_REFUSED = Counter(
     "extproc_grpc_callers_refused_total", "gRPC calls refused before any work: missing, wrong or placeholder caller token", ["reason"]
 )
+EXTENSIONS = Counter("extproc_extensions_total", "Reservation growths of right-sized streams by outcome (ok, refused, error)", ["outcome"])
+CUTS = Counter("extproc_stream_cuts_total", "Streams the service ended because a budget could not grow (by reason)", ["reason"])
+RESERVED_TO_CHARGED = Histogram(
+    "extproc_reserved_to_charged_ratio", "Peak reserved / charged cost per settled call (false-refusal risk: high means over-reserving)",
+    buckets=(1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0, 1000.0),
+)
 OVERRUNS = Counter("extproc_overruns_total", "Settlements that charged more than the call's reservation (ledger meta: overrun)")
 
 
@@ -50,6 +56,8 @@ def settled(d: Any, done: Any, seconds: float) -> None:
     SETTLE_SECONDS.observe(seconds)
     if done.reserved:
         ESTIMATE_RATIO.observe(done.cost / done.reserved)
+        if done.cost:
+            RESERVED_TO_CHARGED.observe(done.reserved / done.cost)
     if done.overrun:
         OVERRUNS.inc()
     if not done.stored:

@@ -32,6 +32,8 @@ class Reply:
     skip_rest: bool = False  # no body, no response phases for this request
     headers_only: bool = False  # no request or response body; response headers still sent (flat-priced routes)
     stream_response: bool = False  # switch the response body to STREAMED
+    json_from_stream: bool = False  # with stream_response: the client gets JSON assembled from the stream
+    end_stream: bool = False  # this body ends the response (a cut stream); the upstream is ended
     skip_response_body: bool = False  # response body not needed
     metadata: dict[str, Any] | None = None  # Envoy dynamic metadata (namespace extproc.budget)
 

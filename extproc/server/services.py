@@ -9,11 +9,14 @@ from typing import Any
 
 from ..engine.alerts import Alerter
 from ..engine.budget import Decision, Engine
+from ..engine.calls import Caller, Plan
+from ..engine.growth import OutputHistory, expected_output
 from ..engine.holds import Settled
 from ..engine.recent import DecisionLog, RecentStates
 from ..estimate import TokenCounter
 from ..policy.loader import PolicyHolder
-from ..policy.model import Policy
+from ..policy.model import ModelSpec, Policy
+from ..protocols.usage import Usage
 
 
 @dataclass
@@ -30,11 +33,23 @@ class Services:
     rates: Any = None  # costrate.CostRates when the policy has self-hosted backends
     background: set[asyncio.Future[Any]] = field(default_factory=set)
     alerts: Alerter | None = None  # threshold alerts (policy `alerts`), sent from background tasks
+    history: OutputHistory = field(default_factory=OutputHistory)  # what callers' calls really generated
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Future[Any] = asyncio.ensure_future(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+
+    def expected_output(self, policy: Policy, principal: str, model: str, spec: ModelSpec) -> int | None:
+        """Output per choice a right-sized call of `principal` reserves (engine.growth)."""
+        return expected_output(self.history, policy.streaming, spec, principal, model)
+
+    def learn_output(self, policy: Policy, caller: Caller | None, plan: Plan | None, usage: Usage | None, source: str) -> None:
+        """Remember what a completed call generated, per choice (not a cut or estimated one)."""
+        if caller is None or plan is None or usage is None or source not in ("body", "stream"):
+            return
+        n = max(1, plan.facts.n)
+        self.history.add(caller.who.principal, plan.chosen.name, usage.output_tokens // n, size=policy.streaming.history_calls)
 
     def after_settle(self, policy: Policy, decision: Decision, done: Settled) -> None:
         """What follows a settle the store took: threshold alerts (checked in the background)."""

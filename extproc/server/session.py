@@ -24,8 +24,9 @@ from ..errors import BadRequest, ClientError, RouteDenied, StoreUnavailable, Ups
 from ..estimate import CountingBusy, Counts
 from ..money import nano_to_usd, usd_to_nano
 from ..protocols.usage import Usage
-from . import budget_endpoint, metrics, render
+from . import answer, budget_endpoint, metrics, render
 from . import headers as H
+from .answer import StreamedAnswer
 from .gate import Gate, log
 from .lifecycle import Phase, advance
 from .reply import Reply
@@ -38,7 +39,8 @@ class Session(Gate):
     def __init__(self, services: Services, *, caller_authenticated: bool = False) -> None:
         super().__init__(services, caller_authenticated=caller_authenticated)
         self.hold: CallHold | None = None
-        self.reader: Any = None  # protocols.stream.StreamReader for SSE answers
+        self.answer: StreamedAnswer | None = None  # an answer that passes as a stream
+        self.upstream_stream = False
         self.status = 0
         self.strip_usage = False  # we injected include_usage, so hide the usage chunk
         self.content_encoding: str | None = None
@@ -95,7 +97,8 @@ class Session(Gate):
         except ClientError as e:
             return self._refuse(e, retry_after=1 if isinstance(e, CountingBusy) else None)
         rates = self.s.rates
-        planner = Planner(self.s.engine, policy, live_price=rates.price_for_model if rates else None, spawn=self.s.spawn)
+        live, expected = rates.price_for_model if rates else None, functools.partial(self.s.expected_output, policy, caller.who.principal)
+        planner = Planner(self.s.engine, policy, live_price=live, spawn=self.s.spawn, expected_output=expected)
         names = planner.models(facts, downshift=route_model is None)  # a path-named model cannot be re-routed
         try:
             if large and (too_big := await planner.refused_by_size(call, names, caller)) is not None:
@@ -114,7 +117,7 @@ class Session(Gate):
         self.s.decisions.add(LoggedDecision(caller.who.principal, caller.run_id, plan, policy.prices.version, now))
         if (refused := self._decided(d, plan.changed, plan.alternatives)) is not None:
             return refused
-        self.hold = CallHold(self.s.engine, d, plan.chosen, self.s.spawn)
+        self.hold = CallHold(self.s.engine, d, plan.chosen, self.s.spawn, policy)
         for c in counts.values():  # only allowed calls fill the token cache
             self.s.counter.remember(c)
         return self._forward(plan)
@@ -125,12 +128,13 @@ class Session(Gate):
         assert self.schema is not None
         facts, chosen = plan.facts, plan.chosen
         self.strip_usage = inject = facts.stream and not facts.include_usage and self.schema.include_usage_option
+        self.upstream_stream = upstream = not facts.stream and chosen.right_sized  # JSON assembled from a stream
         new_model = chosen.name if chosen.name != facts.model else None
-        per_choice = chosen.output_tokens // max(1, facts.n)
+        per_choice = chosen.output_cap // max(1, facts.n)
         cap = per_choice if per_choice and (facts.max_output is None or facts.max_output > per_choice) else None
         reply = Reply(set_headers=[(self.policy.decisions.route_header, chosen.name)], clear_route_cache=True)
-        if inject or new_model or cap:
-            reply.body = self.schema.rewrite_request(facts, model=new_model, include_usage=inject, max_output=cap)
+        if inject or new_model or cap or upstream:
+            reply.body = self.schema.rewrite_request(facts, model=new_model, include_usage=inject, max_output=cap, stream=upstream or None)
             reply.set_headers.append(("content-length", str(len(reply.body))))
         return reply
 
@@ -176,19 +180,17 @@ class Session(Gate):
         if self.s.rates is not None:
             reply.set_headers += self.s.rates.headers_for_model(chosen.name)
         self.content_encoding = headers.get("content-encoding")
-        if "text/event-stream" in headers.get("content-type", "") and self.schema is not None:
-            count, enc = self.s.counter.count, chosen.spec.encoding
-            self.reader = self.schema.stream_reader(
-                strip_usage_chunk=self.strip_usage, count_tokens=lambda t: count(t, enc), content_encoding=self.content_encoding
-            )
+        if "text/event-stream" in headers.get("content-type", "") and self.schema is not None and self.plan is not None:
+            self.answer = answer.open(self.s, self.policy, self.schema, self.hold, self.plan, self.strip_usage, self.content_encoding)
             reply.stream_response = True
+            reply.json_from_stream = self.upstream_stream
         return reply
 
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Reply:
         self.phase = advance(self.phase, Phase.RESPONSE_BODY)
         if self.hold is None or not self.hold.open or self.schema is None:
             return Reply()
-        if self.reader is None:  # buffered JSON
+        if self.answer is None:  # buffered JSON
             try:
                 usage = self.schema.usage_from_body(chunk, content_encoding=self.content_encoding)
             except UpstreamError as e:
@@ -196,17 +198,15 @@ class Session(Gate):
                 usage = None
             cost = await self._settle(usage, source="body" if usage else "estimate")
             return Reply(set_headers=[(H.COST, nano_to_usd(cost)), (H.COST_SOURCE, self.cost_source)], metadata=self._metadata(cost))
-        out = self.reader.feed(chunk) + (self.reader.finish() if end_of_stream else b"")
         if not end_of_stream:
-            return Reply(body=None if out == chunk else out)
-        if self.reader.malformed_events:  # never silent: a skipped frame could be unbilled spend
-            r = self.reader
-            log.warning("stream %s had %d malformed event(s): %s", self.reservation_id, r.malformed_events, r.last_error)
+            piece = await self.answer.chunk(chunk)
+            if piece.cut is None:
+                return Reply(body=piece.body)
+            cost = await self._settle(self.answer.usage_so_far(), source="cut")
+            return Reply(body=piece.body, end_stream=True, metadata=self._metadata(cost))
+        out = self.answer.last(chunk, self.reservation_id)
         cost = await self._settle_stream(ended=True)
-        if self.reader.may_rewrite:  # never inside a compressed body; says when the cost is an estimate
-            estimate = f": {H.COST_SOURCE}={self.cost_source}\n\n" if self.cost_source != "stream" else ""
-            out += f"{estimate}: {H.COST}={nano_to_usd(cost)}\n\n".encode()
-        return Reply(body=out, metadata=self._metadata(cost))
+        return Reply(body=out + self.answer.cost_comment(cost, self.cost_source), metadata=self._metadata(cost))
 
     async def close(self) -> None:
         """The stream ended. A hold still open is released (non-2xx) or charged what was observed:
@@ -221,7 +221,7 @@ class Session(Gate):
 
     async def _settle_stream(self, *, ended: bool) -> int:
         assert self.hold is not None
-        usage, source = self.hold.stream_outcome(self.reader, ended=ended)
+        usage, source = self.hold.stream_outcome(self.answer.reader if self.answer else None, ended=ended)
         return await self._settle(usage, source=source)
 
     async def _settle(self, usage: Usage | None, *, source: str) -> int:
@@ -232,6 +232,7 @@ class Session(Gate):
         self.phase = Phase.DONE
         if done is None:
             return 0
+        self.s.learn_output(self.policy, self.caller, self.plan, usage, source)  # what this caller really generates
         metrics.settled(self.hold.decision, done, time.perf_counter() - t0)
         self.s.after_settle(self.policy, self.hold.decision, done)  # budget threshold alerts
         return done.cost

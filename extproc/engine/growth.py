@@ -1,0 +1,129 @@
+"""Reservations that grow with the output: right-sized calls the service sees stream.
+
+A call whose answer passes through the service as a stream (the client asked
+for one, or the model's policy has `upstream_stream`) does not reserve its
+worst case. It reserves its input plus an *expected* output
+(`expected_output`), and `StreamGrowth` grows the hold as output passes, in
+steps, before the chunk that needs them is released. When a step does not
+fit (or the run's wall-clock deadline passed) the growth says `Cut`: the
+session ends the stream cleanly in the API's terms and charges what was
+delivered, which the reservation covers, so spend never passes a limit.
+
+Expected output is the `history_percentile` of what this principal's last
+calls of the model produced (`OutputHistory`, per process: each worker
+learns on its own, a restart forgets), else the model's
+`expected_output_tokens`, else nothing (the worst case is reserved).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from decimal import Decimal
+
+from ..policy.model import ModelSpec, StreamingSpec
+from .budget import Decision
+
+HISTORY_KEYS = 50_000  # (principal, model) pairs remembered; the least recently used go first
+MIN_LOOKAHEAD_TOKENS = 16  # grown this far ahead of the output at least
+
+
+class OutputHistory:
+    """Output tokens per choice of each principal's recent calls, per model (bounded)."""
+
+    def __init__(self, keys: int = HISTORY_KEYS) -> None:
+        self._items: OrderedDict[tuple[str, str], deque[int]] = OrderedDict()
+        self._keys = keys
+
+    def add(self, principal: str, model: str, output_per_choice: int, *, size: int) -> None:
+        key = (principal, model)
+        d = self._items.get(key)
+        if d is None or d.maxlen != size:
+            d = self._items[key] = deque(d or (), maxlen=size)
+        d.append(max(0, output_per_choice))
+        self._items.move_to_end(key)
+        if len(self._items) > self._keys:
+            self._items.popitem(last=False)
+
+    def percentile(self, principal: str, model: str, pct: int, *, min_count: int) -> int | None:
+        """The nearest-rank `pct` percentile, None with fewer than `min_count` calls known."""
+        d = self._items.get((principal, model))
+        if d is None or len(d) < min_count:
+            return None
+        ordered = sorted(d)
+        return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
+
+
+def expected_output(history: OutputHistory, streaming: StreamingSpec, spec: ModelSpec, principal: str, model: str) -> int | None:
+    """Output per choice a right-sized call reserves, None when nothing is known (worst case)."""
+    seen = history.percentile(principal, model, streaming.history_percentile, min_count=streaming.min_history)
+    if seen is not None:
+        return max(MIN_LOOKAHEAD_TOKENS, seen)
+    return spec.expected_output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """The stream must end now. `reason`: budget_exhausted | run_deadline | run_closed;
+    `scope`: the budget that did not fit ("key:bob")."""
+
+    reason: str
+    scope: str
+
+
+def cut_of(decision: Decision, blocked: int | None, *, closed: bool = False) -> Cut:
+    """Name what refused an extension (a line of the decision, or the run)."""
+    if closed:
+        return Cut("run_closed", f"run:{decision.run}" if decision.run else "run")
+    if blocked is None or blocked >= len(decision.limits):
+        return Cut("budget_exhausted", "")
+    lim = decision.limits[blocked]
+    return Cut("run_deadline" if lim.spec.dimension == "duration" else "budget_exhausted", lim.budget)
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """What the next chunk needs reserved: `tokens` (all choices) at least, `step` if it fits."""
+
+    tokens: int
+    step: int
+
+
+class StreamGrowth:
+    """When one right-sized call must grow its reservation (pure: the hold does the store call).
+
+    `need` is asked before each chunk is released, with the output counted so
+    far (this chunk included): None while the reservation covers the output
+    (times the model's token safety factor) plus a lookahead of twice the
+    largest chunk seen; else how far to grow."""
+
+    def __init__(self, *, reserved: int, cap: int, step_tokens: int, safety: Decimal, deadline_ms: int | None) -> None:
+        self.reserved = reserved  # output tokens reserved, all choices
+        self.cap = cap  # the most the backend may generate (the cap forwarded to it)
+        self.step_tokens = step_tokens
+        self.safety = safety
+        self.deadline_ms = deadline_ms
+        self.largest_chunk = 0
+        self.extensions = 0
+
+    def past_deadline(self, now_ms: int) -> bool:
+        return self.deadline_ms is not None and now_ms >= self.deadline_ms
+
+    def need(self, counted: int, chunk_tokens: int) -> Need | None:
+        self.largest_chunk = max(self.largest_chunk, chunk_tokens)
+        output = counted if self.safety == 1 else math.ceil(counted * self.safety)
+        want = min(self.cap, output + max(MIN_LOOKAHEAD_TOKENS, 2 * self.largest_chunk))
+        if want <= self.reserved:
+            return None
+        step = min(self.cap, max(want, self.reserved + max(self.step_tokens, self.reserved // 2)))
+        return Need(want, step)
+
+    def covers(self, counted: int) -> bool:
+        """Whether what was counted so far (this chunk included) is within the reservation."""
+        output = counted if self.safety == 1 else math.ceil(counted * self.safety)
+        return output <= self.reserved or counted >= self.cap
+
+    def grew(self, reserved: int) -> None:
+        self.reserved = reserved
+        self.extensions += 1
