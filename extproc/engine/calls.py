@@ -160,13 +160,16 @@ class Planner:
         )
         live = self.live_price(name) if self.live_price is not None else None
         price = live or spec.price
-        output, worst = est.output_tokens, 0
+        tools = tool_reserve(spec, call.facts.builtin_tools)
+        cost = price.cost(input_tokens=est.input_tokens, output_tokens=est.output_tokens) + tools
+        source = "cost_rate" if live else "static"
         if self.expected_output is not None and self.streams(call.facts, spec):
             expected = self.expected_output(name, spec)
             if expected is not None and expected * max(1, call.facts.n) < est.output_tokens:
-                output, worst = expected * max(1, call.facts.n), est.output_tokens
-        cost = price.cost(input_tokens=est.input_tokens, output_tokens=output) + tool_reserve(spec, call.facts.builtin_tools)
-        return Candidate(name, spec, price, est.input_tokens, output, cost, "cost_rate" if live else "static", worst)
+                output = expected * max(1, call.facts.n)
+                right = price.cost(input_tokens=est.input_tokens, output_tokens=output) + tools
+                return Candidate(name, spec, price, est.input_tokens, output, right, source, est.output_tokens, cost)
+        return Candidate(name, spec, price, est.input_tokens, est.output_tokens, cost, source)
 
     # -- before tokenizing -----------------------------------------------------------
 

@@ -40,6 +40,7 @@ class Candidate:
     cost: int  # nano-USD
     price_source: str = "static"  # or "cost_rate"
     worst_output: int = 0  # a right-sized call: the most it may generate (all choices); 0: output_tokens
+    worst_cost: int = 0  # a right-sized call: what its worst case would have reserved (nano-USD)
 
     @property
     def output_cap(self) -> int:

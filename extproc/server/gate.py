@@ -123,6 +123,7 @@ class Gate:
             requested_model=plan.requested if plan else "",
             selected_model=plan.chosen.name if plan else "",
             clamped=plan.clamped if plan else False,
+            worst_case=plan.chosen.worst_cost if plan and plan.chosen.right_sized else None,
         )
 
     def _early_refusal(self, d: Decision, blocked: int | None) -> Reply:

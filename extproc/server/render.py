@@ -49,7 +49,9 @@ def state_headers(
     requested_model: str = "",
     selected_model: str = "",
     clamped: bool = False,
+    worst_case: int | None = None,
 ) -> list[tuple[str, str]]:
+    """The decision headers. `worst_case` (nano-USD) is given for a right-sized reservation."""
     changed = clamped or (requested_model != selected_model)
     out = [
         (H.DECISION, decision_value(d, changed)),
@@ -63,6 +65,10 @@ def state_headers(
         out += [(H.REQUESTED_MODEL, requested_model), (H.SELECTED_MODEL, selected_model or requested_model)]
     if clamped:
         out.append((H.OUTPUT_CLAMPED, "true"))
+    if requested_model:
+        out.append((H.RESERVATION, "worst_case" if worst_case is None else "expected"))
+        if worst_case is not None:
+            out.append((H.WORST_CASE, nano_to_usd(worst_case)))
     tight = d.tightest("cost")
     if tight is not None:
         lim, st = tight
