@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,11 +204,8 @@ async def main_async(args: argparse.Namespace) -> str:
 
 
 def _write(text: str) -> str:
-    import tempfile
-
-    f = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    f.write(text)
-    f.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
     return f.name
 
 
