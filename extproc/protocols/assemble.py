@@ -69,8 +69,20 @@ nothing but `UpstreamError`, and only for size.
 Memory. The assembler holds the output: the client asked for it whole. What
 it holds (text, arguments, logprobs, finished items, the response object) is
 counted in UTF-8 bytes against `max_bytes` (default 16 MiB, about four
-million tokens of text); past it `take` raises `UpstreamError` and the caller
-ends the call. The body is built once, at `body()`.
+million tokens of text); past it `take` raises `UpstreamError` (and so does
+`body()`, should the caller have carried on) and the caller ends the call.
+The body is built once, at `body()`.
+
+Wiring. Every event a `StreamReader` decodes goes through its observer, so an
+observer that hands `(event, obj)` to `take` before observing sees exactly the
+events to assemble (the tests do this). The reader records an observer's
+`UpstreamError` as a malformed event and goes on: the size bound then shows at
+`body()`. An event over the reader's `max_event_bytes` reaches the observer
+reduced to its usage: a Responses terminal event (it echoes the whole output)
+is then assembled from the other events, as above; a reduced
+`response.created`/`.in_progress` (instructions over the cap) is ignored, and
+without any full response object `body()` raises. Give the reader of an
+assembled call a cap above the largest request the service accepts.
 """
 
 from __future__ import annotations
@@ -244,6 +256,8 @@ class Assembler(ABC):
         `usage`: the usage to report if the stream's own never came."""
         if self.error is not None:
             raise UpstreamError(f"the backend's stream ended in an error: {json.dumps(self.error)[:200]}")
+        if self.held > self.max_bytes:  # `take` raised, and whoever called it carried on
+            raise UpstreamError(f"the assembled response is over {self.max_bytes} bytes")
         return _dumps(self._build(cut, usage))
 
     @abstractmethod
@@ -530,6 +544,8 @@ class ResponsesAssembler(Assembler):
             status = terminal.removeprefix("response.")
             self._terminal = response if "status" in response else {**response, "status": status}
             self._hold(size)
+            return
+        if "id" not in response:  # reduced to its usage (an oversize event): not a response object
             return
         self.held -= self._response_size
         self._response, self._response_size = response, size

@@ -36,6 +36,7 @@ from extproc.protocols import (
     OPENAI_EMBEDDINGS,
     OPENAI_RESPONSES,
     Schema,
+    StreamReader,
     Usage,
 )
 from extproc.protocols.assemble import (
@@ -650,3 +651,56 @@ def test_garbage_events_raise_nothing_but_upstream_errors(api: str, events: list
         json.loads(asm.body(cut=cut, usage=CUT_USAGE))
     except UpstreamError:
         pass
+
+
+# --- wired behind a StreamReader, as the service feeds it ----------------------------
+
+
+def tee(schema: Schema, asm: Any) -> Callable[[str | None, dict[str, Any]], Any]:
+    assert schema.observe is not None
+    observe = schema.observe
+
+    def both(event: str | None, obj: dict[str, Any]) -> Any:
+        asm.take(event, obj)
+        return observe(event, obj)
+
+    return both
+
+
+@pytest.mark.parametrize("name", streams())
+@pytest.mark.parametrize("split", [7, 4096])
+def test_fed_by_a_stream_reader_in_pieces_gives_the_same_body(name: str, split: int) -> None:
+    """The stream read in `split`-byte pieces by a StreamReader whose observer feeds
+    the assembler; Responses with an event cap under the terminal event's size, so it
+    arrives reduced to its usage (stream.py)."""
+    schema, raw = schema_of(name), decoded(name)
+    asm = assembler_for(schema.name)
+    cap = 64 << 20
+    if schema is OPENAI_RESPONSES:  # under the terminal event, over every other
+        sizes = [len(json.dumps(obj)) for _, obj in sse_events(raw)]
+        cap = max(sizes[:-1]) + 64
+        assert sizes[-1] > cap
+    reader = StreamReader(tee(schema, asm), strip_usage_chunk=False, count_tokens=None, max_event_bytes=cap)
+    for i in range(0, len(raw), split):
+        reader.feed(raw[i : i + split])
+    reader.finish()
+    assert reader.malformed_events == 0 and reader.done == (schema is not OPENAI_CHAT or b"[DONE]" in raw)
+    assert (reader.oversize_events > 0) == (schema is OPENAI_RESPONSES)
+    body = json.loads(asm.body())
+    whole = assemble(schema, sse_events(raw))
+    if schema is OPENAI_RESPONSES:  # assembled from the items and the last full object: what the final one settles differs
+        assert (body["id"], body["status"], body["output"], body["usage"]) == (whole["id"], whole["status"], whole["output"], whole["usage"])
+    else:
+        assert body == whole
+    assert schema.usage_from_body(json.dumps(body).encode()) == reader.usage
+
+
+def test_a_size_overflow_swallowed_by_the_reader_still_fails_the_body() -> None:
+    schema, raw = OPENAI_CHAT, decoded("oai-chat-sse-usage-cached")
+    asm = assembler_for(schema.name, max_bytes=100)
+    reader = StreamReader(tee(schema, asm), strip_usage_chunk=False, count_tokens=None)
+    reader.feed(raw)
+    reader.finish()
+    assert reader.malformed_events > 0 and "over 100 bytes" in (reader.last_error or "")
+    with pytest.raises(UpstreamError, match="over 100 bytes"):
+        asm.body()
