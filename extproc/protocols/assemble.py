@@ -687,10 +687,13 @@ class MessagesAssembler(Assembler):
     def _render_block(self, i: int, block: dict[str, Any], cut: bool) -> dict[str, Any] | None:
         out = dict(block)
         stopped = i in self._stopped
-        for target in ("text", "thinking", "signature"):
+        for target in ("text", "thinking"):
             pieces = self._pieces.get((i, target))
             if pieces:
                 out[target] = (_str(block.get(target)) or "") + "".join(pieces)
+        signatures = self._pieces.get((i, "signature"))
+        if signatures:  # each signature_delta carries the whole signature
+            out["signature"] = signatures[-1]
         pieces = self._pieces.get((i, "input"))
         if pieces:
             raw = "".join(pieces)

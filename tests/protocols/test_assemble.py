@@ -704,3 +704,145 @@ def test_a_size_overflow_swallowed_by_the_reader_still_fails_the_body() -> None:
     assert reader.malformed_events > 0 and "over 100 bytes" in (reader.last_error or "")
     with pytest.raises(UpstreamError, match="over 100 bytes"):
         asm.body()
+
+
+# --- the SDKs' own stream accumulators agree -----------------------------------------
+
+
+def pruned(value: Any) -> Any:
+    """Without null and empty fields (an SDK snapshot spells every optional field out)."""
+    if isinstance(value, dict):
+        return {k: pruned(v) for k, v in value.items() if v not in (None, [])}
+    if isinstance(value, list):
+        return [pruned(v) for v in value]
+    return value
+
+
+def sse_openai(raw: bytes) -> openai.OpenAI:
+    transport = httpx.MockTransport(lambda _: httpx.Response(200, content=raw, headers={"content-type": "text/event-stream"}))
+    return openai.OpenAI(base_url="http://sdk.test/v1", api_key="x", max_retries=0, http_client=httpx.Client(transport=transport))
+
+
+def sdk_accumulated(schema: Schema, raw: bytes) -> dict[str, Any]:
+    """What the SDK's streaming helper makes of the stream: its final object."""
+    if schema is OPENAI_CHAT:
+        with sse_openai(raw).chat.completions.stream(model="m", messages=USER) as s:  # type: ignore[arg-type]
+            s.until_done()
+            try:
+                final = s.get_final_completion()
+            except openai.LengthFinishReasonError as e:  # it parses, and refuses a capped answer
+                final = e.completion
+        out = final.to_dict()
+        for choice in out["choices"]:
+            choice["message"].pop("parsed", None)
+            for call in choice["message"].get("tool_calls") or ():
+                call.pop("index")  # a stream artifact its snapshot keeps
+        return out
+    if schema is OPENAI_RESPONSES:
+        with sse_openai(raw).responses.stream(model="m", input="hi") as s:
+            s.until_done()
+            return s.get_final_response().to_dict()
+    transport = httpx2.MockTransport(lambda _: httpx2.Response(200, content=raw, headers={"content-type": "text/event-stream"}))
+    client = anthropic.Anthropic(base_url="http://sdk.test", api_key="x", max_retries=0, http_client=httpx2.Client(transport=transport))
+    with client.messages.stream(model="m", max_tokens=5, messages=USER) as s:  # type: ignore[arg-type]
+        s.until_done()
+        return s.get_final_message().to_dict()
+
+
+# the Responses helper insists on response.completed; Anthropic's drops message_delta's context_management
+# (the non-streamed JSON of the same request has it: ant-json-server-tool-use)
+ACCUMULATED = [n for n in streams("openai.chat_completions", "openai.responses", "anthropic.messages") if n != "oai-responses-sse-incomplete"]
+
+
+@pytest.mark.parametrize("name", ACCUMULATED)
+def test_the_sdk_accumulating_the_same_stream_gets_the_same_object(name: str) -> None:
+    schema, raw = schema_of(name), decoded(name)
+    body = assemble(schema, sse_events(raw))
+    if schema is ANTHROPIC_MESSAGES:
+        body.pop("context_management", None)
+    assert pruned(sdk_accumulated(schema, raw)) == pruned(body)
+
+
+# --- fields the corpus does not record: logprobs, annotations, citations --------------
+
+
+def test_chat_and_completions_logprobs_are_concatenated() -> None:
+    entry = {"token": " hi", "logprob": -0.5, "bytes": [32, 104, 105], "top_logprobs": []}
+    chat = [(e, copy.deepcopy(o)) for e, o in sse_events(decoded("oai-chat-sse-usage"))]
+    texts = [o["choices"][0]["delta"].get("content") for _, o in chat if o["choices"]]
+    for _, o in chat:
+        if o["choices"] and o["choices"][0]["delta"].get("content"):
+            o["choices"][0]["logprobs"] = {"content": [{**entry, "token": o["choices"][0]["delta"]["content"]}], "refusal": None}
+    body = assemble(OPENAI_CHAT, chat)
+    assert [e["token"] for e in body["choices"][0]["logprobs"]["content"]] == [t for t in texts if t]
+    assert body["choices"][0]["logprobs"]["refusal"] is None
+    got = through_sdk(OPENAI_CHAT, body)
+    assert "".join(t.token for t in got.choices[0].logprobs.content) == got.choices[0].message.content
+
+    legacy = [(e, copy.deepcopy(o)) for e, o in sse_events(decoded("oai-completions-sse"))]
+    for _, o in legacy:
+        t = o["choices"][0]["text"]
+        o["choices"][0]["logprobs"] = {"tokens": [t], "token_logprobs": [-0.1], "top_logprobs": [{t: -0.1}], "text_offset": [0]}
+    body = assemble(OPENAI_COMPLETIONS, legacy)
+    assert "".join(body["choices"][0]["logprobs"]["tokens"]) == body["choices"][0]["text"]
+    assert len(body["choices"][0]["logprobs"]["text_offset"]) == len(legacy)
+    through_sdk(OPENAI_COMPLETIONS, body)
+
+
+ANNOTATED = {
+    **REFUSAL,
+    "id": "chatcmpl-search",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "Paris is the capital of France.",
+                "refusal": None,
+                "annotations": [{"type": "url_citation", "url_citation": {"start_index": 0, "end_index": 5, "title": "Paris", "url": "https://example.org/paris"}}],
+            },
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ],
+}
+
+CITED = {
+    "id": "msg_cited",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-sonnet-4-20250514",
+    "content": [
+        {
+            "type": "text",
+            "text": "The grass is green.",
+            "citations": [{"type": "char_location", "cited_text": "The grass is green.", "document_index": 0, "document_title": "Facts", "start_char_index": 0, "end_char_index": 19}],
+        },
+        {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/LafPsn4aDFIT2Xlxh0L5L8rLVyIwxtE3rAFBa8cr3qpP"},
+    ],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 30, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 12},
+}
+
+
+def test_chat_annotations_survive_the_round_trip() -> None:
+    body = assemble(OPENAI_CHAT, chat_stream_of(ANNOTATED))
+    assert body == ANNOTATED
+    assert through_sdk(OPENAI_CHAT, body).choices[0].message.annotations[0].url_citation.url == "https://example.org/paris"
+
+
+def test_anthropic_citations_and_redacted_thinking_survive_the_round_trip() -> None:
+    events = []
+    for event, obj in messages_stream_of(CITED):
+        block = obj.get("content_block")
+        if block is not None and block.get("citations"):  # streamed: an empty list, then one citations_delta each
+            obj = {**obj, "content_block": {**block, "citations": []}}
+            events.append((event, obj))
+            events += [("content_block_delta", {"type": "content_block_delta", "index": obj["index"], "delta": {"type": "citations_delta", "citation": c}}) for c in block["citations"]]
+        else:
+            events.append((event, obj))
+    body = assemble(ANTHROPIC_MESSAGES, events)
+    assert body == CITED
+    got = through_sdk(ANTHROPIC_MESSAGES, body)
+    assert got.content[0].citations[0].cited_text == "The grass is green."
