@@ -7,13 +7,15 @@ a stream, record) `UpstreamError`.
     path = normalize(":path value")                   # RequestPath, or BadPath (400)
     schema = schema_by_name("openai.chat")            # the route that matched names the API
     facts = schema.parse_request(body)                # RequestFacts (media, builtin_tools, …)
-    body = schema.rewrite_request(facts, model=..., include_usage=True, max_output=..., cap_field=None)
+    body = schema.rewrite_request(facts, model=..., include_usage=True, max_output=..., cap_field=None, stream=None)
     usage = schema.usage_from_body(response_body, content_encoding=...)   # buffered JSON response
     reader = schema.stream_reader(strip_usage_chunk=..., count_tokens=..., content_encoding=...)
     forward = reader.feed(chunk) ... reader.finish(); reader.usage, reader.counted_output_tokens
     reader.may_rewrite, reader.usage_complete, reader.terminal, reader.decode_error
+    asm = assembler_for(schema.name); asm.take(event, obj) ...; asm.body(cut=..., usage=...)   # JSON from a stream
 """
 
+from extproc.protocols.assemble import Assembler, assembler_for
 from extproc.protocols.encoding import (
     ContentDecoder,
     DecodedTooLarge,
@@ -46,6 +48,8 @@ from extproc.protocols.usage import Usage
 
 __all__ = [
     "ANTHROPIC_MESSAGES",
+    "Assembler",
+    "assembler_for",
     "ContentDecoder",
     "DecodeError",
     "DecodedTooLarge",

@@ -168,18 +168,33 @@ class Schema:
         include_usage: bool = False,
         max_output: int | None = None,
         cap_field: str | None = None,
+        stream: bool | None = None,
     ) -> bytes:
         """New body bytes with `model` replaced, `stream_options.include_usage`
         injected (streaming chat/completions only) and the per-choice output
         cap set in the fields `cap_fields(facts, cap_field)` names (the other
         cap fields are removed when `cap_field` is given). Other fields are
-        kept as they were; `facts.raw` is not touched."""
+        kept as they were; `facts.raw` is not touched.
+
+        `stream=True` asks the backend to stream whatever the client asked
+        (`"stream": true`, and `include_usage` as if asked: the stream of a
+        non-streamed call is assembled back into JSON, see assemble.py, and
+        its usage must come with it); `stream=False` asks it not to (and drops
+        `stream_options`, refused without `stream`); None keeps the client's."""
         new = dict(facts.raw)
         if model is not None:
             if not isinstance(model, str) or not model:
                 raise ValueError("model must be a non-empty string")
             new["model"] = model
-        if include_usage and self.include_usage_option and facts.stream:
+        streams = facts.stream
+        if stream is not None:
+            if not self.streams:
+                raise ValueError(f"{self.name} responses do not stream")
+            new["stream"] = streams = stream
+            include_usage = include_usage or stream
+            if not stream:
+                new.pop("stream_options", None)
+        if include_usage and self.include_usage_option and streams:
             options = new.get("stream_options")
             options = dict(options) if isinstance(options, dict) else {}
             options["include_usage"] = True

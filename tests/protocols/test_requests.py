@@ -364,6 +364,37 @@ def test_rewrite_include_usage_only_when_streaming() -> None:
     assert "stream_options" not in json.loads(OPENAI_CHAT.rewrite_request(facts, include_usage=True))
 
 
+STREAM_USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("schema", "body"),
+    [
+        (OPENAI_CHAT, {"model": "gpt-4o", "messages": STREAM_USER, "max_tokens": 5}),
+        (OPENAI_COMPLETIONS, {"model": "m", "prompt": "hi", "stream_options": {"other": 1}}),
+        (OPENAI_RESPONSES, {"model": "gpt-4o", "input": "hi"}),
+        (ANTHROPIC_MESSAGES, {"model": "claude", "max_tokens": 5, "messages": STREAM_USER}),
+    ],
+)
+def test_rewrite_asks_the_backend_to_stream(schema: Schema, body: dict[str, Any]) -> None:
+    facts = schema.parse_request(json.dumps(body).encode())
+    rewritten = json.loads(schema.rewrite_request(facts, stream=True, model="other", max_output=7))
+    want = {**body, "model": "other", "stream": True, schema.cap_fields(facts)[0]: 7}
+    if schema.include_usage_option:
+        want["stream_options"] = {**body.get("stream_options", {}), "include_usage": True}
+    assert rewritten == want
+    assert schema.parse_request(json.dumps(rewritten).encode()).stream
+    assert json.loads(schema.rewrite_request(facts)) == body  # without `stream`: as before
+    back = json.loads(schema.rewrite_request(schema.parse_request(json.dumps(rewritten).encode()), stream=False))
+    assert back["stream"] is False and "stream_options" not in back
+
+
+def test_rewrite_cannot_stream_embeddings() -> None:
+    facts = OPENAI_EMBEDDINGS.parse_request(b'{"model": "e", "input": "hi"}')
+    with pytest.raises(ValueError):
+        OPENAI_EMBEDDINGS.rewrite_request(facts, stream=True)
+
+
 def test_rewrite_embeddings_ignores_max_output_and_identity_rewrite_is_equivalent() -> None:
     facts = OPENAI_EMBEDDINGS.parse_request(body({"model": "e", "input": "x"}))
     assert json.loads(OPENAI_EMBEDDINGS.rewrite_request(facts, model="e2", max_output=5)) == {"model": "e2", "input": "x"}
