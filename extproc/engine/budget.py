@@ -191,9 +191,10 @@ class Decision:
         if dim == "concurrency":
             return f"Budget {b.budget} allows {st.limit} requests in flight and {st.reserved} are."
         f = nano_to_usd if dim == "cost" else str
+        room = f" (and {f(b.line.headroom)} left for calls in flight to grow)" if b.line.headroom else ""
         return (
             f"Budget {b.budget} cannot cover this request: {dim} limit {f(st.limit)}, spent {f(st.spent)}, "
-            f"reserved {f(st.reserved)}, this request needs up to {f(b.line.amount)}."
+            f"reserved {f(st.reserved)}, this request needs up to {f(b.line.amount)}{room}."
         )
 
     def tightest(self, dimension: str = "cost") -> tuple[AppliedLimit, LineState] | None:

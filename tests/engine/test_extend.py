@@ -88,6 +88,7 @@ async def test_headroom_must_fit_but_is_not_taken(engine):
     policy = make_policy(budgets=BUDGETS)
     d = await reserve(engine, policy, out=100, headroom={"output_tokens": 401})
     assert not d.allowed and d.blocking.scope == "team"
+    assert d.message.endswith("needs up to 100 (and 401 left for calls in flight to grow).")
     d = await reserve(engine, policy, out=100, headroom={"output_tokens": 400, "cost": usd("0.90")})
     assert d.allowed
     got = {dim: st.reserved for dim, st in by_dimension(d, d.states).items()}
