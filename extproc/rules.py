@@ -16,9 +16,12 @@ it; it imports nothing of ours.
 
 Counter semantics (tests/stores is the judge):
 
-- COUNTER line: refused when spent + reserved + amount > limit (hard_gate),
-  > limit + margin (soft_gate), spent >= limit (actuals_only); advisory
-  lines never refuse, they are reported as warned when `over`.
+- COUNTER line: refused when spent + reserved + amount + headroom > limit
+  (hard_gate), > limit + margin (soft_gate), spent >= limit (actuals_only);
+  advisory lines never refuse, they are reported as warned when `over`.
+  `headroom` is room that must be left over but is not taken (fairness: a
+  new call leaves room for the streams in flight to grow); an extension
+  checks its delta with no headroom.
 - CONCURRENCY line: reserved + amount > limit; nothing is ever spent.
 - DURATION line: spent = whole seconds since the first reservation taken on
   it; refused when spent >= limit.
@@ -77,6 +80,7 @@ class Line:
     period_ttl_s: int = 0  # how long a calendar bucket must be kept
     run: bool = False  # belongs to the request's run: purged with it, lowerable
     lower: int | None = None  # run lines: the client asks to lower the limit to this (kept, never raised)
+    headroom: int = 0  # counters: must fit on top of `amount` to pass, but is not taken (reserve/check only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +107,7 @@ def over(line: Line, st: LineState) -> bool:
 
 
 def blocks(line: Line, st: LineState) -> bool:
-    """The mode-specific refusal rule for one line."""
+    """The mode-specific refusal rule for one line (counters: amount + headroom must fit)."""
     if line.mode is Mode.ADVISORY:
         return False
     if line.kind is not Kind.COUNTER:
@@ -111,8 +115,8 @@ def blocks(line: Line, st: LineState) -> bool:
     if line.mode is Mode.ACTUALS_ONLY:
         return st.spent >= st.limit
     if line.mode is Mode.SOFT_GATE:
-        return st.spent + st.reserved + line.amount > st.limit + line.margin
-    return st.spent + st.reserved + line.amount > st.limit
+        return st.spent + st.reserved + line.amount + line.headroom > st.limit + line.margin
+    return st.spent + st.reserved + line.amount + line.headroom > st.limit
 
 
 def rolling_need(line: Line, st: LineState) -> int:
@@ -120,7 +124,15 @@ def rolling_need(line: Line, st: LineState) -> int:
     if line.mode is Mode.ACTUALS_ONLY:
         return st.spent - st.limit + 1
     slack = line.margin if line.mode is Mode.SOFT_GATE else 0
-    return st.spent + st.reserved + line.amount - st.limit - slack
+    return st.spent + st.reserved + line.amount + line.headroom - st.limit - slack
+
+
+def deadline_ms(line: Line, limit: int, first_ms: int | None, now_ms: int) -> int | None:
+    """The wall-clock instant a gating duration line starts to refuse: its first reservation
+    (now, if none was taken yet) + its limit in seconds. None for every other line."""
+    if line.kind is not Kind.DURATION or line.mode is Mode.ADVISORY:
+        return None
+    return (now_ms if first_ms is None else first_ms) + limit * 1000
 
 
 # The smallest request: what a check without an estimate probes with. A line
@@ -141,7 +153,7 @@ def exhausted(line: Line, st: LineState) -> bool:
     """Would the smallest request be refused by this line in state `st`? The same answer
     as the store's check with the `PROBE` estimate (soft_gate margin included), whatever
     amount `line` carried when `st` was read."""
-    return blocks(replace(line, amount=probe_amount(line.dimension)), st)
+    return blocks(replace(line, amount=probe_amount(line.dimension), headroom=0), st)
 
 
 def frees_with_time(line: Line) -> bool:

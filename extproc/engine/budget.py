@@ -33,7 +33,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -42,6 +42,7 @@ from ..money import nano_to_usd
 from ..policy.model import BudgetSpec, KeySpec, LimitSpec, Policy
 from ..rules import PROBE, Kind, Line, LineState, Mode, Window
 from ..stores.base import (
+    ExtendResult,
     LedgerEntry,
     ReserveResult,
     RunRef,
@@ -138,6 +139,7 @@ class Decision:
     reason: RunRefusal | None = None  # refused by the run (closed / expired / over the cap), not a budget line
     run: str | None = None  # the run's key ("principal/run-id") when the request belongs to a run
     replayed: bool = False  # the store replayed the first outcome of this reservation id
+    deadline_ms: int | None = None  # wall-clock instant the earliest run deadline (duration limit) passes
 
     @property
     def blocking(self) -> AppliedLimit | None:
@@ -189,9 +191,10 @@ class Decision:
         if dim == "concurrency":
             return f"Budget {b.budget} allows {st.limit} requests in flight and {st.reserved} are."
         f = nano_to_usd if dim == "cost" else str
+        room = f" (and {f(b.line.headroom)} left for calls in flight to grow)" if b.line.headroom else ""
         return (
             f"Budget {b.budget} cannot cover this request: {dim} limit {f(st.limit)}, spent {f(st.spent)}, "
-            f"reserved {f(st.reserved)}, this request needs up to {f(b.line.amount)}."
+            f"reserved {f(st.reserved)}, this request needs up to {f(b.line.amount)}{room}."
         )
 
     def tightest(self, dimension: str = "cost") -> tuple[AppliedLimit, LineState] | None:
@@ -368,6 +371,7 @@ class Engine:
             reason=result.reason,
             run=run.key if run else None,
             replayed=result.replayed,
+            deadline_ms=result.deadline_ms,
         )
 
     @staticmethod
@@ -375,6 +379,26 @@ class Engine:
         amounts = {k: int(v) for k, v in estimate.items()}
         amounts["total_tokens"] = amounts.get("input_tokens", 0) + amounts.get("output_tokens", 0)
         return amounts
+
+    @staticmethod
+    def _partial(amounts: Mapping[str, int] | None) -> dict[str, int]:
+        """`_amounts` for what names only some dimensions (an extension's delta, headroom):
+        total_tokens is added only when input or output tokens are given."""
+        out = {k: int(v) for k, v in (amounts or {}).items()}
+        if "input_tokens" in out or "output_tokens" in out:
+            out["total_tokens"] = out.get("input_tokens", 0) + out.get("output_tokens", 0)
+        return out
+
+    def _with_headroom(self, limits: tuple[AppliedLimit, ...], headroom: Mapping[str, int] | None) -> tuple[AppliedLimit, ...]:
+        room = self._partial(headroom)
+        if not any(room.values()):
+            return limits
+        return tuple(
+            replace(l, line=replace(l.line, headroom=room[l.line.dimension]))
+            if l.line.kind is Kind.COUNTER and room.get(l.line.dimension)
+            else l
+            for l in limits
+        )
 
     async def reserve(
         self,
@@ -386,13 +410,18 @@ class Engine:
         estimate: Mapping[str, int],
         meta: Mapping[str, Any],
         run_overrides: Mapping[str, int] | None = None,
+        headroom: Mapping[str, int] | None = None,
     ) -> Decision:
         """Reserve `estimate` ({cost, input_tokens, output_tokens, requests}) on every applicable
         limit, all or nothing, in one store round trip. `run_overrides` ({dimension: limit},
-        see `runs.run_overrides_from_headers`) lowers the run's limits for good."""
+        see `runs.run_overrides_from_headers`) lowers the run's limits for good. `headroom`
+        ({dimension: amount}; total_tokens follows input + output tokens) must fit on top of
+        the estimate on every counter limit of that dimension but is not taken: room left
+        for the streams in flight to extend into (fairness under pressure)."""
         now = self.clock()
         amounts = self._amounts(estimate)
         limits = self.limits_for(policy, who, run_id, amounts, now, run_overrides=run_overrides)
+        limits = self._with_headroom(limits, headroom)
         run = self.run_ref(policy, who, run_id)
         rid = reservation_id or uuid.uuid4().hex
         result = await self.store.reserve(
@@ -414,6 +443,7 @@ class Engine:
         run_id: str | None = None,
         estimate: Mapping[str, int] | None = None,
         run_overrides: Mapping[str, int] | None = None,
+        headroom: Mapping[str, int] | None = None,
     ) -> Decision:
         """What `reserve` would decide now, taking nothing (ext_authz, the early header check).
         Without an estimate it probes with the smallest request (`PROBE`): refused means a
@@ -421,9 +451,22 @@ class Engine:
         now = self.clock()
         amounts = self._amounts(PROBE if estimate is None else estimate)
         limits = self.limits_for(policy, who, run_id, amounts, now, run_overrides=run_overrides)
+        limits = self._with_headroom(limits, headroom)
         run = self.run_ref(policy, who, run_id)
         result = await self.store.check(who.tag, [l.line for l in limits], now_ms=now, run=run)
         return self._decision(policy, who, run, "", limits, result, amounts)
+
+    async def extend(self, policy: Policy, hold: Hold, delta: Mapping[str, int]) -> ExtendResult:
+        """Grow a held reservation by `delta` ({cost, input_tokens, output_tokens, ...};
+        total_tokens follows input + output tokens) on every counter limit of those
+        dimensions, all or none, in one store round trip, and push its TTL to now +
+        `reservation_ttl_seconds`. Refused (ok False): a limit cannot take the delta, a run
+        deadline passed, or the run was closed (`reason`); found False: the reservation is no
+        longer held (settled, released, expired). Not idempotent: every call adds."""
+        return await self.store.extend(
+            hold.tag, hold.reservation_id, self._partial(delta), now_ms=self.clock(), ttl_ms=policy.reservation_ttl_seconds * 1000
+        )
+
     async def settle(self, hold: Hold, usage: Mapping[str, int], meta: Mapping[str, Any] | None = None) -> SettleResult:
         return await self.store.settle(hold.tag, hold.reservation_id, usage, now_ms=self.clock(), meta=meta)
 

@@ -13,6 +13,18 @@ reservation is remembered for `REFUSAL_MEMORY_MS` (a retry with the same id
 replays the refusal), a closed one for `CLOSED_MEMORY_MS`; neither is ever
 in the ledger unless it was reserved.
 
+Extensions (`extend`): a reservation still in the `reserved` state may grow
+while its call runs (a stream's output). Atomically across its lines: every
+counter line of a dimension in the delta must still pass the rules with the
+delta as amount (its own reservation already counted in `reserved`; no
+headroom), and every duration line must be before its deadline; then the
+reserved counters, the lines' amounts and the estimate (what expiry charges)
+grow, and the expiry moves to now + ttl. Anything refuses: nothing changes.
+Extensions are NOT idempotent: each call adds its delta (a caller that
+retries after a timeout may extend twice; the surplus is given back when the
+reservation settles). A closed run refuses the extension (`reason`), an
+active one has its expiry pushed as by a reservation attempt.
+
 Runs (`RunRef`): a reservation may belong to a run. The store checks the run
 inside the same atomic step as the lines: a closed run, an expired run (no
 reservation attempt for `ttl_ms`) and a new run beyond the owner's cap of
@@ -49,10 +61,10 @@ from ..rules import Kind, Line, LineState, Mode, Window
 
 __all__ = [
     "Kind", "Line", "LineState", "Mode", "Window",  # re-exported: the neutral types live in extproc.rules
-    "Outcome", "RunRefusal", "RunRef", "RunState", "ReserveResult", "SettleResult", "LedgerEntry",
+    "Outcome", "RunRefusal", "RunRef", "RunState", "ReserveResult", "ExtendResult", "SettleResult", "LedgerEntry",
     "Reservations", "Admin", "Reaper", "Ledger", "Alerts", "Store",
     "REFUSAL_MEMORY_MS", "CLOSED_MEMORY_MS", "RUN_MEMORY_MS", "USAGE_FIELDS",
-    "usage_of_lines", "run_state_of", "normalize_usage",
+    "usage_of_lines", "run_state_of", "normalize_usage", "extension_delta",
 ]  # fmt: skip
 
 
@@ -114,6 +126,20 @@ class ReserveResult:
     replayed: bool = False
     reason: RunRefusal | None = None  # refused by the run, not by a line (then blocked is None)
     active_runs: int | None = None  # with reason LIMIT: the owner's active runs
+    deadline_ms: int | None = None  # earliest wall-clock deadline of the gating duration lines (first ms + limit s)
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendResult:
+    """What `extend` did. `states` has one entry per line of the reservation: after the
+    extension when ok, as found when refused (empty when the reservation was not found)."""
+
+    ok: bool
+    found: bool  # the reservation is (still) in the reserved state
+    states: tuple[LineState, ...]
+    blocked: int | None = None  # index of the first line that refused
+    reason: RunRefusal | None = None  # the reservation's run was closed (or expired)
+    deadline_ms: int | None = None  # earliest wall-clock deadline of the gating duration lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +188,14 @@ class Reservations(Protocol):
     ) -> SettleResult: ...
 
     async def release(self, tag: str, reservation_id: str, *, now_ms: int) -> SettleResult: ...
+
+    async def extend(
+        self, tag: str, reservation_id: str, delta: Mapping[str, int], *, now_ms: int, ttl_ms: int
+    ) -> ExtendResult:
+        """Grow a reserved reservation by `delta` ({usage field: amount > 0}) on every counter
+        line of those dimensions, all lines or none, and push its expiry to now + ttl.
+        Not idempotent: every call adds (see the module docstring)."""
+        ...
 
 
 class Admin(Protocol):
@@ -247,6 +281,19 @@ def run_state_of(key: str, owner: str, state: str, created: int, seen: int, expi
     if state == "active" and expires <= now_ms:
         state = "expired"
     return RunState(key, owner, state, created, seen, expires)
+
+
+def extension_delta(delta: Mapping[str, int]) -> dict[str, int]:
+    """The usage fields of an extension's delta with something to add; a negative amount
+    is a caller's bug (an extension never shrinks a reservation)."""
+    out = {}
+    for k, v in delta.items():
+        n = int(v)
+        if n < 0:
+            raise ValueError(f"an extension only grows a reservation: {k}={n}")
+        if n and k in USAGE_FIELDS:
+            out[k] = n
+    return out
 
 
 def normalize_usage(usage: Mapping[str, int]) -> dict[str, int]:

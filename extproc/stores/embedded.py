@@ -28,15 +28,17 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import StoreUnavailable
-from ..rules import blocks, over, rolling_need
+from ..rules import blocks, deadline_ms, over, rolling_need
 from . import _json as json
 from .base import (
     CLOSED_MEMORY_MS,
     REFUSAL_MEMORY_MS,
+    ExtendResult,
     Kind,
     LedgerEntry,
     Line,
@@ -49,6 +51,7 @@ from .base import (
     RunState,
     SettleResult,
     Window,
+    extension_delta,
     normalize_usage,
     run_state_of,
     usage_of_lines,
@@ -172,6 +175,10 @@ class EmbeddedStore:
 
     def _states(self, tag: str, lines: Sequence[Line], now_ms: int) -> list[LineState]:
         """Every line's state with one read of the kv table (after trimming rolling windows)."""
+        return self._read_states(tag, lines, now_ms)[0]
+
+    def _read_states(self, tag: str, lines: Sequence[Line], now_ms: int) -> tuple[list[LineState], list[int | None]]:
+        """`_states`, and the first reservation (ms) of each duration line (None before it and on other lines)."""
         keys: list[str] = []
         for line in lines:
             k = line.key
@@ -190,9 +197,12 @@ class EmbeddedStore:
         for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
             chunk = keys[i : i + 500]
             got.update(self._db.execute(f"SELECT k, v FROM kv WHERE k IN ({','.join('?' * len(chunk))})", chunk).fetchall())
-        out = []
+        out: list[LineState] = []
+        firsts: list[int | None] = []
         for line in lines:
             k = line.key
+            t0 = got.get(f"{tag}|{FIRST}|{k}") if line.kind is Kind.DURATION else None
+            firsts.append(t0)
             override = got.get(f"{tag}|{LIMIT}|{k}")
             limit = (line.limit if override is None else override) + got.get(f"{tag}|{CREDIT}|{k}", 0)
             if line.run:
@@ -202,14 +212,13 @@ class EmbeddedStore:
                 if line.lower is not None and line.lower < limit:
                     limit = line.lower
             if line.kind is Kind.DURATION:
-                t0 = got.get(f"{tag}|{FIRST}|{k}")
                 out.append(LineState(k, limit, 0 if t0 is None else (now_ms - t0) // 1000, 0))
                 continue
             spent = 0
             if line.kind is Kind.COUNTER:
                 spent = got.get(f"{tag}|{ROLLING_SUM}|{k}" if line.window is Window.ROLLING else f"{tag}|{SPENT}|{k}|{line.period}", 0)
             out.append(LineState(k, limit, spent, got.get(f"{tag}|{RESERVED}|{k}", 0)))
-        return out
+        return out, firsts
 
     def _trim(self, tag: str, line: Line, now_ms: int) -> None:
         """Drop rolling charges that left the window (ts <= now - window) from the running sum."""
@@ -300,7 +309,7 @@ class EmbeddedStore:
         self, tag: str, rid: str, lines: Sequence[Line], now_ms: int, run: RunRef | None
     ) -> ReserveResult:
         reason, retry, active = self._run_check(tag, run, now_ms) if run is not None else (None, None, None)
-        states = self._states(tag, lines, now_ms)
+        states, firsts = self._read_states(tag, lines, now_ms)
         blocked: int | None = None
         warned: list[int] = []
         for i, (line, st) in enumerate(zip(lines, states, strict=True)):
@@ -314,7 +323,8 @@ class EmbeddedStore:
         elif blocked is not None:
             retry = self._retry_after(tag, lines[blocked], states[blocked], now_ms)
         ok = reason is None and blocked is None
-        return ReserveResult(ok, rid, tuple(states), blocked, tuple(warned), retry, False, reason, active)
+        deadline = _earliest_deadline(lines, states, firsts, now_ms)
+        return ReserveResult(ok, rid, tuple(states), blocked, tuple(warned), retry, False, reason, active, deadline)
 
     def _reserve(
         self, tag: str, rid: str, lines: Sequence[Line], now_ms: int, ttl_ms: int, meta: Mapping[str, Any], run: RunRef | None
@@ -340,13 +350,14 @@ class EmbeddedStore:
                 deltas.append((f"{tag}|{RESERVED}|{line.key}", line.amount))
                 after.append(LineState(st.key, st.limit, st.spent, st.reserved + line.amount))
         self._add_many(deltas)
-        res = ReserveResult(True, rid, tuple(after), None, res.warned)
+        res = ReserveResult(True, rid, tuple(after), None, res.warned, deadline_ms=res.deadline_ms)
         record = _result_json(res)
         record.update(
             lines=[line_to_wire(l) for l in lines],
             meta=dict(meta),
             estimate=normalize_usage(meta.get("estimate") or usage_of_lines(lines)),
             created_at=now_ms,
+            run=None if run is None else [run.key, run.owner, run.ttl_ms, run.max_active, run.memory_ms],
         )
         self._db.execute(
             "INSERT OR REPLACE INTO resv VALUES (?,?,?,?,?,?)",
@@ -392,7 +403,7 @@ class EmbeddedStore:
         meta = dict(data["meta"])
         if extra_meta:
             meta.update(extra_meta)
-        closed = {k: data[k] for k in ("ok", "blocked", "retry_after_ms", "warned", "states")}
+        closed = {k: data.get(k) for k in ("ok", "blocked", "retry_after_ms", "warned", "states", "deadline_ms")}
         closed.update(charged=charged, closed_at=now_ms)
         self._db.execute(
             "UPDATE resv SET state=?, expires_at=?, data=? WHERE tag=? AND rid=?",
@@ -404,6 +415,61 @@ class EmbeddedStore:
             (tag, rid, outcome.value, data["created_at"], now_ms, json.dumps(entry)),
         )
         return SettleResult(outcome, charged)
+
+    def _extend(self, tag: str, rid: str, delta: Mapping[str, int], now_ms: int, ttl_ms: int) -> ExtendResult:
+        found = self._resv(tag, rid, now_ms)
+        if found is None or found[0] != Outcome.RESERVED.value:
+            return ExtendResult(False, False, ())
+        data = found[1]
+        lines = [line_from_wire(d) for d in data["lines"]]
+        run, reason = data.get("run"), None
+        if run is not None:
+            row = self._db.execute("SELECT state, expires_at FROM runs WHERE tag=? AND key=?", (tag, run[0])).fetchone()
+            if row is None:
+                run = None  # purged: nothing to check or touch
+            elif row[0] == "closed":
+                reason = RunRefusal.CLOSED
+            elif row[1] <= now_ms:
+                reason = RunRefusal.EXPIRED
+        states, firsts = self._read_states(tag, lines, now_ms)
+        blocked = None
+        if reason is None:
+            for i, (line, st) in enumerate(zip(lines, states, strict=True)):
+                if line.kind is Kind.COUNTER and line.dimension in delta:
+                    probe = replace(line, amount=delta[line.dimension], headroom=0)
+                elif line.kind is Kind.DURATION:
+                    probe = replace(line, amount=0)
+                else:
+                    continue
+                if blocks(probe, st):
+                    blocked = i
+                    break
+        if run is not None and reason is None:
+            exp = now_ms + run[2]
+            self._db.execute(
+                "UPDATE runs SET seen_at=?, expires_at=?, purge_at=? WHERE tag=? AND key=?",
+                (now_ms, exp, exp + run[4], tag, run[0]),
+            )
+        deadline = _earliest_deadline(lines, states, firsts, now_ms)
+        if reason is not None or blocked is not None:
+            return ExtendResult(False, True, tuple(states), blocked, reason, deadline)
+        grown, after, deltas = [], [], []
+        for line, st in zip(lines, states, strict=True):
+            d = delta.get(line.dimension, 0) if line.kind is Kind.COUNTER else 0
+            if d:
+                deltas.append((f"{tag}|{RESERVED}|{line.key}", d))
+                line, st = replace(line, amount=line.amount + d), replace(st, reserved=st.reserved + d)
+            grown.append(line)
+            after.append(st)
+        self._add_many(deltas)
+        estimate = dict(data.get("estimate") or {})
+        for dim, d in delta.items():
+            estimate[dim] = estimate.get(dim, 0) + d
+        data.update(lines=[line_to_wire(l) for l in grown], estimate=estimate)
+        self._db.execute(
+            "UPDATE resv SET expires_at=?, data=? WHERE tag=? AND rid=?", (now_ms + ttl_ms, json.dumps(data), tag, rid)
+        )
+        return ExtendResult(True, True, tuple(after), None, None, deadline)
 
     # -- Store interface -------------------------------------------------------
 
@@ -419,6 +485,13 @@ class EmbeddedStore:
         run: RunRef | None = None,
     ) -> ReserveResult:
         return await self._write(lambda: self._reserve(tag, reservation_id, lines, now_ms, ttl_ms, meta, run))
+
+    async def extend(
+        self, tag: str, reservation_id: str, delta: Mapping[str, int], *, now_ms: int, ttl_ms: int
+    ) -> ExtendResult:
+        """One write transaction: check, grow and re-arm the TTL (not idempotent: each call adds)."""
+        d = extension_delta(delta)
+        return await self._write(lambda: self._extend(tag, reservation_id, d, now_ms, ttl_ms))
 
     async def check(self, tag: str, lines: Sequence[Line], *, now_ms: int, run: RunRef | None = None) -> ReserveResult:
         return await self._write(lambda: self._evaluate(tag, "", lines, now_ms, run))
@@ -560,6 +633,7 @@ def _result_json(r: ReserveResult) -> dict[str, Any]:
         "reason": None if r.reason is None else r.reason.value,
         "active_runs": r.active_runs,
         "states": [[s.key, s.limit, s.spent, s.reserved] for s in r.states],
+        "deadline_ms": r.deadline_ms,
     }
 
 
@@ -575,4 +649,10 @@ def _replay_reserve(rid: str, rec: dict[str, Any]) -> ReserveResult:
         replayed=True,
         reason=None if reason is None else RunRefusal(reason),
         active_runs=rec.get("active_runs"),
+        deadline_ms=rec.get("deadline_ms"),
     )
+
+
+def _earliest_deadline(lines: Sequence[Line], states: Sequence[LineState], firsts: Sequence[int | None], now_ms: int) -> int | None:
+    found = [d for line, st, t0 in zip(lines, states, firsts, strict=True) if (d := deadline_ms(line, st.limit, t0, now_ms)) is not None]
+    return min(found, default=None)

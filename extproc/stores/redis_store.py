@@ -1,6 +1,6 @@
 """Redis and Redis Cluster stores: counters and reservations live under one
 hash tag per budget tree (`xp:{tag}:…`), so a reservation is one Lua script on
-one shard: one EVALSHA round trip per reserve and per settle. Single Redis and
+one shard: one EVALSHA round trip per reserve, per extension and per settle. Single Redis and
 Cluster differ only in the client object; the scripts, key layout and parsing
 are shared (envoyproxy/ratelimit hides its topology the same way).
 
@@ -9,7 +9,7 @@ store's `kv` names in brackets):
 
     lim:K low:K cr:K r:K s:K|P t0:K   strings (as embedded)
     e:K  zset of rolling charges (member "rid:ts:amount", score ts)   es:K their sum
-    resv:<id>  hash: a reservation (state, result, lines, meta, estimate, until)
+    resv:<id>  hash: a reservation (state, result, lines, meta, estimate, run, until)
     exp        zset: reserved ids by TTL deadline (the reaper's queue)
     run:<key>  hash: a run (state, owner, created_at, seen_at, expires_at, lines)
     ra:<owner> zset: the owner's runs by expiry (the active-run cap)
@@ -42,6 +42,7 @@ from . import redacted
 from .base import (
     CLOSED_MEMORY_MS,
     REFUSAL_MEMORY_MS,
+    ExtendResult,
     LedgerEntry,
     Line,
     LineState,
@@ -51,6 +52,7 @@ from .base import (
     RunRefusal,
     RunState,
     SettleResult,
+    extension_delta,
     normalize_usage,
     run_state_of,
     usage_of_lines,
@@ -71,8 +73,8 @@ def rules_lua() -> str:
 
 
 def script(name: str) -> str:
-    """A script as Redis runs it: the wire prelude, the shared rules, then the script itself."""
-    return rules_lua() + _lua(name)
+    """A script as Redis runs it: the wire prelude, the shared rules, the line readers, then the script itself."""
+    return rules_lua() + _lua("lines.lua") + _lua(name)
 
 
 def _prefix(tag: str) -> str:
@@ -97,6 +99,7 @@ def _parse_result(rid: str, keys: Sequence[str], replayed: bool, text: str) -> R
     for key, st in zip(keys, parts[6:], strict=False):
         limit, spent, reserved = (int(x) for x in st.split(","))
         states.append(LineState(key, limit, spent, reserved))
+    deadline = int(parts[6 + len(keys)]) if len(parts) > 6 + len(keys) else -1  # absent in older results
     return ReserveResult(
         ok,
         rid,
@@ -107,6 +110,23 @@ def _parse_result(rid: str, keys: Sequence[str], replayed: bool, text: str) -> R
         replayed,
         RunRefusal(reason) if reason else None,
         None if active < 0 else active,
+        None if deadline < 0 else deadline,
+    )
+
+
+def _parse_extend(reply: Sequence[str]) -> ExtendResult:
+    ok, found, blocked, reason, deadline = reply[0].split(";")
+    states = []
+    for i in range(1, len(reply), 2):
+        limit, spent, reserved = (int(x) for x in reply[i + 1].split(","))
+        states.append(LineState(reply[i], limit, spent, reserved))
+    return ExtendResult(
+        ok == "1",
+        found == "1",
+        tuple(states),
+        None if int(blocked) < 0 else int(blocked),
+        RunRefusal(reason) if reason else None,
+        None if int(deadline) < 0 else int(deadline),
     )
 
 
@@ -136,6 +156,7 @@ class RedisStore:
             )
         self._reserve = self._r.register_script(script("reserve.lua"))
         self._close = self._r.register_script(script("close.lua"))
+        self._extend = self._r.register_script(script("extend.lua"))
         self._admin = self._r.register_script(script("admin.lua"))
         self._known_tags: set[str] = set()
         # redis-py's cluster client races when many tasks trigger its lazy
@@ -196,6 +217,15 @@ class RedisStore:
             ],
         )
         return _parse_result(reservation_id, [l.key for l in lines], bool(replayed), text)
+
+    async def extend(
+        self, tag: str, reservation_id: str, delta: Mapping[str, int], *, now_ms: int, ttl_ms: int
+    ) -> ExtendResult:
+        """One EVALSHA of extend.lua: check, grow and re-arm the TTL in one step (not idempotent)."""
+        reply = await self._call(
+            self._extend, keys=[_prefix(tag)], args=[reservation_id, now_ms, ttl_ms, json.dumps(extension_delta(delta))]
+        )
+        return _parse_extend(reply)
 
     async def check(self, tag: str, lines: Sequence[Line], *, now_ms: int, run: RunRef | None = None) -> ReserveResult:
         run_json, run_lines = _run_args(run, lines)

@@ -7,8 +7,11 @@ prepended to every script, together with `lua/rules.lua` (the refusal rules of
 `extproc.rules`).
 
 A line on the wire is a JSON array in `LINE_FIELDS` order; `lower` is -1 for
-none, `run` is 0/1. Keys of a budget tree are `<kind><sep><line key>`, with
-`sep` "|" in the embedded store's kv table and ":" under Redis' `xp:{tag}:`.
+none, `run` is 0/1. Arrays written before a field existed (a reservation
+taken by an older version) are shorter: readers take a missing `run`/`lower`
+as 0/none and a missing `headroom` as 0. Keys of a budget tree are
+`<kind><sep><line key>`, with `sep` "|" in the embedded store's kv table and
+":" under Redis' `xp:{tag}:`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from . import _json as json
 
 LINE_FIELDS = (
     "key", "kind", "dimension", "limit", "amount", "mode", "window", "period",
-    "window_ms", "margin", "period_ttl_s", "run", "lower",
+    "window_ms", "margin", "period_ttl_s", "run", "lower", "headroom",
 )  # fmt: skip
 
 # Key kinds: one counter of one line each (the calendar bucket adds "|period").
@@ -44,12 +47,14 @@ def line_to_wire(line: Line) -> list[Any]:
     return [
         line.key, line.kind.value, line.dimension, line.limit, line.amount, line.mode.value, line.window.value,
         line.period, line.window_ms, line.margin, line.period_ttl_s, int(line.run), -1 if line.lower is None else line.lower,
+        line.headroom,
     ]  # fmt: skip
 
 
 def line_from_wire(d: Sequence[Any]) -> Line:
     run, lower = (bool(d[11]), None if d[12] < 0 else d[12]) if len(d) > 12 else (False, None)
-    return Line(d[0], Kind(d[1]), d[2], d[3], d[4], Mode(d[5]), Window(d[6]), d[7], d[8], d[9], d[10], run, lower)
+    headroom = d[13] if len(d) > 13 else 0
+    return Line(d[0], Kind(d[1]), d[2], d[3], d[4], Mode(d[5]), Window(d[6]), d[7], d[8], d[9], d[10], run, lower, headroom)
 
 
 def lines_json(lines: Sequence[Line]) -> str:

@@ -1,13 +1,16 @@
-"""Property test: random interleavings of reserve / settle / release / expiry from
-many concurrent tasks, against every store.
+"""Property test: random interleavings of reserve (with headroom) / extend /
+settle / release / expiry from many concurrent tasks, against every store.
 
 Each example builds a set of lines (hard, soft, actuals-only, advisory, rolling,
 concurrency, tokens) with random limits and runs several tasks concurrently,
-round by round. After every operation a task reads an atomic snapshot and checks
-that no hard line is over its limit and no counter is negative; after every
-round (all tasks quiet) the driver checks the books: reserved equals what the
-open reservations hold, spent equals the ledger's charges (within the window for
-rolling lines), and every ledger entry charged what its outcome says.
+round by round. A task may hold a reservation across rounds, extend it (as a
+stream's output grows) and settle it later with at most what it holds. After
+every operation a task reads an atomic snapshot and checks that no hard line is
+over its limit (`spent + reserved <= limit`, + margin on the soft line) and no
+counter is negative; after every round (all tasks quiet) the driver checks the
+books: reserved equals what the open reservations hold (extensions included),
+spent equals the ledger's charges (within the window for rolling lines), and
+every ledger entry charged what its outcome says (expiry: the grown estimate).
 """
 
 from __future__ import annotations
@@ -51,10 +54,22 @@ reserve_op = st.tuples(
     st.integers(0, 30),  # input tokens
     st.integers(0, 30),  # output tokens
     st.integers(500, 6_000),  # ttl ms
-    st.sampled_from(["settle", "settle", "release", "leave"]),
+    st.sampled_from(["settle", "settle", "release", "leave", "hold", "hold"]),  # hold: extend or close it later
     st.integers(0, 100),  # share of the estimate actually used
+    st.integers(0, 60),  # cost headroom
+    st.integers(0, 30),  # token headroom
 )
-op = st.one_of(reserve_op, st.tuples(st.just("tick"), st.integers(0, 2_500)), st.tuples(st.just("expire")))
+extend_op = st.tuples(
+    st.just("extend"),
+    st.integers(0, 7),  # which of the task's held reservations
+    st.integers(0, 30),  # cost delta
+    st.integers(0, 20),  # output tokens delta
+    st.integers(500, 6_000),  # ttl ms
+)
+close_op = st.tuples(st.just("close"), st.integers(0, 7), st.sampled_from(["settle", "release"]), st.integers(0, 100))
+op = st.one_of(
+    reserve_op, extend_op, extend_op, close_op, st.tuples(st.just("tick"), st.integers(0, 2_500)), st.tuples(st.just("expire"))
+)
 programs = st.lists(st.lists(op, min_size=1, max_size=10), min_size=2, max_size=8)
 limits = st.lists(st.integers(0, 250), min_size=len(BASE), max_size=len(BASE))
 
@@ -99,7 +114,9 @@ async def _drive(store, lines: list[Line], programs: list[list[tuple]]) -> None:
     clock = Clock()
     taken: dict[str, dict[str, int]] = {}  # rid -> {line key: amount} of every reservation that was taken
     sent: dict[str, dict[str, int]] = {}  # rid -> usage we settled with
-    estimates: dict[str, dict[str, int]] = {}
+    estimates: dict[str, dict[str, int]] = {}  # rid -> what expiry charges (grown by extensions)
+    held: dict[int, list[str]] = {}  # task -> its reservations left open for later extension / close
+    by_key = {l.key: l for l in lines}
 
     async def check_snapshot() -> None:
         for line, s in zip(lines, await store.snapshot(lines, tag=TAG, now_ms=clock.now)):
@@ -111,29 +128,61 @@ async def _drive(store, lines: list[Line], programs: list[list[tuple]]) -> None:
             elif line.key == "fan":
                 assert s.reserved <= s.limit, s
 
+    async def finish(rid: str, how: str, share: int) -> None:
+        if how == "settle":
+            e = estimates[rid]
+            usage = {"cost": e.get("cost", 0) * share // 100, "input_tokens": e.get("input_tokens", 0),
+                     "output_tokens": e.get("output_tokens", 0) * share // 100}  # fmt: skip
+            sent[rid] = normalize_usage(usage)
+            await store.settle(TAG, rid, usage, now_ms=clock.now)
+        elif how == "release":
+            await store.release(TAG, rid, now_ms=clock.now)
+
     async def step(task: int, i: int, o: tuple) -> None:
         if o[0] == "tick":
             clock.now += o[1]
         elif o[0] == "expire":
             await store.expire(now_ms=clock.now, limit=1_000)
+        elif o[0] == "extend":
+            _, pick, dc, dout, ttl = o
+            mine = held.get(task)
+            if mine:
+                rid = mine[pick % len(mine)]
+                delta = {k: v for k, v in {"cost": dc, "output_tokens": dout, "total_tokens": dout}.items() if v}
+                r = await store.extend(TAG, rid, delta, now_ms=clock.now, ttl_ms=ttl)
+                if r.ok:
+                    for key in taken[rid]:
+                        line = by_key[key]
+                        if line.kind is Kind.COUNTER:
+                            taken[rid][key] += delta.get(line.dimension, 0)
+                    for dim, d in delta.items():
+                        estimates[rid][dim] = estimates[rid].get(dim, 0) + d
+        elif o[0] == "close":
+            _, pick, how, share = o
+            mine = held.get(task)
+            if mine:
+                await finish(mine.pop(pick % len(mine)), how, share)
         else:
-            _, mask, c, inp, out, ttl, finish, share = o
+            _, mask, c, inp, out, ttl, how, share, hc, hout = o
             rid = f"t{task}-{i}"
             estimate = {"cost": c, "input_tokens": inp, "output_tokens": out}
             amounts = {"cost": c, "total_tokens": inp + out, "input_tokens": inp, "concurrency": 1}
-            chosen = [replace(l, amount=amounts[l.dimension]) for n, l in enumerate(lines) if mask >> n & 1]
+            room = {"cost": hc, "total_tokens": hout}
+            chosen = [
+                replace(l, amount=amounts[l.dimension], headroom=room.get(l.dimension, 0) if l.kind is Kind.COUNTER else 0)
+                for n, l in enumerate(lines)
+                if mask >> n & 1
+            ]
             r = await store.reserve(TAG, rid, chosen, now_ms=clock.now, ttl_ms=ttl, meta={"estimate": estimate})
             if r.ok:
                 taken[rid] = {l.key: l.amount for l in chosen}
                 estimates[rid] = normalize_usage(estimate)
                 await check_snapshot()
                 await asyncio.sleep(0)  # let other tasks run while this call is "in flight"
-                if finish == "settle":
-                    usage = {"cost": c * share // 100, "input_tokens": inp, "output_tokens": out * share // 100}
-                    sent[rid] = normalize_usage(usage)
-                    await store.settle(TAG, rid, usage, now_ms=clock.now)
-                elif finish == "release":
-                    await store.release(TAG, rid, now_ms=clock.now)
+                if how == "hold":
+                    held.setdefault(task, []).append(rid)
+                else:
+                    await finish(rid, how, share)
         await check_snapshot()
 
     async def check_books() -> None:

@@ -17,16 +17,16 @@ HARNESS = """
 local out = {}
 for i, v in ipairs(cjson.decode(ARGV[1])) do
   local need = ''
-  if v.kind == KIND_COUNTER then need = string.format('%d', rule_need(v.mode, v.limit, v.spent, v.reserved, v.amount, v.margin)) end
+  if v.kind == KIND_COUNTER then need = string.format('%d', rule_need(v.mode, v.limit, v.spent, v.reserved, v.amount, v.margin, v.headroom)) end
   out[i] = cjson.encode({rule_over(v.kind, v.limit, v.spent, v.reserved, v.amount),
-    rule_blocks(v.kind, v.mode, v.limit, v.spent, v.reserved, v.amount, v.margin), need})
+    rule_blocks(v.kind, v.mode, v.limit, v.spent, v.reserved, v.amount, v.margin, v.headroom), need})
 end
 return out
 """
 
 
 def _python(v: dict) -> list:
-    line = Line("k", Kind(v["kind"]), "cost", v["limit"], v["amount"], Mode(v["mode"]), margin=v["margin"])
+    line = Line("k", Kind(v["kind"]), "cost", v["limit"], v["amount"], Mode(v["mode"]), margin=v["margin"], headroom=v["headroom"])
     st = LineState("k", v["limit"], v["spent"], v["reserved"])
     need = str(rolling_need(line, st)) if line.kind is Kind.COUNTER else ""
     return [over(line, st), blocks(line, st), need]
@@ -36,7 +36,7 @@ def _expected(v: dict) -> list:
     return [v["over"], v["blocks"], "" if v["need"] is None else str(v["need"])]
 
 
-@pytest.mark.parametrize("v", VECTORS, ids=lambda v: f"{v['kind']}-{v['mode']}-{v['limit']}-{v['spent']}-{v['reserved']}-{v['amount']}")
+@pytest.mark.parametrize("v", VECTORS, ids=lambda v: f"{v['kind']}-{v['mode']}-{v['limit']}-{v['spent']}-{v['reserved']}-{v['amount']}+{v['headroom']}")
 def test_python_rules_answer_the_vectors(v):
     assert _python(v) == _expected(v)
 

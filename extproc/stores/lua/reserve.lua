@@ -11,14 +11,14 @@
 -- ARGV[7]  refusal memory ms    ARGV[8] '1' = check only: evaluate, take nothing, record nothing
 -- ARGV[9]  run JSON [key, owner, ttl_ms, max_active, memory_ms] or ''   ARGV[10] run line keys JSON
 -- Returns {replayed 0|1, result} where result is
---   "ok;blocked;retry_ms;warned,csv;reason;active_runs;limit,spent,reserved;..."
+--   "ok;blocked;retry_ms;warned,csv;reason;active_runs;limit,spent,reserved;...;deadline_ms"
+-- (deadline last: results stored by an older version, without it, still parse)
 -- Numbers are exact below 2^53 (policy validation enforces it) and always
 -- formatted with %d: Lua's default number format would round them.
 local P = KEYS[1]
 local rid, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local rkey = P .. 'resv:' .. rid
 local dry = ARGV[8] == '1'
-local function fmt(n) return string.format('%d', n) end
 local function num(k) return tonumber(redis.call('GET', k) or '0') end
 
 if not dry then
@@ -55,60 +55,16 @@ if ARGV[9] ~= '' then
 end
 
 local lines = cjson.decode(ARGV[4])
+trim_rolling(P, lines, now)
+local states, firsts = read_states(P, lines, now)
+local deadline = earliest_deadline(lines, states, firsts, now)
 
-local function event_amount(member) return tonumber(string.match(member, ':(%-?%d+)$')) end
-
--- Rolling windows first drop the charges that left them (ts <= now - window).
-for _, l in ipairs(lines) do
-  if l[F_KIND] == KIND_COUNTER and l[F_WINDOW] == WINDOW_ROLLING then
-    local ek = P .. K_EVENTS .. l[F_KEY]
-    local cutoff = fmt(now - l[F_WINDOW_MS])
-    local gone = redis.call('ZRANGEBYSCORE', ek, '-inf', cutoff)
-    if #gone > 0 then
-      local freed = 0
-      for _, m in ipairs(gone) do freed = freed + event_amount(m) end
-      redis.call('ZREMRANGEBYSCORE', ek, '-inf', cutoff)
-      redis.call('DECRBY', P .. K_ROLLING_SUM .. l[F_KEY], fmt(freed))
-    end
-  end
-end
-
--- Then every counter of every line in one MGET, five per line: limit override,
--- credits, the run's lowered limit, reserved (t0 for duration), spent.
-local keys = {}
-for _, l in ipairs(lines) do
-  local k, n = l[F_KEY], #keys
-  keys[n + 1], keys[n + 2], keys[n + 3] = P .. K_LIMIT .. k, P .. K_CREDIT .. k, P .. K_LOWERED .. k
-  if l[F_KIND] == KIND_DURATION then keys[n + 4] = P .. K_FIRST .. k else keys[n + 4] = P .. K_RESERVED .. k end
-  if l[F_WINDOW] == WINDOW_ROLLING then keys[n + 5] = P .. K_ROLLING_SUM .. k
-  else keys[n + 5] = P .. K_SPENT .. k .. '|' .. l[F_PERIOD] end
-end
-local vals = {}
-if #keys > 0 then vals = redis.call('MGET', unpack(keys)) end
-local function val(j) return tonumber(vals[j] or '0') end
-
-local states, blocked, warned = {}, nil, {}
+local blocked, warned = nil, {}
 for i, l in ipairs(lines) do
-  local b = (i - 1) * 5
-  local kind, amount, mode = l[F_KIND], l[F_AMOUNT], l[F_MODE]
-  local limit = l[F_LIMIT]
-  if vals[b + 1] then limit = tonumber(vals[b + 1]) end
-  limit = limit + val(b + 2)
-  if l[F_RUN] == 1 then
-    if vals[b + 3] and tonumber(vals[b + 3]) < limit then limit = tonumber(vals[b + 3]) end
-    if l[F_LOWER] >= 0 and l[F_LOWER] < limit then limit = l[F_LOWER] end
-  end
-  local spent, reserved = 0, 0
-  if kind == KIND_DURATION then
-    if vals[b + 4] then spent = math.floor((now - tonumber(vals[b + 4])) / 1000) end
-  else
-    reserved = val(b + 4)
-    if kind == KIND_COUNTER then spent = val(b + 5) end
-  end
-  states[i] = {limit, spent, reserved}
+  local kind, amount, mode, st = l[F_KIND], l[F_AMOUNT], l[F_MODE], states[i]
   if mode == MODE_ADVISORY then
-    if rule_over(kind, limit, spent, reserved, amount) then warned[#warned + 1] = tostring(i - 1) end
-  elseif blocked == nil and rule_blocks(kind, mode, limit, spent, reserved, amount, l[F_MARGIN]) then
+    if rule_over(kind, st[1], st[2], st[3], amount) then warned[#warned + 1] = tostring(i - 1) end
+  elseif blocked == nil and rule_blocks(kind, mode, st[1], st[2], st[3], amount, l[F_MARGIN], l[F_HEADROOM] or 0) then
     blocked = i
   end
 end
@@ -122,7 +78,7 @@ local function retry_after(i)
     return -1
   end
   if l[F_KIND] ~= KIND_COUNTER or l[F_WINDOW] ~= WINDOW_ROLLING then return -1 end
-  local need = rule_need(l[F_MODE], st[1], st[2], st[3], l[F_AMOUNT], l[F_MARGIN])
+  local need = rule_need(l[F_MODE], st[1], st[2], st[3], l[F_AMOUNT], l[F_MARGIN], l[F_HEADROOM] or 0)
   if need > st[2] then return -1 end
   local freed = 0
   local evs = redis.call('ZRANGE', P .. K_EVENTS .. l[F_KEY], 0, -1, 'WITHSCORES')
@@ -144,6 +100,7 @@ local ok = reason == '' and blocked == nil
 local function encode()
   local parts = {ok and '1' or '0', blocked and tostring(blocked - 1) or '-1', fmt(retry), table.concat(warned, ','), reason, fmt(active)}
   for _, st in ipairs(states) do parts[#parts + 1] = fmt(st[1]) .. ',' .. fmt(st[2]) .. ',' .. fmt(st[3]) end
+  parts[#parts + 1] = deadline and fmt(deadline) or '-1'
   return table.concat(parts, ';')
 end
 
@@ -186,6 +143,6 @@ for i, l in ipairs(lines) do
 end
 local result = encode()
 redis.call('HSET', rkey, 'state', 'reserved', 'result', result, 'lines', ARGV[4], 'meta', ARGV[5],
-  'estimate', ARGV[6], 'created_at', fmt(now))
+  'estimate', ARGV[6], 'created_at', fmt(now), 'run', ARGV[9])
 redis.call('ZADD', P .. 'exp', fmt(now + ttl), rid)
 return {0, result}
