@@ -12,6 +12,9 @@ a stream, record) `UpstreamError`.
     reader = schema.stream_reader(strip_usage_chunk=..., count_tokens=..., content_encoding=...)
     forward = reader.feed(chunk) ... reader.finish(); reader.usage, reader.counted_output_tokens
     reader.may_rewrite, reader.usage_complete, reader.terminal, reader.decode_error
+    reader = schema.stream_reader(..., cuttable=True)  # forwards whole events only
+    end = reader.cut(reason="budget_exhausted", scope="key:bob", usage=..., include_usage=...)
+                                                      # the API's own end (ending.py); None if encoded
 """
 
 from extproc.protocols.encoding import (

@@ -113,9 +113,9 @@ class ChatEnding:
             value = obj.get(key)
             if value is not None and _scalar(value):
                 self._fields[key] = value
-        if obj.get("usage") is not None:
-            self._usage_sent = True
         choices = obj.get("choices")
+        if choices == [] and obj.get("usage") is not None:  # the usage chunk (not a running count)
+            self._usage_sent = True
         for choice in choices if isinstance(choices, list) else ():
             i = _index(choice, "index") if isinstance(choice, dict) else None
             if i is None or (i not in self._choices and len(self._choices) >= MAX_INDEXES):

@@ -34,6 +34,7 @@ from extproc.protocols.usage import (
     responses_usage_object,
 )
 from tests.protocols.cutting import CORPUS, REASON, SCOPE, STREAMS, USAGE, Stream, cut_at, reader
+from tests.protocols.test_fuzz import SCALARS, WORDS
 
 COMMENT = f": {REASON} scope={SCOPE}\n\n".encode()
 
@@ -359,3 +360,56 @@ def test_an_uncut_cuttable_stream_forwards_every_byte(data: st.DataObject, strea
     out = [r.feed(body[a:b]) for a, b in zip([0, *offsets], [*offsets, len(body)], strict=True)]
     assert b"".join(out) + r.finish() == body
     assert r.done and r.cut_reason is None
+
+
+def test_a_running_usage_count_is_not_the_usage_chunk() -> None:
+    """Some OpenAI-compatible servers put a running `usage` on every chunk; the client that asked
+    for usage still gets the final usage chunk."""
+    r = OPENAI_CHAT.stream_reader(strip_usage_chunk=False, count_tokens=None, cuttable=True)
+    r.feed(CHAT.replace(b'"finish_reason":null}]', b'"finish_reason":null}],"usage":{"prompt_tokens":4,"completion_tokens":1}'))
+    after = events(r.cut(reason=REASON, scope=SCOPE, usage=USAGE, include_usage=True) or b"")
+    assert openai_usage(after[1][1]["usage"]) == USAGE and after[1][1]["choices"] == []
+
+
+# --- odd upstream shapes never break a cut -------------------------------------------------
+
+KINDS = st.sampled_from(
+    "message_start content_block_start content_block_stop message_delta response.created response.in_progress "
+    "response.output_item.added response.content_part.added response.output_text.delta response.refusal.delta "
+    "response.output_text.done response.content_part.done response.function_call_arguments.delta "
+    "response.custom_tool_call_input.delta response.output_item.done message function_call custom_tool_call "
+    "refusal output_text".split()
+)
+ODD = st.recursive(SCALARS | KINDS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(WORDS, inner, max_size=4), max_leaves=8)
+
+
+def slots(value: Any) -> list[tuple[Any, Any]]:
+    """Every (container, key) inside a JSON value."""
+    inner = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [slot for k, v in inner for slot in [(value, k), *slots(v)]]
+
+
+def tampered(data: st.DataObject, stream: Stream) -> bytes:
+    """The stream's events up to a random one, a few of their values replaced by odd ones."""
+    evs = [(name, obj) for name, obj in events(stream.body) if obj != "[DONE]"]
+    evs = evs[: data.draw(st.integers(0, len(evs)))]
+    for _ in range(data.draw(st.integers(0, 4)) if evs else 0):
+        where = slots(data.draw(st.sampled_from(evs))[1])
+        if where:
+            container, key = data.draw(st.sampled_from(where))
+            container[key] = data.draw(ODD)
+    return b"".join((f"event: {n}\n" if n else "").encode() + b"data: " + json.dumps(o).encode() + b"\n\n" for n, o in evs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), stream=st.sampled_from(STREAMS))
+def test_a_cut_after_odd_events_is_well_formed(data: st.DataObject, stream: Stream) -> None:
+    body = tampered(data, stream)
+    schema = stream.schema
+    r = schema.stream_reader(strip_usage_chunk=data.draw(st.booleans()), count_tokens=len, cuttable=True)
+    r.feed(body)
+    usage = data.draw(st.none() | st.just(USAGE))
+    ending = r.cut(reason=REASON, scope=SCOPE, usage=usage, include_usage=data.draw(st.booleans()))
+    assert ending is not None and ending.startswith(COMMENT)
+    after = events(ending)  # every data line is JSON (or [DONE])
+    assert after or r.done
