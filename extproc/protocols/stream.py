@@ -35,8 +35,8 @@ Cutting. A `cuttable` reader (identity bodies only) forwards only complete
 events, as strip mode does, so what the client received always ends on an
 event boundary, and follows the forwarded events with the schema's `Ending`
 (`ending.py`). `cut()` then returns the bytes that end the stream in the
-API's own terms (a partial event still held is dropped) and the reader
-forwards nothing more. Limit: an oversize event is forwarded as it comes, so
+API's own terms (a partial event still held is not forwarded) and the
+reader forwards nothing more, though it goes on observing what comes. Limit: an oversize event is forwarded as it comes, so
 a cut inside one leaves it unfinished on the client (the only such event in
 practice is the Responses API's terminal `response.completed`).
 
@@ -219,8 +219,6 @@ class StreamReader:
         return _UsageSink()
 
     def feed(self, data: bytes) -> bytes:
-        if self._cut:
-            return b""
         if self._decoder is not None or self.decode_error is not None:
             self._decoded(data, final=False)
             return data
@@ -229,12 +227,10 @@ class StreamReader:
             for ev in events:
                 self._take(ev)
             return data
-        return b"".join([ev.raw for ev in events if not self._take(ev)])
+        return self._forward(events)
 
     def finish(self) -> bytes:
         """End of the response body: read a last unterminated event, return held bytes."""
-        if self._cut:
-            return b""
         if self._decoder is not None or self.decode_error is not None:
             self._decoded(b"", final=True)
             return b""
@@ -243,7 +239,12 @@ class StreamReader:
             for ev in events:
                 self._take(ev)
             return b""
-        return b"".join([ev.raw for ev in events if not self._take(ev)])
+        return self._forward(events)
+
+    def _forward(self, events: list[SSEEvent]) -> bytes:
+        """The raw bytes of the events to forward (each one observed); none once cut."""
+        out = b"".join([ev.raw for ev in events if not self._take(ev)])
+        return b"" if self._cut else out
 
     def _decoded(self, data: bytes, *, final: bool) -> None:
         """Observe an encoded body through its decoder (nothing once it failed)."""
@@ -313,9 +314,15 @@ class StreamReader:
         usage the stream reported so far); `include_usage`: the client asked
         for the usage chunk (OpenAI chat/completions). A partial event held
         back is dropped; if the API's terminal event was already forwarded,
-        only the comment. Afterwards `feed`/`finish` return b"" and a second
-        `cut` returns b"". None when the stream cannot be cut (not
-        `cuttable`, or an encoded body: the caller must not append anything).
+        only the comment. A second `cut` returns b"". None when the stream
+        cannot be cut (not `cuttable`, or an encoded body: the caller must not
+        append anything).
+
+        Afterwards `feed`/`finish` forward nothing (they return b"") but still
+        observe: the rest of the partial event, and whatever the backend sends
+        before its request is ended, count for `usage`, `counted_output_tokens`
+        and `done`. So a chunk that must not reach the client is cut *before*
+        it: `end = reader.cut(...)`, then `reader.feed(chunk)` (observed, b"").
         """
         if self._cut:
             return b""
@@ -325,7 +332,6 @@ class StreamReader:
         self._cut = True
         self.cut_reason = reason
         self._ending = None
-        self._parser = SSEParser(1)  # what was held is dropped with it
         out = [f": {_one_line(reason)} scope={_one_line(scope)}\n\n"]
         if not self.done:
             for name, data in ending.events(usage if usage is not None else self.usage, include_usage):

@@ -189,14 +189,17 @@ def test_cuttable_forwards_whole_events_only() -> None:
     assert r.feed(CHAT[-1:] + b": keep-alive\n\n") == CHAT + b": keep-alive\n\n"
 
 
-def test_after_a_cut_nothing_more_is_forwarded() -> None:
-    r = OPENAI_CHAT.stream_reader(strip_usage_chunk=False, count_tokens=None, cuttable=True)
-    r.feed(CHAT + CHAT[:40])
+def test_after_a_cut_nothing_more_is_forwarded_but_everything_is_observed() -> None:
+    r = OPENAI_CHAT.stream_reader(strip_usage_chunk=False, count_tokens=len, cuttable=True)
+    assert r.feed(CHAT + CHAT[:40]) == CHAT
     assert r.cut(reason="run_deadline", scope="run:r1", usage=None, include_usage=False)
     assert r.cut_reason == "run_deadline"
-    assert r.feed(CHAT) == b""
-    assert r.finish() == b""
-    assert r.pending_bytes == 0
+    usage = b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n'
+    assert r.feed(CHAT[40:] + CHAT + usage) == b""
+    assert r.feed(b"data: [DONE]") == r.finish() == b""
+    assert r.done and r.pending_bytes == 0
+    assert r.counted_output_tokens == 3 * len("Hi")  # the partial event and what followed the cut
+    assert r.usage == Usage(input_tokens=3, output_tokens=4) and r.usage_complete
     assert r.cut(reason=REASON, scope=SCOPE, usage=USAGE, include_usage=False) == b""
 
 
