@@ -36,9 +36,11 @@ events, as strip mode does, so what the client received always ends on an
 event boundary, and follows the forwarded events with the schema's `Ending`
 (`ending.py`). `cut()` then returns the bytes that end the stream in the
 API's own terms (a partial event still held is not forwarded) and the
-reader forwards nothing more, though it goes on observing what comes. Limit: an oversize event is forwarded as it comes, so
-a cut inside one leaves it unfinished on the client (the only such event in
-practice is the Responses API's terminal `response.completed`).
+reader forwards nothing more, though it goes on observing what comes.
+Limit: an oversize event is forwarded as it comes, so a cut inside one
+leaves it unfinished on the client (the only such event in practice is the
+Responses API's terminal `response.completed`, after which there is
+nothing left to cut).
 
 End facts for settling: `done`/`terminal` say the API's terminal marker was
 seen (`[DONE]`, `message_stop`, `response.completed`/`.incomplete`/`.failed`);
