@@ -156,7 +156,7 @@ _ARGUMENTS = {  # item type: (its field, the delta event, the done event)
 }
 _ARGUMENT_DELTAS = {delta for _, delta, _ in _ARGUMENTS.values()}
 _ARGUMENT_DONE = {done for _, _, done in _ARGUMENTS.values()}
-_TEXT_DELTAS = {"response.output_text.delta": "text", "response.refusal.delta": "refusal"}
+_TEXT_DELTAS = {"response.output_text.delta", "response.refusal.delta"}
 _TEXT_DONE = {"response.output_text.done", "response.refusal.done"}
 _TEXT_DONE_EVENT: dict[str, tuple[str, dict[str, Any]]] = {  # part field: its done event, extra fields
     "text": ("response.output_text.done", {"logprobs": []}),
@@ -243,6 +243,9 @@ class ResponsesEnding:
             if isinstance(part, dict):
                 it.parts[ci] = part
             it.parts_done.add(ci)
+            released = sum(map(len, it.texts.pop(ci, ())))  # the done part carries its text
+            it.size -= released
+            self._kept -= released
         elif kind in _ARGUMENT_DELTAS:
             self._keep(it, it.args, obj.get("delta"))
         elif kind in _ARGUMENT_DONE:  # its value is the deltas joined, already kept
@@ -295,7 +298,7 @@ class ResponsesEnding:
                 part = it.parts[ci]
                 if ci not in it.parts_done:
                     field = "refusal" if part.get("type") == "refusal" else "text"
-                    text = "".join(it.texts[ci])
+                    text = "".join(it.texts.get(ci, ()))
                     part = {**part, field: text}
                     if ci not in it.text_done:
                         done, extra = _TEXT_DONE_EVENT[field]
