@@ -13,6 +13,9 @@ a stream, record) `UpstreamError`.
     forward = reader.feed(chunk) ... reader.finish(); reader.usage, reader.counted_output_tokens
     reader.may_rewrite, reader.usage_complete, reader.terminal, reader.decode_error
     asm = assembler_for(schema.name); asm.take(event, obj) ...; asm.body(cut=..., usage=...)   # JSON from a stream
+    reader = schema.stream_reader(..., cuttable=True)  # forwards whole events only
+    end = reader.cut(reason="budget_exhausted", scope="key:bob", usage=..., include_usage=...)
+                                                      # the API's own end (ending.py); None if encoded
 """
 
 from extproc.protocols.assemble import Assembler, assembler_for

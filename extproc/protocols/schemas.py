@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from extproc.errors import BadRequest, BodyTooLarge, UpstreamError
 from extproc.protocols import anthropic, openai
 from extproc.protocols.encoding import DEFAULT_MAX_DECODED_BYTES, content_decoder
+from extproc.protocols.ending import ChatEnding, Ending, MessagesEnding, ResponsesEnding
 from extproc.protocols.request import (
     MAX_N,
     MAX_OUTPUT_TOKENS_LIMIT,
@@ -78,6 +80,8 @@ class Schema:
     observe: Observer | None = field(repr=False)
     read_body: Callable[[dict[str, Any]], Usage | None] | None = field(default=None, repr=False)
     """Usage of a whole buffered response object; None: `read_usage` of its `usage`."""
+    ending: Callable[[], Ending] | None = field(default=None, repr=False)
+    """How a stream of this API is ended early (`ending.py`); None: it does not stream."""
 
     # --- request -------------------------------------------------------------------
 
@@ -272,6 +276,7 @@ class Schema:
         count_tokens: Callable[[str], int] | None,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         content_encoding: str | None = None,
+        cuttable: bool = False,
     ) -> StreamReader:
         """A reader for one SSE response body of this schema.
 
@@ -279,6 +284,8 @@ class Schema:
         `include_usage` (OpenAI chat/completions); elsewhere usage is always
         reported and the flag is ignored. `content_encoding` is the response's
         header: an encoded stream is observed, never rewritten (see stream.py).
+        `cuttable`: forward whole events only, so `reader.cut()` can end the
+        stream in this API's terms at any time (identity bodies only).
         """
         if self.observe is None:
             raise ValueError(f"{self.name} responses do not stream")
@@ -288,6 +295,8 @@ class Schema:
             count_tokens=count_tokens,
             max_event_bytes=max_event_bytes,
             content_encoding=content_encoding,
+            cuttable=cuttable,
+            ending=self.ending,
         )
 
 
@@ -302,6 +311,7 @@ OPENAI_CHAT = Schema(
     read_content=openai.read_chat,
     read_usage=openai_usage,
     observe=openai.observe_chat,
+    ending=ChatEnding,
 )
 
 OPENAI_COMPLETIONS = Schema(
@@ -315,6 +325,7 @@ OPENAI_COMPLETIONS = Schema(
     read_content=openai.read_completions,
     read_usage=openai_usage,
     observe=openai.observe_completions,
+    ending=partial(ChatEnding, text=True),
 )
 
 OPENAI_RESPONSES = Schema(
@@ -329,6 +340,7 @@ OPENAI_RESPONSES = Schema(
     read_usage=responses_usage,
     observe=openai.observe_responses,
     read_body=openai.responses_body,
+    ending=ResponsesEnding,
 )
 
 OPENAI_EMBEDDINGS = Schema(
@@ -355,6 +367,7 @@ ANTHROPIC_MESSAGES = Schema(
     read_content=anthropic.read_messages,
     read_usage=anthropic_usage,
     observe=anthropic.observe_messages,
+    ending=MessagesEnding,
 )
 
 SCHEMAS: tuple[Schema, ...] = (

@@ -31,14 +31,26 @@ decoded (unknown coding, corrupt, over the decoded cap) sets `decode_error`
 and the reader observes nothing more: settle on the reservation, not on
 `counted_output_tokens`, which stopped counting.
 
+Cutting. A `cuttable` reader (identity bodies only) forwards only complete
+events, as strip mode does, so what the client received always ends on an
+event boundary, and follows the forwarded events with the schema's `Ending`
+(`ending.py`). `cut()` then returns the bytes that end the stream in the
+API's own terms (a partial event still held is not forwarded) and the
+reader forwards nothing more, though it goes on observing what comes.
+Limit: an oversize event is forwarded as it comes, so a cut inside one
+leaves it unfinished on the client (the only such event in practice is the
+Responses API's terminal `response.completed`, after which there is
+nothing left to cut).
+
 End facts for settling: `done`/`terminal` say the API's terminal marker was
 seen (`[DONE]`, `message_stop`, `response.completed`/`.incomplete`/`.failed`);
 `usage_complete` says the usage read is the response's final usage, so a
 client that closes right after the end can be settled on it.
 
 Memory per stream is the parser's pending event (or, for an oversize one,
-the scanner's captured values), one decoded piece, and a few counters;
-nothing accumulates over the stream.
+the scanner's captured values), one decoded piece, a few counters and, when
+cuttable, the ending's state (bounded, see `ending.py`); nothing else
+accumulates over the stream.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ from typing import Any, NamedTuple
 
 from extproc.errors import UpstreamError
 from extproc.protocols.encoding import DecodeError, content_decoder
+from extproc.protocols.ending import Ending
 from extproc.protocols.jsonscan import PathScanner
 from extproc.protocols.sse import DEFAULT_MAX_EVENT_BYTES, SSEEvent, SSEParser
 from extproc.protocols.usage import Usage
@@ -56,8 +69,12 @@ from extproc.protocols.usage import Usage
 DEFAULT_MAX_STREAM_DECODED_BYTES = 256 << 20
 """Decoded size at which an encoded stream stops being read (a bomb, not a reply)."""
 
-USAGE_PATHS = frozenset({("type",), ("usage",), ("response", "usage"), ("message", "usage")})
-"""What is kept of an oversize event: enough for every observer to read its usage."""
+KEPT_PATHS = frozenset(
+    {("type",), ("usage",), ("response", "usage"), ("message", "usage"), ("sequence_number",)}
+    | {("response", k) for k in ("id", "object", "created_at", "model", "status")}
+)
+"""What is kept of an oversize event: enough for every observer to read its usage,
+and for an `Ending` to name the response it ends."""
 
 
 class Observation(NamedTuple):
@@ -90,7 +107,7 @@ class _UsageSink:
     __slots__ = ("_scan",)
 
     def __init__(self) -> None:
-        self._scan = PathScanner(USAGE_PATHS)
+        self._scan = PathScanner(KEPT_PATHS)
 
     def feed(self, data: bytes) -> None:
         self._scan.feed(data)
@@ -105,14 +122,18 @@ class StreamReader:
     With `strip_usage_chunk`, the usage-only chunk (injected by the gateway,
     not asked for by the client) is removed from the forwarded bytes; to do
     that safely only complete events are forwarded, a partial event waits for
-    its end. Without it (and always for an encoded body), `feed` returns its
-    argument itself, uncopied.
+    its end. `cuttable` (with an `ending`) forwards whole events too, so that
+    `cut()` can end the stream cleanly at any time. With neither (and always
+    for an encoded body), `feed` returns its argument itself, uncopied.
     """
 
     __slots__ = (
         "_observe",
         "_parser",
         "_strip",
+        "_whole",
+        "_ending",
+        "_cut",
         "_count",
         "_decoder",
         "_usage",
@@ -126,6 +147,7 @@ class StreamReader:
         "malformed_events",
         "last_error",
         "decode_error",
+        "cut_reason",
     )
 
     def __init__(
@@ -137,6 +159,8 @@ class StreamReader:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         content_encoding: str | None = None,
         max_decoded_bytes: int = DEFAULT_MAX_STREAM_DECODED_BYTES,
+        cuttable: bool = False,
+        ending: Callable[[], Ending] | None = None,
     ) -> None:
         self._observe = observe
         self._count = count_tokens
@@ -148,7 +172,13 @@ class StreamReader:
             self._decoder = None
             self.decode_error = str(e)
         self._strip = strip_usage_chunk and self.may_rewrite
-        self._parser = SSEParser(max_event_bytes, include_empty=self._strip, oversize=self._oversize)
+        self._ending = ending() if cuttable and ending is not None and self.may_rewrite else None
+        self._whole = self._strip or self._ending is not None
+        """Forward only complete events (a partial one waits for its end)."""
+        self._cut = False
+        self.cut_reason: str | None = None
+        """Why `cut()` ended the stream (None: it was not cut)."""
+        self._parser = SSEParser(max_event_bytes, include_empty=self._whole, oversize=self._oversize)
         self._usage: Usage | None = None
         self._final = False
         self.tool_calls = Usage()
@@ -195,11 +225,11 @@ class StreamReader:
             self._decoded(data, final=False)
             return data
         events = self._parser.feed(data)
-        if not self._strip:
+        if not self._whole:
             for ev in events:
                 self._take(ev)
             return data
-        return b"".join([ev.raw for ev in events if not self._take(ev)])
+        return self._forward(events)
 
     def finish(self) -> bytes:
         """End of the response body: read a last unterminated event, return held bytes."""
@@ -207,11 +237,16 @@ class StreamReader:
             self._decoded(b"", final=True)
             return b""
         events = self._parser.finish()
-        if not self._strip:
+        if not self._whole:
             for ev in events:
                 self._take(ev)
             return b""
-        return b"".join([ev.raw for ev in events if not self._take(ev)])
+        return self._forward(events)
+
+    def _forward(self, events: list[SSEEvent]) -> bytes:
+        """The raw bytes of the events to forward (each one observed); none once cut."""
+        out = b"".join([ev.raw for ev in events if not self._take(ev)])
+        return b"" if self._cut else out
 
     def _decoded(self, data: bytes, *, final: bool) -> None:
         """Observe an encoded body through its decoder (nothing once it failed)."""
@@ -254,6 +289,9 @@ class StreamReader:
             seen = self._observe(ev.event, obj)
         except UpstreamError as e:
             return self._malformed(str(e))
+        drop = seen.usage_only and self._strip and not ev.oversize
+        if self._ending is not None and not drop:
+            self._ending.see(ev.event, obj, len(data))
         if seen is NOTHING:
             return False
         if seen.usage is not None:
@@ -268,7 +306,40 @@ class StreamReader:
         if count is not None:
             for text in seen.texts:
                 self.counted_output_tokens += count(text)
-        return seen.usage_only and self._strip and not ev.oversize
+        return drop
+
+    def cut(self, *, reason: str, scope: str, usage: Usage | None, include_usage: bool) -> bytes | None:
+        """The bytes that end the stream now, cleanly, after what was forwarded.
+
+        First an SSE comment saying why (`: budget_exhausted scope=key:bob`),
+        then the API's own end (see `ending.py`), with `usage` (None: the
+        usage the stream reported so far); `include_usage`: the client asked
+        for the usage chunk (OpenAI chat/completions). A partial event held
+        back is dropped; if the API's terminal event was already forwarded,
+        only the comment. A second `cut` returns b"". None when the stream
+        cannot be cut (not `cuttable`, or an encoded body: the caller must not
+        append anything).
+
+        Afterwards `feed`/`finish` forward nothing (they return b"") but still
+        observe: the rest of the partial event, and whatever the backend sends
+        before its request is ended, count for `usage`, `counted_output_tokens`
+        and `done`. So a chunk that must not reach the client is cut *before*
+        it: `end = reader.cut(...)`, then `reader.feed(chunk)` (observed, b"").
+        """
+        if self._cut:
+            return b""
+        ending = self._ending
+        if ending is None:
+            return None
+        self._cut = True
+        self.cut_reason = reason
+        self._ending = None
+        out = [f": {_one_line(reason)} scope={_one_line(scope)}\n\n"]
+        if not self.done:
+            for name, data in ending.events(usage if usage is not None else self.usage, include_usage):
+                text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+                out.append(f"event: {name}\ndata: {text}\n\n" if name else f"data: {text}\n\n")
+        return "".join(out).encode()
 
     def _end(self, marker: str) -> None:
         self.done = True
@@ -279,3 +350,8 @@ class StreamReader:
         self.malformed_events += 1
         self.last_error = why
         return False
+
+
+def _one_line(text: str) -> str:
+    """A value for an SSE comment: a line break in it would start a field."""
+    return text.replace("\r", " ").replace("\n", " ")

@@ -257,3 +257,58 @@ def _anthropic_tokens(u: Mapping[str, Any], where: str, tools: dict[str, int]) -
         output_tokens=_count(u, "output_tokens", where),
         **tools,
     )
+
+
+# --- rendering: a Usage back into each API's usage object -----------------------
+# The inverse of the readers above for the token fields (reading what these
+# write gives the same Usage back), used where the service itself writes an
+# API's usage: the end of a stream it cuts (`ending.py`).
+
+
+def openai_usage_object(u: Usage) -> dict[str, Any]:
+    """Chat Completions / Completions `usage`: the prompt total includes cache reads and writes."""
+    prompt: dict[str, int] = {"cached_tokens": u.cached_input_tokens}
+    if u.cache_write_tokens:
+        prompt["cache_write_tokens"] = u.cache_write_tokens
+    if u.audio_input_tokens:
+        prompt["audio_tokens"] = u.audio_input_tokens
+    completion: dict[str, int] = {"reasoning_tokens": u.reasoning_tokens}
+    if u.audio_output_tokens:
+        completion["audio_tokens"] = u.audio_output_tokens
+    return {
+        "prompt_tokens": u.total_input,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.total,
+        "prompt_tokens_details": prompt,
+        "completion_tokens_details": completion,
+    }
+
+
+def responses_usage_object(u: Usage) -> dict[str, Any]:
+    """Responses API `usage`: `input_tokens` includes cache reads and writes."""
+    details: dict[str, int] = {"cached_tokens": u.cached_input_tokens}
+    if u.cache_write_tokens:
+        details["cache_write_tokens"] = u.cache_write_tokens
+    return {
+        "input_tokens": u.total_input,
+        "input_tokens_details": details,
+        "output_tokens": u.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+        "total_tokens": u.total,
+    }
+
+
+def anthropic_usage_object(u: Usage) -> dict[str, Any]:
+    """Anthropic `usage`: the three input fields disjoint, as the API reports them."""
+    out: dict[str, Any] = {
+        "input_tokens": u.input_tokens,
+        "cache_creation_input_tokens": u.cache_write_tokens,
+        "cache_read_input_tokens": u.cached_input_tokens,
+        "output_tokens": u.output_tokens,
+    }
+    if u.web_search_calls or u.web_fetch_calls:
+        out["server_tool_use"] = {
+            "web_search_requests": u.web_search_calls,
+            "web_fetch_requests": u.web_fetch_calls,
+        }
+    return out
