@@ -32,7 +32,7 @@ from extproc.protocols.request import (
     positive_int,
 )
 from extproc.protocols.sse import DEFAULT_MAX_EVENT_BYTES
-from extproc.protocols.stream import Observer, StreamReader
+from extproc.protocols.stream import Observation, Observer, StreamReader
 from extproc.protocols.usage import (
     Usage,
     anthropic_usage,
@@ -277,6 +277,7 @@ class Schema:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         content_encoding: str | None = None,
         cuttable: bool = False,
+        sink: Callable[[str | None, dict[str, Any]], None] | None = None,
     ) -> StreamReader:
         """A reader for one SSE response body of this schema.
 
@@ -286,11 +287,21 @@ class Schema:
         header: an encoded stream is observed, never rewritten (see stream.py).
         `cuttable`: forward whole events only, so `reader.cut()` can end the
         stream in this API's terms at any time (identity bodies only).
+        `sink` sees every decoded event first (an `assemble.Assembler` building
+        the JSON answer of a call streamed upstream).
         """
-        if self.observe is None:
+        observe = self.observe
+        if observe is None:
             raise ValueError(f"{self.name} responses do not stream")
+        if sink is not None:
+            inner = observe
+
+            def observe(event: str | None, obj: dict[str, Any]) -> Observation:
+                sink(event, obj)
+                return inner(event, obj)
+
         return StreamReader(
-            self.observe,
+            observe,
             strip_usage_chunk=strip_usage_chunk and self.include_usage_option,
             count_tokens=count_tokens,
             max_event_bytes=max_event_bytes,

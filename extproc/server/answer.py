@@ -144,8 +144,15 @@ def open(
     """The answer of `plan`'s call, whose response headers said it streams (SSE)."""
     chosen, facts = plan.chosen, plan.facts
     count, enc = services.counter.count, chosen.spec.encoding
+    assembler = assembler_for(schema.name) if not facts.stream else None  # a JSON call streamed upstream
     reader = schema.stream_reader(
-        strip_usage_chunk=strip_usage, count_tokens=lambda t: count(t, enc), content_encoding=content_encoding, cuttable=True
+        strip_usage_chunk=strip_usage,
+        count_tokens=lambda t: count(t, enc),
+        content_encoding=content_encoding,
+        cuttable=True,
+        sink=assembler.take if assembler is not None else None,
+        # an assembled answer needs every event whole (a Responses terminal event echoes the request)
+        **({"max_event_bytes": policy.max_body_bytes + (1 << 20)} if assembler is not None else {}),
     )
     growth = StreamGrowth(
         reserved=hold.reserved_output,
@@ -154,7 +161,6 @@ def open(
         safety=chosen.spec.token_safety_factor,
         deadline_ms=hold.decision.deadline_ms,
     )
-    assembler = assembler_for(schema.name) if not facts.stream else None
     client_usage = facts.stream and facts.include_usage
     return StreamedAnswer(
         reader, hold, growth, clock=services.engine.clock, assembler=assembler, client_usage=client_usage,
