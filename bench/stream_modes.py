@@ -13,7 +13,7 @@ each mode, and straight to the mock backend as the floor, and reports:
 - a paced stream (`--paced-tokens` at `--paced-delay-ms`): the mean gap between
   the chunks the client receives, and the wall time added per chunk over direct.
 
-    python -m bench.stream_modes [--tokens 2000] [--repeat 3] [--out bench/results-stream-modes.md]
+    python -m bench.stream_modes [--tokens 1000] [--fast-delay-ms 1] [--repeat 3] [--out bench/results-stream-modes.md]
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def stream(client: httpx.Client, url: str, tokens: int, delay_ms: float) -> tupl
     """(time to first byte, arrival time of each read) of one streamed call, from the request."""
     t0 = time.perf_counter()
     arrivals: list[float] = []
-    with client.stream("POST", url, json=body(tokens), headers={"x-mock-delay-ms": str(delay_ms)}) as r:
+    knobs = {"x-mock-delay-ms": str(delay_ms), "x-mock-output-tokens": str(tokens)}
+    with client.stream("POST", url, json=body(tokens), headers=knobs) as r:
         r.raise_for_status()
         for _ in r.iter_raw():
             arrivals.append(time.perf_counter() - t0)
@@ -133,8 +134,8 @@ def report(results: dict[str, dict[str, float]], a: argparse.Namespace) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=2000, help="tokens of the fast stream")
-    ap.add_argument("--fast-delay-ms", type=float, default=0.2, help="the fast stream's pacing (0 writes it all at once)")
+    ap.add_argument("--tokens", type=int, default=1000, help="tokens of the fast stream")
+    ap.add_argument("--fast-delay-ms", type=float, default=1.0, help="the fast stream's pacing (0 writes it all at once)")
     ap.add_argument("--repeat", type=int, default=3, help="streams per measurement")
     ap.add_argument("--ttfb-calls", type=int, default=40)
     ap.add_argument("--paced-tokens", type=int, default=100)
