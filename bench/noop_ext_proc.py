@@ -3,7 +3,9 @@
 Same processing modes as the shipped filter (envoy/envoy.yaml: request headers
 and buffered request body sent, response headers sent, response body buffered)
 and the same per-request switch as extproc: an SSE response is moved to
-STREAMED with `mode_override`. Every phase is answered with an empty
+FULL_DUPLEX_STREAMED with `mode_override` (each chunk echoed back unchanged;
+`--sse-mode streamed` moves it to STREAMED instead, what extproc did before it
+could end a stream). Every other phase is answered with an empty
 CommonResponse, so what this costs is the gRPC round trips and nothing else,
 except the one header every request needs to be routed at all: the shipped
 Envoy config routes only requests marked `x-extproc-route` (closed world), so
@@ -28,7 +30,12 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
-_STREAM_RESPONSE = pm.ProcessingMode(response_body_mode=pm.ProcessingMode.STREAMED)
+SSE_MODES = {
+    "duplex": pm.ProcessingMode(
+        response_body_mode=pm.ProcessingMode.FULL_DUPLEX_STREAMED, response_trailer_mode=pm.ProcessingMode.SEND
+    ),
+    "streamed": pm.ProcessingMode(response_body_mode=pm.ProcessingMode.STREAMED),
+}
 # --one-round-trip: answer the request headers and skip every later phase (what
 # extproc does for unmetered paths), to price one ext_proc round trip.
 _SKIP_REST = pm.ProcessingMode(
@@ -47,17 +54,24 @@ def _is_sse(headers: ep.HttpHeaders) -> bool:
 
 
 class NoopProcessor(epg.ExternalProcessorServicer):
-    def __init__(self, one_round_trip: bool = False) -> None:
+    def __init__(self, one_round_trip: bool = False, sse_mode: str = "duplex") -> None:
         self.one_round_trip = one_round_trip
+        self.sse_mode = sse_mode
 
     async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest], context) -> AsyncIterator[ep.ProcessingResponse]:  # type: ignore[override]
+        duplex = False
         async for req in request_iterator:
             phase = req.WhichOneof("request")
             resp = ep.ProcessingResponse()
-            if phase == "response_headers":
+            if phase == "response_body" and duplex:  # full duplex: the client gets what is sent back
+                out = resp.response_body.response.body_mutation.streamed_response
+                out.SetInParent()
+                out.body, out.end_of_stream = req.response_body.body, req.response_body.end_of_stream
+            elif phase == "response_headers":
                 resp.response_headers.response.SetInParent()
                 if _is_sse(req.response_headers):
-                    resp.mode_override.CopyFrom(_STREAM_RESPONSE)
+                    resp.mode_override.CopyFrom(SSE_MODES[self.sse_mode])
+                    duplex = self.sse_mode == "duplex"
             elif phase == "request_headers":
                 common = resp.request_headers.response
                 mark = common.header_mutation.set_headers.add(append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
@@ -72,9 +86,9 @@ class NoopProcessor(epg.ExternalProcessorServicer):
             yield resp
 
 
-async def serve(addr: str, one_round_trip: bool = False) -> None:
+async def serve(addr: str, one_round_trip: bool = False, sse_mode: str = "duplex") -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    epg.add_ExternalProcessorServicer_to_server(NoopProcessor(one_round_trip), server)
+    epg.add_ExternalProcessorServicer_to_server(NoopProcessor(one_round_trip, sse_mode), server)
     if server.add_insecure_port(addr) == 0 and not addr.startswith("unix:"):
         raise OSError(f"cannot bind {addr}")
     await server.start()
@@ -87,8 +101,8 @@ async def serve(addr: str, one_round_trip: bool = False) -> None:
     await server.stop(grace=1)
 
 
-def _run(addr: str, one_round_trip: bool = False) -> None:
-    asyncio.run(serve(addr, one_round_trip))
+def _run(addr: str, one_round_trip: bool = False, sse_mode: str = "duplex") -> None:
+    asyncio.run(serve(addr, one_round_trip, sse_mode))
 
 
 def main() -> None:
@@ -96,14 +110,15 @@ def main() -> None:
     ap.add_argument("--grpc", default="127.0.0.1:50052", help="host:port or unix:/path")
     ap.add_argument("--workers", type=int, default=1, help="processes sharing the TCP port (SO_REUSEPORT)")
     ap.add_argument("--one-round-trip", action="store_true", help="skip every phase after the request headers")
+    ap.add_argument("--sse-mode", choices=sorted(SSE_MODES), default="duplex", help="the body mode an SSE answer is switched to")
     a = ap.parse_args()
     if a.workers <= 1:
-        _run(a.grpc, a.one_round_trip)
+        _run(a.grpc, a.one_round_trip, a.sse_mode)
         return
     if a.grpc.startswith("unix:"):
         raise SystemExit("--workers > 1 needs a TCP address (a Unix socket path cannot be shared)")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_run, args=(a.grpc, a.one_round_trip), daemon=True) for _ in range(a.workers)]
+    procs = [ctx.Process(target=_run, args=(a.grpc, a.one_round_trip, a.sse_mode), daemon=True) for _ in range(a.workers)]
     for p in procs:
         p.start()
 

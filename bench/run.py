@@ -9,7 +9,7 @@ token with `x-mock-delay-ms`, 16 tokens) and is driven by the same client
   envoy           Envoy, bootstrap derived from envoy/envoy.yaml minus the
                   header_mutation and ext_proc filters
   noop            Envoy (shipped config) + bench/noop_ext_proc.py: empty answers,
-                  same processing modes, SSE switched to STREAMED
+                  same processing modes, SSE switched to FULL_DUPLEX_STREAMED
   extproc-*       Envoy (shipped config) + `extproc serve`, embedded store (SQLite)
                   or Redis; budgets large enough that nothing is refused, so
                   every call reserves and settles
@@ -754,7 +754,7 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
              "`envoy.filters.http.ext_proc` removed, derived at run time (`bench/run.py: bare_envoy_config`). All Envoys run with "
              "`--concurrency 2` and the shipped access log.")
     L.append("- The no-op ext_proc (`bench/noop_ext_proc.py`) is grpc.aio like extproc and answers every phase with an empty "
-             "CommonResponse; SSE responses are switched to STREAMED with `mode_override`, as extproc does.")
+             "CommonResponse; SSE responses are switched to FULL_DUPLEX_STREAMED with `mode_override` (chunks echoed), as extproc does.")
     L.append("- Policy: one key with key, team and org cost budgets of $1,000,000 (nothing is refused), so every call takes the full "
              "path: identity, early budget check, body parse, token estimate, atomic reservation across three budgets, settle from "
              "`usage` (JSON) or from the parsed stream (SSE, with `include_usage` injected and stripped again).")

@@ -79,3 +79,23 @@ def test_ext_proc_filter_fails_closed_and_strips_internal_headers():
 def test_shipped_policy_passes_policy_check(path, capsys):
     assert cli(["policy", "check", str(path)]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+EXT_PROC_CONFIGS = [p for p in ENVOY_CONFIGS + [ROOT / "compose" / "envoy.yaml"] if "ext_proc.v3.ExternalProcessor" in p.read_text()]
+
+
+@pytest.mark.parametrize("path", EXT_PROC_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_ext_proc_filter_lets_the_service_switch_sse_to_full_duplex(path):
+    """The service ends a spent stream through a per-request switch to FULL_DUPLEX_STREAMED.
+    Envoy ignores every mode_override when the static body modes are already full duplex or
+    the body is sent without waiting for the header response (ext_proc.cc, onReceiveMessage),
+    and an allow-list, if any, must name the mode."""
+    ext_procs = [f for f in caller_filters(yaml.safe_load(path.read_text())) if "ExternalProcessor" in f["@type"]]
+    assert ext_procs
+    for f in ext_procs:
+        mode = f["processing_mode"]
+        assert f["allow_mode_override"] is True
+        assert "FULL_DUPLEX_STREAMED" not in (mode.get("request_body_mode"), mode.get("response_body_mode"))
+        assert not f.get("send_body_without_waiting_for_header_response", False)
+        allowed = f.get("allowed_override_modes", [])
+        assert not allowed or any(m.get("response_body_mode") == "FULL_DUPLEX_STREAMED" for m in allowed)

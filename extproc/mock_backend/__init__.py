@@ -6,7 +6,8 @@ are exact and deterministic so tests can assert costs to the token.
 
 Endpoints: ``POST /v1/chat/completions``, ``/v1/completions``,
 ``/v1/responses``, ``/v1/embeddings``, ``/v1/messages``; ``GET /stats``,
-``POST /stats/reset``, ``GET /metrics`` (DCGM power/utilisation gauges and
+``POST /stats/reset``, ``GET /stats/streams`` (the last streams: tokens sent, and
+whether their client left mid-way), ``GET /metrics`` (DCGM power/utilisation gauges and
 vLLM token counters), ``GET /healthz``. Every response carries
 ``x-mock-backend: <config.name>``.
 

@@ -171,27 +171,42 @@ class Backend:
             await asyncio.sleep(first_s)
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         await resp.prepare(request)
+        sent, unsent, completed = 0, 0, False
         try:
             if delay_s <= 0:
                 await resp.write(plan.joined())
-                self._generated(model, usage.completion)
+                sent = usage.completion
+                self._generated(model, sent)
+                await resp.write_eof()
             else:
                 await resp.write(plan.head)
-                self._generated(model, usage.reasoning * usage.n)
+                sent = usage.reasoning * usage.n
+                self._generated(model, sent)
                 for step in plan.steps:
-                    await asyncio.sleep(delay_s)
-                    await resp.write(step)
+                    await asyncio.sleep(delay_s)  # the next token is being generated
                     self._generated(model, usage.n)
+                    unsent = usage.n
+                    if request.transport is None:  # its client left meanwhile: generated for nobody; stop
+                        raise ConnectionResetError
+                    await resp.write(step)
+                    sent, unsent = sent + unsent, 0
                 await resp.write(plan.tail)
-            await resp.write_eof()
-        except ConnectionError:
-            pass  # the client went away mid-stream; only what was sent was generated
+                await resp.write_eof()
+            completed = True
+        except ConnectionError:  # the client went away (a cancelled handler too): stop generating
+            pass
+        finally:
+            rid = request.headers.get("x-request-id", "")
+            self.stats.stream_ended(rid, model, sent, after_disconnect=None if completed else unsent)
         return resp
 
     # ------------------------------------------------------------------ introspection
 
     async def stats_get(self, request: web.Request) -> web.Response:
         return web.Response(body=_dumps(self.stats.snapshot()).encode(), content_type=_JSON)
+
+    async def streams(self, request: web.Request) -> web.Response:
+        return web.Response(body=_dumps(list(self.stats.streams)).encode(), content_type=_JSON)
 
     async def stats_reset(self, request: web.Request) -> web.Response:
         self.stats.reset()
@@ -226,6 +241,7 @@ def make_app(config: MockConfig | None = None) -> web.Application:
         app.router.add_post(path, backend.handler(api))
     app.router.add_get("/stats", backend.stats_get)
     app.router.add_post("/stats/reset", backend.stats_reset)
+    app.router.add_get("/stats/streams", backend.streams)
     app.router.add_get("/metrics", backend.metrics)
     app.router.add_get("/healthz", backend.healthz)
     app.router.add_post("/dispatch", backend.dispatch)

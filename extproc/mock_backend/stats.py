@@ -4,10 +4,19 @@ A hit is counted the moment an inference request arrives (before any
 generation, errors included), so a test can compare hits with the number of
 requests a gateway let through. ``/stats/reset`` zeroes the test counters only;
 the vLLM Prometheus counters stay monotonic, as a real server's would.
+
+A stream whose client goes away stops generating at the next token, as vLLM
+aborts a request whose connection closed: ``disconnects`` counts such streams
+and ``generated_after_disconnect`` the tokens generated for nobody (the one in
+progress when the client left). ``/stats/streams`` lists the last streams, each
+with its ``x-request-id``, tokens sent and when generation stopped, so a test
+can tell how long a backend kept generating after a gateway cut a stream.
 """
 
 from __future__ import annotations
 
+import collections
+import time
 from typing import Any
 
 from .gpu import escape_label
@@ -27,6 +36,9 @@ class Stats:
         self.by_model: dict[str, int] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.disconnects = 0
+        self.generated_after_disconnect = 0
+        self.streams: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
 
     def hit(self, path: str) -> None:
         self.hits += 1
@@ -43,6 +55,23 @@ class Stats:
         self.generation_tokens += n
         self._totals(model)[1] += n
 
+    def stream_ended(self, request_id: str, model: str, tokens: int, *, after_disconnect: int | None) -> None:
+        """One stream is over: `tokens` were sent; `after_disconnect` is None when it ran to its end,
+        else how many tokens were generated after its client had gone (then it stopped)."""
+        if after_disconnect is not None:
+            self.disconnects += 1
+            self.generated_after_disconnect += after_disconnect
+        self.streams.append(
+            {
+                "request_id": request_id,
+                "model": model,
+                "tokens": tokens,
+                "disconnected": after_disconnect is not None,
+                "after_disconnect": after_disconnect or 0,
+                "ended_at": time.time(),
+            }
+        )
+
     def _totals(self, model: str) -> list[int]:
         totals = self._model_tokens.get(model)
         if totals is None:
@@ -57,6 +86,8 @@ class Stats:
             "in_flight": self.in_flight,
             "prompt_tokens": self.prompt_tokens,
             "generation_tokens": self.generation_tokens,
+            "disconnects": self.disconnects,
+            "generated_after_disconnect": self.generated_after_disconnect,
         }
 
     def prometheus(self) -> str:

@@ -5,13 +5,26 @@ from an authenticated Envoy is refused first (callers.py), before any session
 exists. One session per stream;
 when the stream ends (normally, or because the client went away) the session
 is closed in a background task so settlement never delays Envoy.
+
+A streamed answer (`Reply.stream_response`) switches the response body to
+FULL_DUPLEX_STREAMED, the one body mode in which the service can end the
+response: Envoy forwards to the client only the bytes the service sends back
+(`StreamedBodyResponse`), and `end_of_stream` there ends the downstream
+response at once; Envoy then destroys the stream and resets the upstream
+request, so the backend stops generating (Envoy source
+ext_proc/processor_state.cc, `handleDuplexStreamedBodyResponse`). In STREAMED
+mode a body reply can only replace a chunk, never end the response, and an
+immediate response after the headers resets the client's connection. The
+session still sees one message per chunk and answers each with one `Reply`:
+`body=None` passes the chunk on unchanged, `b""` withholds it, and
+`end_stream` makes `body` the last bytes of the response.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -39,7 +52,13 @@ _HEADERS_ONLY = pm.ProcessingMode(
     response_header_mode=pm.ProcessingMode.SEND,
     response_body_mode=pm.ProcessingMode.NONE,
 )
-_STREAM_RESPONSE = pm.ProcessingMode(response_body_mode=pm.ProcessingMode.STREAMED)
+# Full duplex requires the trailer mode SEND (processing_mode.proto, FULL_DUPLEX_STREAMED): with
+# upstream trailers, the trailers, not an end_of_stream body chunk, say the body is complete.
+# The override is taken only while Envoy waits for a header response and only if the static
+# config is not full duplex itself (ext_proc.cc, onReceiveMessage), hence BUFFERED statically.
+_STREAM_RESPONSE = pm.ProcessingMode(
+    response_body_mode=pm.ProcessingMode.FULL_DUPLEX_STREAMED, response_trailer_mode=pm.ProcessingMode.SEND
+)
 _NO_RESPONSE_BODY = pm.ProcessingMode(response_body_mode=pm.ProcessingMode.NONE)
 NAMESPACE = "extproc.budget"
 
@@ -89,7 +108,20 @@ def _common(reply: Reply) -> ep.CommonResponse:
     return common
 
 
-def to_proto(phase: str, reply: Reply) -> ep.ProcessingResponse:
+def _streamed(resp: ep.ProcessingResponse, phase: str, reply: Reply, chunk: bytes, end_of_stream: bool) -> None:
+    """A full-duplex body answer: the bytes the client gets for this chunk, and whether they end it.
+    The message must be present even when empty, or Envoy takes it for a STREAMED answer (spurious)."""
+    out = getattr(resp, phase).response.body_mutation.streamed_response
+    out.SetInParent()
+    body = chunk if reply.body is None else reply.body
+    if body:
+        out.body = body
+    out.end_of_stream = end_of_stream
+
+
+def to_proto(phase: str, reply: Reply, *, duplex_chunk: bytes | None = None, end_of_stream: bool = False) -> ep.ProcessingResponse:
+    """`duplex_chunk`: this body message's bytes when the body is FULL_DUPLEX_STREAMED (what
+    `body=None` sends back); `end_of_stream`: whether the duplex answer ends the response."""
     if reply.immediate is not None:
         imm = reply.immediate
         resp = ep.ProcessingResponse(
@@ -108,6 +140,8 @@ def to_proto(phase: str, reply: Reply) -> ep.ProcessingResponse:
             resp.mode_override.CopyFrom(_STREAM_RESPONSE)
         elif reply.skip_response_body:
             resp.mode_override.CopyFrom(_NO_RESPONSE_BODY)
+    elif phase.endswith("_body") and duplex_chunk is not None:
+        _streamed(resp, phase, reply, duplex_chunk, end_of_stream)
     elif phase.endswith("_body"):
         getattr(resp, phase).response.CopyFrom(_common(reply))
     else:  # trailers carry only a header mutation
@@ -117,6 +151,54 @@ def to_proto(phase: str, reply: Reply) -> ep.ProcessingResponse:
         md.update({NAMESPACE: reply.metadata})
         resp.dynamic_metadata.CopyFrom(md)
     return resp
+
+
+class Phases(Protocol):
+    """What `exchange` asks of a session: Session's four phase methods."""
+
+    async def request_headers(self, headers: Mapping[str, str], end_of_stream: bool, peer_id: str | None = None) -> Reply: ...
+    async def request_body(self, body: bytes) -> Reply: ...
+    async def response_headers(self, headers: Mapping[str, str]) -> Reply: ...
+    async def response_body(self, chunk: bytes, end_of_stream: bool) -> Reply: ...
+
+
+async def exchange(session: Phases, request_iterator: AsyncIterator[ep.ProcessingRequest]) -> AsyncIterator[ep.ProcessingResponse]:
+    """One ext_proc stream: each message to `session`, each `Reply` back as protobuf. Stops answering once the response is
+    over (an immediate answer, or a full-duplex body ended), since Envoy expects nothing more then."""
+    duplex = False  # the response body was switched to FULL_DUPLEX_STREAMED
+    seen_body = False
+    async for req in request_iterator:
+        phase = req.WhichOneof("request")
+        if phase == "request_headers":
+            reply = await session.request_headers(_headers(req.request_headers), req.request_headers.end_of_stream, _peer(req))
+        elif phase == "request_body":
+            reply = await session.request_body(req.request_body.body)
+        elif phase == "response_headers":
+            reply = await session.response_headers(_headers(req.response_headers))
+            duplex = reply.stream_response and reply.immediate is None
+        elif phase == "response_body":
+            chunk, eos = req.response_body.body, req.response_body.end_of_stream
+            reply = await session.response_body(chunk, eos)
+            if duplex:
+                seen_body = True
+                ended = eos or reply.end_stream
+                yield to_proto(phase, reply, duplex_chunk=chunk, end_of_stream=ended)
+                if ended or reply.immediate is not None:
+                    return
+                continue
+        elif phase == "response_trailers" and duplex:
+            # Upstream trailers end a full-duplex body instead of an end_of_stream chunk: the
+            # session gets its end of stream here; its last bytes go out before the trailers.
+            reply = await session.response_body(b"", True)
+            if seen_body and reply.body:
+                yield to_proto("response_body", reply, duplex_chunk=b"")
+            yield to_proto(phase, Reply())
+            return
+        else:  # other trailers: nothing to decide
+            reply = Reply()
+        yield to_proto(phase, reply)
+        if reply.immediate is not None:
+            return
 
 
 class ExternalProcessor(epg.ExternalProcessorServicer):  # type: ignore[misc]  # generated servicer: no stubs
@@ -130,22 +212,7 @@ class ExternalProcessor(epg.ExternalProcessorServicer):  # type: ignore[misc]  #
         authenticated = await self.callers.authenticate(context)
         session = Session(self.services, caller_authenticated=authenticated)
         try:
-            async for req in request_iterator:
-                phase = req.WhichOneof("request")
-                if phase == "request_headers":
-                    reply = await session.request_headers(
-                        _headers(req.request_headers), req.request_headers.end_of_stream, _peer(req)
-                    )
-                elif phase == "request_body":
-                    reply = await session.request_body(req.request_body.body)
-                elif phase == "response_headers":
-                    reply = await session.response_headers(_headers(req.response_headers))
-                elif phase == "response_body":
-                    reply = await session.response_body(req.response_body.body, req.response_body.end_of_stream)
-                else:  # trailers: nothing to decide
-                    reply = Reply()
-                yield to_proto(phase, reply)
-                if reply.immediate is not None:
-                    return
+            async for resp in exchange(session, request_iterator):
+                yield resp
         finally:
             self.services.spawn(session.close())

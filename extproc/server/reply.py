@@ -25,15 +25,17 @@ class Immediate:
 @dataclass(slots=True)
 class Reply:
     set_headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes | None = None  # replaces the buffered body, or this streamed chunk
+    body: bytes | None = None  # replaces the buffered body, or this streamed chunk (b"": withhold it)
+    # Streamed response body only: `body` is the last the client gets; the response ends here and
+    # Envoy resets the upstream request, so the backend stops generating (a cut, or a JSON answer
+    # assembled from a stream). Ignored on a buffered body, which is whole already.
+    end_stream: bool = False
     clear_route_cache: bool = False
     immediate: Immediate | None = None
     # Processing-mode overrides (only honoured on header phases):
     skip_rest: bool = False  # no body, no response phases for this request
     headers_only: bool = False  # no request or response body; response headers still sent (flat-priced routes)
-    stream_response: bool = False  # switch the response body to STREAMED
-    json_from_stream: bool = False  # with stream_response: the client gets JSON assembled from the stream
-    end_stream: bool = False  # this body ends the response (a cut stream); the upstream is ended
+    stream_response: bool = False  # switch the response body to FULL_DUPLEX_STREAMED (chunk by chunk)
     skip_response_body: bool = False  # response body not needed
     metadata: dict[str, Any] | None = None  # Envoy dynamic metadata (namespace extproc.budget)
 

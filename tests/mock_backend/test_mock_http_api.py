@@ -213,6 +213,8 @@ async def test_stats_count_hits_and_tokens(base: str, http: aiohttp.ClientSessio
         "in_flight": 0,
         "prompt_tokens": USER_TOKENS * 3 + count_tokens("abc"),
         "generation_tokens": 3 + 3 + 2,
+        "disconnects": 0,
+        "generated_after_disconnect": 0,
     }
     async with http.post(f"{base}/stats/reset") as r:
         assert (await r.json())["hits"] == 0
@@ -281,3 +283,30 @@ async def test_client_disconnect_mid_stream(start_mock, http: aiohttp.ClientSess
         await asyncio.sleep(0.02)
     assert stats["in_flight"] == 0
     assert 0 < stats["generation_tokens"] < 50
+
+
+async def test_stream_stops_when_client_leaves_and_says_so(start_mock, http: aiohttp.ClientSession) -> None:
+    """A client that hangs up mid-stream stops the generation at the next token: the stream is
+    counted as disconnected, with at most the token in progress generated for nobody."""
+    base = await start_mock(token_delay_ms=20)
+    req = {"model": "m", "messages": USER, "max_tokens": 50, "stream": True}
+    await post(http, f"{base}/v1/chat/completions", {**req, "max_tokens": 3}, x_request_id="whole")
+    async with http.post(f"{base}/v1/chat/completions", json=req, headers={"x-request-id": "cut"}) as r:
+        await r.content.readline()
+        await asyncio.sleep(0.07)
+        r.close()
+        left = time.time()
+    for _ in range(50):
+        async with http.get(f"{base}/stats") as s:
+            stats = await s.json()
+        if stats["disconnects"]:
+            break
+        await asyncio.sleep(0.02)
+    async with http.get(f"{base}/stats/streams") as s:
+        streams = {st["request_id"]: st for st in await s.json()}
+    assert streams["whole"]["tokens"] == 3 and not streams["whole"]["disconnected"]
+    cut = streams["cut"]
+    assert cut["disconnected"] and 0 < cut["tokens"] < 10
+    assert stats["disconnects"] == 1 and stats["generated_after_disconnect"] == cut["after_disconnect"] <= 1
+    assert cut["ended_at"] - left < 0.1  # stopped within about one token of the hang-up
+    assert stats["generation_tokens"] == 3 + cut["tokens"] + cut["after_disconnect"]
