@@ -115,7 +115,7 @@ async def key_state(stack: Stack, principal: str = "bob") -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=stack.admin_url, headers={"authorization": f"Bearer {stack.admin_token}"}, timeout=10) as a:
         doc = (await a.get("/admin/budgets", params={"principal": principal})).json()
         for row in doc["budgets"]:
-            if row["scope"] == "key" and row["dimension"] == "cost":
+            if row["scope"] == f"key:{principal}" and row["dimension"] == "cost":
                 return {k: usd_to_nano(row[k]) for k in ("limit", "spent", "reserved")}
     raise LookupError("no key cost budget for bob")
 
@@ -149,32 +149,35 @@ class Scenario:
 
 
 async def fits(stack: Stack, *, stream: bool, calls: int = 20, delay_ms: float = 0.5) -> Scenario:
-    client = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key=BOB, max_retries=0, timeout=60)
-    for _ in range(5):
-        await one_call(client, stream=stream, tokens=None, delay_ms=delay_ms)
-    t0 = time.perf_counter()
-    outcome = await fan_out(client, calls, stream=stream, tokens=None, delay_ms=delay_ms)
+    async with openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key=BOB, max_retries=0, timeout=60) as client:
+        for _ in range(5):
+            await one_call(client, stream=stream, tokens=None, delay_ms=delay_ms)
+        t0 = time.perf_counter()
+        outcome = await fan_out(client, calls, stream=stream, tokens=None, delay_ms=delay_ms)
     return Scenario(f"fits ({'stream' if stream else 'json'})", outcome, await settled(stack), time.perf_counter() - t0)
 
 
 async def overflows(stack: Stack, *, stream: bool, calls: int = 20, tokens: int = 4000, delay_ms: float = 0.5) -> Scenario:
-    client = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key=BOB, max_retries=0, timeout=120)
-    for _ in range(5):
-        await one_call(client, stream=stream, tokens=tokens, delay_ms=0)
-    await credit_back(stack, "0.50")
-    t0 = time.perf_counter()
-    outcome = await fan_out(client, calls, stream=stream, tokens=tokens, delay_ms=delay_ms)
+    async with openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key=BOB, max_retries=0, timeout=120) as client:
+        for _ in range(5):
+            await one_call(client, stream=stream, tokens=tokens, delay_ms=0)
+        await credit_back(stack, "0.50")
+        t0 = time.perf_counter()
+        outcome = await fan_out(client, calls, stream=stream, tokens=tokens, delay_ms=delay_ms)
     return Scenario(f"overflows ({'stream' if stream else 'json'})", outcome, await settled(stack), time.perf_counter() - t0)
 
 
 async def deadline(stack: Stack, *, seconds: int) -> float:
-    """Seconds between a run's wall-clock deadline and the end of its stream as the client saw it."""
-    client = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key=BOB, max_retries=0, timeout=60)
-    t0 = time.monotonic()
-    kind, _ = await one_call(client, stream=True, tokens=seconds * 400, delay_ms=5, run="deadline-run")
+    """Seconds between a run's wall-clock deadline (its first reservation + `seconds`, as the
+    store recorded it) and the end of its stream as the client saw it."""
+    async with openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key=BOB, max_retries=0, timeout=60) as client:
+        kind, _ = await one_call(client, stream=True, tokens=seconds * 400, delay_ms=5, run="deadline-run")
+    ended_ms = time.time() * 1000
     if kind != "cut":
         raise AssertionError(f"the run's stream was {kind}, not cut at its deadline")
-    return time.monotonic() - t0 - seconds
+    async with httpx.AsyncClient(base_url=stack.admin_url, headers={"authorization": f"Bearer {stack.admin_token}"}, timeout=10) as a:
+        doc = (await a.get("/admin/budgets", params={"principal": "bob", "run": "deadline-run"})).json()
+    return (ended_ms - (doc["run_state"]["created_at_ms"] + seconds * 1000)) / 1000
 
 
 def report(rows: list[Scenario], late: float | None) -> str:
