@@ -58,18 +58,19 @@ def demo_policy(*, upstream_stream: bool = False, run_seconds: int | None = None
 
 @dataclass
 class Outcome:
-    served: int = 0  # complete, uncut
+    served: int = 0  # complete, uncut, on the model asked for
+    downshifted: int = 0  # complete on a cheaper model (the demo policy downshifts gpt-4o to gpt-4o-mini)
     cut: int = 0  # ended by the service in the API's terms (finish_reason "length")
     refused: int = 0  # 429 before anything was generated
     errors: list[str] = field(default_factory=list)  # anything else: an SDK exception, a 5xx
     output_tokens: list[int] = field(default_factory=list)
 
     def row(self) -> str:
-        return f"{self.served} served, {self.cut} cut, {self.refused} refused, {len(self.errors)} errors"
+        return f"{self.served} served, {self.downshifted} downshifted, {self.cut} cut, {self.refused} refused, {len(self.errors)} errors"
 
 
 async def one_call(client: openai.AsyncOpenAI, *, stream: bool, tokens: int | None, delay_ms: float, run: str | None = None) -> tuple[str, int]:
-    """One agent step: ("served" | "cut" | "refused", output tokens seen). Raises anything else."""
+    """One agent step: ("served" | "downshifted" | "cut" | "refused", output tokens seen). Raises anything else."""
     headers = {"x-mock-delay-ms": str(delay_ms)}
     if tokens is not None:
         headers["x-mock-output-tokens"] = str(tokens)
@@ -77,16 +78,17 @@ async def one_call(client: openai.AsyncOpenAI, *, stream: bool, tokens: int | No
         headers["x-run-id"] = run
     try:
         if stream:
-            finish, text = None, []
+            finish, text, model = None, [], ""
             response = await client.chat.completions.create(model="gpt-4o", messages=PROMPT, stream=True, extra_headers=headers)  # type: ignore[arg-type]
             async for chunk in response:
+                model = chunk.model or model
                 for choice in chunk.choices:
                     text.append(choice.delta.content or "")
                     finish = choice.finish_reason or finish
             out = "".join(text).count(" hello")
         else:
             completion = await client.chat.completions.create(model="gpt-4o", messages=PROMPT, extra_headers=headers)  # type: ignore[arg-type]
-            finish = completion.choices[0].finish_reason
+            finish, model = completion.choices[0].finish_reason, completion.model
             out = (completion.choices[0].message.content or "").count(" hello")
     except openai.RateLimitError:
         return "refused", 0
@@ -94,7 +96,7 @@ async def one_call(client: openai.AsyncOpenAI, *, stream: bool, tokens: int | No
         return "cut", out
     if finish != "stop":
         raise AssertionError(f"unexpected finish_reason {finish!r}")
-    return "served", out
+    return ("served" if model == "gpt-4o" else "downshifted"), out
 
 
 async def fan_out(client: openai.AsyncOpenAI, n: int, *, stream: bool, tokens: int | None, delay_ms: float) -> Outcome:

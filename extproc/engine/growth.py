@@ -12,7 +12,9 @@ delivered, which the reservation covers, so spend never passes a limit.
 Expected output is the `history_percentile` of what this principal's last
 calls of the model produced (`OutputHistory`, per process: each worker
 learns on its own, a restart forgets), else the model's
-`expected_output_tokens`, else nothing (the worst case is reserved).
+`expected_output_tokens`, else nothing (the worst case is reserved); plus a
+margin (1/8, at least 64 tokens) so that a call ending where expected never
+needs an extension at its very end, when its budget may be full.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .budget import Decision
 
 HISTORY_KEYS = 50_000  # (principal, model) pairs remembered; the least recently used go first
 MIN_LOOKAHEAD_TOKENS = 16  # grown this far ahead of the output at least
+END_MARGIN_TOKENS = 64  # reserved beyond the expected output (at least; 1/8 of it when larger)
 
 
 class OutputHistory:
@@ -58,9 +61,10 @@ class OutputHistory:
 def expected_output(history: OutputHistory, streaming: StreamingSpec, spec: ModelSpec, principal: str, model: str) -> int | None:
     """Output per choice a right-sized call reserves, None when nothing is known (worst case)."""
     seen = history.percentile(principal, model, streaming.history_percentile, min_count=streaming.min_history)
-    if seen is not None:
-        return max(MIN_LOOKAHEAD_TOKENS, seen)
-    return spec.expected_output_tokens
+    expected = seen if seen is not None else spec.expected_output_tokens
+    if expected is None:
+        return None
+    return expected + max(END_MARGIN_TOKENS, expected // 8)  # a call that ends where expected needs no extension
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +120,7 @@ class StreamGrowth:
         want = min(self.cap, output + max(MIN_LOOKAHEAD_TOKENS, 2 * self.largest_chunk))
         if want <= self.reserved:
             return None
-        step = min(self.cap, max(want, self.reserved + max(self.step_tokens, self.reserved // 2)))
+        step = min(self.cap, max(want, self.reserved + max(self.step_tokens, self.reserved // 4)))
         return Need(want, step)
 
     def covers(self, counted: int) -> bool:

@@ -330,7 +330,7 @@ class StreamingSpec(_Frozen):
     of the model produced (once `min_history` are known), else the model's
     `expected_output_tokens`, else the worst case; never more than the call's
     own cap. As output passes, the reservation grows in steps of at least
-    `extend_step_tokens` (or half of what is reserved, whichever is larger)
+    `extend_step_tokens` (or a quarter of what is reserved, whichever is larger)
     before the chunk that needs it is released; when a step does not fit the
     stream ends cleanly in the API's terms. `admission_headroom` keeps room for
     the calls already streaming: a new call is admitted only if its budget also

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from extproc.engine.growth import MIN_LOOKAHEAD_TOKENS, Need, OutputHistory, StreamGrowth, expected_output
+from extproc.engine.growth import END_MARGIN_TOKENS, Need, OutputHistory, StreamGrowth, expected_output
 from extproc.policy.model import ModelSpec, StreamingSpec
 
 
@@ -36,18 +36,18 @@ def test_expected_output_prefers_history_then_policy_then_nothing() -> None:
     hinted = ModelSpec(input="1", output="1", expected_output_tokens=700)
     h = OutputHistory()
     assert expected_output(h, streaming, bare, "bob", "m") is None
-    assert expected_output(h, streaming, hinted, "bob", "m") == 700
+    assert expected_output(h, streaming, hinted, "bob", "m") == 700 + 700 // 8  # plus a margin for the end
     h.add("bob", "m", 3, size=20)
     h.add("bob", "m", 5, size=20)
-    assert expected_output(h, streaming, hinted, "bob", "m") == MIN_LOOKAHEAD_TOKENS  # tiny outputs: a floor
+    assert expected_output(h, streaming, hinted, "bob", "m") == 5 + END_MARGIN_TOKENS  # history first; a floor on the margin
 
 
 def test_growth_asks_before_the_output_reaches_the_reservation() -> None:
     g = StreamGrowth(reserved=1000, cap=16384, step_tokens=256, safety=Decimal(1), deadline_ms=None)
     assert g.need(900, 10) is None  # 900 + max(16, 20) <= 1000
     need = g.need(990, 10)
-    assert need == Need(tokens=1010, step=1500)  # at least the lookahead; half the reservation if it fits
-    g.grew(1500)
+    assert need == Need(tokens=1010, step=1256)  # at least the lookahead; the step (or a quarter) if it fits
+    g.grew(1256)
     assert g.need(1200, 10) is None and g.extensions == 1
 
 
