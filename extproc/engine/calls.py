@@ -31,6 +31,7 @@ from ..protocols.request import RequestFacts
 from .budget import Decision, Engine, Hold, Identity
 from .downshift import Candidate, affordable_output, chain, missing_capabilities
 from .pricing import tool_reserve, unpriced_tools
+from .workflow import Workflow
 
 LivePrice = Callable[[str], Price | None]
 Spawn = Callable[[Awaitable[Any]], None]
@@ -47,6 +48,7 @@ class Caller:
     reservation_id: str = ""
     request_id: str = ""
     recent: Decision | None = None
+    workflow: Workflow | None = None  # parent run and ancestors, retry depth, traceparent (workflow.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +156,8 @@ class Planner:
         bounded = call.bounded(self.encodings(names))
         cheapest = min((self.candidate(bounded, n) for n in names), key=lambda c: c.cost)
         checked = await self.engine.check(
-            self.policy, caller.who, run_id=caller.run_id, estimate=cheapest.estimate, run_overrides=caller.run_overrides
+            self.policy, caller.who, run_id=caller.run_id, estimate=cheapest.estimate, run_overrides=caller.run_overrides,
+            workflow=caller.workflow,
         )
         return None if checked.allowed else checked
 
@@ -202,6 +205,7 @@ class Planner:
             estimate={"cost": cost, "requests": 1},
             meta={"model": "", "requested_model": "", "api": api, "request_id": caller.request_id},
             run_overrides=caller.run_overrides,
+            workflow=caller.workflow,
         )
 
     async def _clamp(
@@ -272,6 +276,7 @@ class _Reserver:
             estimate=c.estimate,
             meta={"model": c.name, "requested_model": self.requested, "api": self.api, "request_id": self.caller.request_id},
             run_overrides=self.caller.run_overrides,
+            workflow=self.caller.workflow,
         )
 
     async def first_fit(self, options: list[Candidate], first_attempt: int) -> tuple[Decision, Candidate]:

@@ -87,10 +87,11 @@ class RunRefusal(str, enum.Enum):
     LIMIT = "run_limit"  # a new run beyond the owner's cap of active runs
     PARENT = "run_parent"  # a nested run's parent is unknown, another owner's, or not the one it was started under
     DEPTH = "run_depth_exceeded"  # a nested run deeper than the policy allows (decided before the store)
+    ATTEMPTS = "call_attempts"  # a retry past the policy's attempts per call (decided before the store)
 
 
 # What a settled call used; lines pick their dimension from it.
-USAGE_FIELDS = ("cost", "input_tokens", "output_tokens", "total_tokens", "requests", "retries", "tool_calls")
+USAGE_FIELDS = ("cost", "input_tokens", "output_tokens", "total_tokens", "requests", "retries", "attempts", "tool_calls")
 
 
 @dataclass(frozen=True, slots=True)
