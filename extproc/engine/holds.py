@@ -71,6 +71,8 @@ class CallHold:
             return dict(self.decision.reserved)
         cost = usage_cost(self.chosen.spec, self.chosen.price, usage)
         charge = {"cost": cost, "input_tokens": usage.total_input, "output_tokens": usage.output_tokens, "requests": 1}
+        if usage.function_calls:  # the tool calls the model returned: a run's `tool_calls` budget
+            charge["tool_calls"] = usage.function_calls
         return charge | self.attempt
 
     @property

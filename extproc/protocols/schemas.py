@@ -34,6 +34,7 @@ from extproc.protocols.stream import Observer, StreamReader
 from extproc.protocols.usage import (
     Usage,
     anthropic_usage,
+    client_tool_calls,
     openai_usage,
     responses_usage,
 )
@@ -246,9 +247,9 @@ class Schema:
             raise UpstreamError(f"{self.name} response body is not valid JSON: {e}") from None
         if not isinstance(obj, dict):
             raise UpstreamError(f"{self.name} response body is not a JSON object")
-        if self.read_body is not None:
-            return self.read_body(obj)
-        return self.read_usage(obj.get("usage"))
+        usage = self.read_body(obj) if self.read_body is not None else self.read_usage(obj.get("usage"))
+        calls = client_tool_calls(obj) if usage is not None else 0
+        return usage.plus(Usage(function_calls=calls)) if calls else usage
 
     def stream_reader(
         self,
