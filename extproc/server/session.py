@@ -205,7 +205,7 @@ class Session(Gate):
         cost = await self._settle_stream(ended=True)
         if self.reader.may_rewrite:  # never inside a compressed body; says when the cost is an estimate
             estimate = f": {H.COST_SOURCE}={self.cost_source}\n\n" if self.cost_source != "stream" else ""
-            out += f"{estimate}: {H.COST}={nano_to_usd(cost)}\n\n".encode()
+            out += f"{estimate}: {H.COST}={nano_to_usd(cost)}\n\n".encode() + self._run_comment(cost)
         return Reply(body=out, metadata=self._metadata(cost))
 
     async def close(self) -> None:
@@ -241,6 +241,10 @@ class Session(Gate):
         if await self.hold.release():
             metrics.INFLIGHT.dec()
         self.phase = Phase.DONE
+
+    def _run_comment(self, cost: int) -> bytes:  # nested runs: each level's spend, this call's charge included
+        spend = render.run_spend(self.hold.decision, cost) if self.hold else []
+        return "".join(f": {name}={value}\n\n" for name, value in spend[1:2]).encode()
 
     def _metadata(self, cost: int) -> dict[str, Any]:  # Envoy dynamic metadata for the access log
         principal, model = (self.caller.who.principal if self.caller else ""), (self.plan.chosen.name if self.plan else "")

@@ -181,3 +181,19 @@ async def test_ledger_meta_carries_the_workflow(engine):
     assert d.allowed
     meta = (await engine.ledger())[-1].meta
     assert (meta["run"], meta["parent_run"], meta["ancestors"], meta["retry"], meta["traceparent"]) == ("kid", "root", ["root"], 1, tp)
+
+
+async def test_spend_of_each_level_root_first(engine):
+    from extproc.server import render
+
+    pol = policy()
+    assert (await call(engine, pol, "root", cost="0.30")).allowed
+    assert (await call(engine, pol, "kid", Workflow(parent="root"), cost="0.20")).allowed
+    wf = await engine.place(pol, ALICE, "kid", Workflow())
+    d = await engine.reserve(pol, ALICE, run_id="kid", reservation_id=None, estimate={"cost": usd("0.10")}, meta={}, workflow=wf)
+    assert dict(render.run_spend(d)) == {
+        "x-budget-run-chain": "root, kid",
+        "x-budget-run-spent-usd": "0.5, 0.2",
+        "x-budget-run-remaining-usd": "0.4, 0.7",
+    }
+    assert dict(render.run_spend(d, usd("0.05")))["x-budget-run-spent-usd"] == "0.55, 0.25"
