@@ -51,7 +51,7 @@ from ..stores.base import (
     Store,
 )
 from .windows import calendar_period
-from .workflow import ATTEMPTS, Ancestry, Workflow, attempts_line_key
+from .workflow import ATTEMPTS, Ancestry, ModelsUsed, Workflow, attempts_line_key
 
 log = logging.getLogger("extproc.engine")
 
@@ -199,6 +199,11 @@ class Decision:
             )
         if self.reason is RunRefusal.DEPTH:
             return f"Run {self.run} would be nested {st.spent} deep; this gateway allows at most {st.limit} ancestor runs."
+        if self.reason is RunRefusal.ESCALATION:
+            return (
+                f"Run {self.run} is past {st.spent}% of its budget (the escalation threshold is {st.limit}%); "
+                "it may not move to a model pricier than those it used so far: ask for one of those."
+            )
         if self.reason is RunRefusal.ATTEMPTS or b.spec.dimension == ATTEMPTS:
             return f"This call was already attempted {st.spent} times (the limit is {st.limit} attempts); stop retrying it."
         dim = b.spec.dimension
@@ -242,10 +247,17 @@ def run_key(who: Identity, run_id: str) -> str:
     return f"{who.principal}/{run_id}"
 
 
+def _synthetic_spec(dimension: str, limit: int) -> LimitSpec:
+    """The spec of a limit the engine adds itself (attempts per key, a refusal that names its
+    cause): never validated, since no policy can write these dimensions."""
+    return LimitSpec.model_construct(dimension=dimension, limit=limit, window="total")  # type: ignore[arg-type]
+
+
 _REASON_CODES = {
     RunRefusal.LIMIT: "rate_limit_exceeded",
     RunRefusal.DEPTH: "run_depth_exceeded",
     RunRefusal.ATTEMPTS: "retry_budget_exceeded",
+    RunRefusal.ESCALATION: "model_escalation_refused",
 }
 
 
@@ -323,6 +335,7 @@ class Engine:
         self.store = store
         self.clock = clock
         self.ancestry = Ancestry(store, lambda: self.clock())  # nested runs: each run's recorded ancestors
+        self.models_used = ModelsUsed()  # the escalation gate's baseline, per run
         self._compiled: dict[int, tuple[Policy, tuple[tuple[BudgetSpec, tuple[_Template, ...]], ...]]] = {}
 
     def _templates(self, policy: Policy) -> tuple[tuple[BudgetSpec, tuple[_Template, ...]], ...]:
@@ -397,7 +410,7 @@ class Engine:
         cap = policy.runs.max_attempts_per_call or MAX_EXACT
         key = run_key(who, run_id)
         line = Line(attempts_line_key(key, digest), Kind.COUNTER, ATTEMPTS, cap, 1, run=True)
-        return AppliedLimit("run", key, LimitSpec.model_construct(dimension=ATTEMPTS, limit=cap, window="total"), line, None)
+        return AppliedLimit("run", key, _synthetic_spec(ATTEMPTS, cap), line, None)
 
     async def place(self, policy: Policy, who: Identity, run_id: str | None, workflow: Workflow) -> Workflow:
         """`workflow` with the run's ancestors (workflow.Ancestry) and, for a call with an
@@ -469,6 +482,10 @@ class Engine:
         owner = run.key.split("/", 1)[0]
         return replace(run, ancestors=tuple(f"{owner}/{a}" for a in workflow.ancestors), inherited=theirs)
 
+    def refuse_run(self, policy: Policy, who: Identity, run_id: str, reason: RunRefusal, limit: int, seen: int) -> Decision:
+        """A refusal the engine decides with no store state (the escalation gate): nothing taken."""
+        return self._refused(policy, who, self.run_ref(policy, who, run_id), "", (reason, LineState("", limit, seen, 0)), {})
+
     def _refused(
         self, policy: Policy, who: Identity, run: RunRef | None, rid: str, early: tuple[RunRefusal, LineState],
         amounts: Mapping[str, int],
@@ -476,10 +493,10 @@ class Engine:
         """A refusal the engine made without the store (`_engine_refusal`): nothing was taken."""
         reason, st = early
         scope, scope_id = ("run", run.key) if run is not None else ("key", who.principal)
-        dimension = "requests" if reason is RunRefusal.DEPTH else ATTEMPTS
+        dimension = {RunRefusal.DEPTH: "depth", RunRefusal.ESCALATION: "escalation_percent"}.get(reason, ATTEMPTS)
         key = f"{scope}:{scope_id}|{reason.value}"
         line = Line(key, Kind.COUNTER, dimension, st.limit, 1)
-        lim = AppliedLimit(scope, scope_id, LimitSpec.model_construct(dimension=dimension, limit=st.limit, window="total"), line, None)
+        lim = AppliedLimit(scope, scope_id, _synthetic_spec(dimension, st.limit), line, None)
         return Decision(
             allowed=False, decision_id=uuid.uuid4().hex, hold=Hold(who.tag, rid), limits=(lim,),
             states=(replace(st, key=key),), blocked=0, warned=(), retry_after_ms=None, reserved=amounts,

@@ -161,9 +161,7 @@ class Ancestry:
         if known is not None:
             if wf.parent is not None and (not known or known[-1] != wf.parent):
                 was = f"under {known[-1]!r}" if known else "as a root run"
-                raise BadRequest(
-                    f"run {run_id!r} was started {was}; it cannot move to parent {wf.parent!r}", param="x-parent-run-id"
-                )
+                raise BadRequest(f"run {run_id!r} was started {was}; it cannot move to parent {wf.parent!r}", param="x-parent-run-id")
             return replace(wf, ancestors=known)
         if wf.parent is None:
             return wf
@@ -171,3 +169,24 @@ class Ancestry:
             raise BadRequest("a run cannot be its own parent", param="x-parent-run-id")
         above = await self._recorded(tag, f"{principal}/{wf.parent}") or ()
         return replace(wf, ancestors=(*above, wf.parent))
+
+
+class ModelsUsed:
+    """The priciest model each run has used so far (its per-token input + output price), as
+    this process saw it: the escalation gate's baseline. Bounded; a run this process has not
+    seen yet has no baseline, so its first call here is never taken for an escalation."""
+
+    def __init__(self, size: int = 50_000) -> None:
+        self._size = size
+        self._runs: OrderedDict[str, tuple[int, str]] = OrderedDict()
+
+    def get(self, run_key: str) -> tuple[int, str] | None:
+        return self._runs.get(run_key)
+
+    def note(self, run_key: str, rank: int, model: str) -> None:
+        cur = self._runs.get(run_key)
+        if cur is None or rank > cur[0]:
+            self._runs[run_key] = (rank, model)
+        self._runs.move_to_end(run_key)
+        if len(self._runs) > self._size:
+            self._runs.popitem(last=False)

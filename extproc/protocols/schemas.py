@@ -248,7 +248,9 @@ class Schema:
         if not isinstance(obj, dict):
             raise UpstreamError(f"{self.name} response body is not a JSON object")
         usage = self.read_body(obj) if self.read_body is not None else self.read_usage(obj.get("usage"))
-        calls = client_tool_calls(obj) if usage is not None else 0
+        if usage is None:
+            return None
+        calls = client_tool_calls(obj)  # the tool calls returned for the client: a run's tool_calls budget
         return usage.plus(Usage(function_calls=calls)) if calls else usage
 
     def stream_reader(

@@ -95,11 +95,13 @@ def run_levels(d: Decision) -> list[tuple[str, LineState]]:
     """Each level of the call's run chain, root first, with its tightest cost line."""
     tight: dict[str, LineState] = {}
     for lim, st in zip(d.limits, d.states, strict=False):
-        if lim.scope == "run" and lim.spec.dimension == "cost" and (lim.scope_id not in tight or st.remaining < tight[lim.scope_id].remaining):
+        if lim.scope != "run" or lim.spec.dimension != "cost":
+            continue
+        if lim.scope_id not in tight or st.remaining < tight[lim.scope_id].remaining:
             tight[lim.scope_id] = st
     own = tight.pop(d.run, None) if d.run else None  # limits list the run first, then its ancestors root first
     levels = list(tight.items())
-    return levels + [(d.run, own)] if own is not None and d.run else levels
+    return [*levels, (d.run, own)] if own is not None and d.run else levels
 
 
 def run_spend(d: Decision, charged: int = 0) -> list[tuple[str, str]]:

@@ -88,6 +88,7 @@ class RunRefusal(str, enum.Enum):
     PARENT = "run_parent"  # a nested run's parent is unknown, another owner's, or not the one it was started under
     DEPTH = "run_depth_exceeded"  # a nested run deeper than the policy allows (decided before the store)
     ATTEMPTS = "call_attempts"  # a retry past the policy's attempts per call (decided before the store)
+    ESCALATION = "model_escalation"  # past the run's escalation threshold, a pricier model than it used (engine)
 
 
 # What a settled call used; lines pick their dimension from it.

@@ -3,8 +3,11 @@ retry ceilings (run retries, attempts per call and per idempotency key), tool-ca
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 
+from extproc.engine.calls import run_share
 from extproc.engine.workflow import Workflow, baggage, from_headers
 from extproc.errors import BadRequest
 from extproc.stores.base import RunRefusal
@@ -197,3 +200,52 @@ async def test_spend_of_each_level_root_first(engine):
         "x-budget-run-remaining-usd": "0.4, 0.7",
     }
     assert dict(render.run_spend(d, usd("0.05")))["x-budget-run-spent-usd"] == "0.55, 0.25"
+
+
+def two_models(**runs):
+    return make_policy(
+        prices={
+            "models": {
+                "big": {"input": "10", "output": "10", "downshift_to": ["small"]},
+                "small": {"input": "1", "output": "1"},
+            }
+        },
+        runs={"limits": [{"dimension": "cost", "limit": "1.00"}], **runs},
+    )
+
+
+async def plan(engine, pol, model, run_id="r"):
+    from extproc.engine.calls import Caller, Planner
+    from extproc.protocols import OPENAI_CHAT
+
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10000}' % model.encode()
+    facts = OPENAI_CHAT.parse_request(body, max_bytes=1 << 20)
+    planner = Planner(engine, pol)
+    call_in = Planner.call_input(pol, facts, api="openai.chat")
+    p = await planner.plan(call_in, Caller(ALICE, run_id, reservation_id=f"{model}-{engine.clock.now}", workflow=Workflow()), api="x")
+    engine.clock.advance(1)
+    if p.decision.allowed:
+        await engine.settle(p.decision.hold, dict(p.decision.reserved))
+    return p
+
+
+@pytest.mark.parametrize("action", ["downshift", "refuse"])
+async def test_escalation_gate_past_the_threshold(engine, action):
+    pol = two_models(escalation={"threshold": "0.5", "action": action})
+    assert (await plan(engine, pol, "small")).chosen.name == "small"  # each call settles its reservation
+    p = await plan(engine, pol, "big")  # below the threshold: escalation is free
+    assert p.decision.allowed and p.chosen.name == "big"
+    while run_share(p.decision, 0) <= Decimal("0.5"):  # spend past 50% on the small model
+        p = await plan(engine, pol, "small")
+    p = await plan(engine, pol, "big")  # big was used already: no escalation
+    assert p.decision.allowed and p.chosen.name == "big"
+    fresh = two_models(escalation={"threshold": "0.5", "action": action})
+    engine.models_used.__init__()  # forget: the run used only the small model
+    await plan(engine, fresh, "small")
+    p = await plan(engine, fresh, "big")
+    if action == "downshift":
+        assert p.decision.allowed and p.chosen.name == "small" and p.requested == "big"
+    else:
+        assert not p.decision.allowed and p.decision.refusal_code == "model_escalation_refused"
+        assert "the escalation threshold is 50%" in p.decision.message
+        assert engine.models_used.get("alice/r")[1] == "small"
