@@ -25,9 +25,9 @@ def _tool_names(tools: Any) -> list[str]:
     names = []
     for t in tools if isinstance(tools, list) else ():
         if isinstance(t, dict):
-            fn = t.get("function") if isinstance(t.get("function"), dict) else t
-            if isinstance(fn.get("name"), str):
-                names.append(fn["name"])
+            fn = t["function"] if isinstance(t.get("function"), dict) else t
+            if isinstance(name := fn.get("name"), str):
+                names.append(name)
     return names
 
 
@@ -45,7 +45,7 @@ def forced(api: str, body: dict[str, Any]) -> str | None:
     if choice == "required":
         return names[0]
     if isinstance(choice, dict):
-        fn = choice.get("function") if isinstance(choice.get("function"), dict) else choice
+        fn = choice["function"] if isinstance(choice.get("function"), dict) else choice
         name = fn.get("name")
         return name if isinstance(name, str) else names[0]
     return None
@@ -84,8 +84,8 @@ def with_call_stream(api: str, plan: SSEPlan, name: str, *, chunk_id: str, model
         return SSEPlan(plan.head, plan.steps, _data(chunk) + plan.tail)
     if api == "responses":
         item = _responses_item(name)
-        done = {"type": "response.output_item.done", "output_index": 1, "item": item}
-        return SSEPlan(plan.head, plan.steps, _insert_before(plan.tail, b"response.completed", _event(done["type"], done)))
+        done = _event("response.output_item.done", {"type": "response.output_item.done", "output_index": 1, "item": item})
+        return SSEPlan(plan.head, plan.steps, _insert_before(plan.tail, b"response.completed", done))
     if api == "messages":
         block = {"type": "tool_use", "id": "toolu_" + uuid.uuid4().hex[:24], "name": name, "input": {}}
         events = b"".join(
