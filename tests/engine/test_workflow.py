@@ -249,3 +249,13 @@ async def test_escalation_gate_past_the_threshold(engine, action):
         assert not p.decision.allowed and p.decision.refusal_code == "model_escalation_refused"
         assert "the escalation threshold is 50%" in p.decision.message
         assert engine.models_used.get("alice/r")[1] == "small"
+
+
+async def test_admin_run_state_shows_the_ancestry(engine):
+    from extproc.server import admin
+
+    pol = make_policy(principals=[{"name": "alice", "team": "ml", "org": "acme"}], runs=RUNS)
+    assert (await call(engine, pol, "root")).allowed
+    assert (await call(engine, pol, "kid", Workflow(parent="root"))).allowed
+    doc = await admin.budgets(engine, pol, "alice", "kid")
+    assert doc["run_state"]["ancestors"] == ["root"] and doc["run_state"]["state"] == "active"
