@@ -184,9 +184,9 @@ class Decision:
             return ""
         st = self.states[self.blocked]
         if self.reason is RunRefusal.CLOSED:
-            return f"Run {self.run} was closed by an administrator; start a new run id."
+            return f"Run {self.run} (or a run it is nested under) was closed by an administrator; start a new run id."
         if self.reason is RunRefusal.EXPIRED:
-            return f"Run {self.run} expired after a period without requests; start a new run id."
+            return f"Run {self.run} (or a run it is nested under) expired after a period without requests; start a new run id."
         if self.reason is RunRefusal.LIMIT:
             return (
                 f"Principal {b.scope_id} already has {st.reserved} active runs (the limit is {st.limit}); "
