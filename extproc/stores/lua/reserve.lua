@@ -176,10 +176,11 @@ if run and reason == '' then
   redis.call('ZADD', P .. 'rp', fmt(exp + run[5]), run[1])
   if (ARGV[11] or '') ~= '' then  -- recorded once; activity anywhere in the tree keeps its ancestors alive
     if not run_exists then redis.call('HSET', runkey, 'chain', ARGV[11]) end
-    for _, a in ipairs(cjson.decode(ARGV[11])) do
+    for _, a in ipairs(cjson.decode(ARGV[11])) do  -- (ZADD GT by hand: Redis before 6.2 lacks it)
       redis.call('HSET', P .. 'run:' .. a, 'seen_at', fmt(now), 'expires_at', fmt(exp))
-      redis.call('ZADD', ownerkey, 'GT', fmt(exp), a)
-      redis.call('ZADD', P .. 'rp', 'GT', fmt(exp + run[5]), a)
+      if tonumber(redis.call('ZSCORE', ownerkey, a) or '0') < exp then redis.call('ZADD', ownerkey, fmt(exp), a) end
+      local purge = exp + run[5]
+      if tonumber(redis.call('ZSCORE', P .. 'rp', a) or '0') < purge then redis.call('ZADD', P .. 'rp', fmt(purge), a) end
     end
   end
   for _, l in ipairs(lines) do
