@@ -144,15 +144,19 @@ async def test_nested_agent_loops_with_the_openai_and_anthropic_sdks(make_stack)
     assert r.headers["x-budget-run-chain"] == "plan"
 
     async def claude_loop(name: str) -> str:
+        """An agent loop: the model calls a tool, the agent answers with its result, then works on."""
         client = anthropic.AsyncAnthropic(
             base_url=stack.url, api_key=CAROL, max_retries=0,
             default_headers={"baggage": f"budget.run={name},budget.parent_run=plan", "x-mock-output-tokens": "4000"},
         )  # fmt: skip
+        args = {"model": "claude-sonnet-4-5", "max_tokens": 4000, "tools": [CLAUDE_TOOL]}
         try:
+            msg = await client.messages.create(**args, messages=STEP, tool_choice={"type": "any"})
+            (use,) = [b for b in msg.content if b.type == "tool_use"]
+            result = {"type": "tool_result", "tool_use_id": use.id, "content": "3 results"}
+            talk = [*STEP, {"role": "assistant", "content": msg.content}, {"role": "user", "content": [result]}]
             for _ in range(50):
-                msg = await client.messages.create(
-                    model="claude-sonnet-4-5", max_tokens=4000, messages=STEP, tools=[CLAUDE_TOOL], tool_choice={"type": "auto"}
-                )
+                msg = await client.messages.create(**args, messages=talk)
                 assert msg.stop_reason in ("end_turn", "max_tokens")
             return "ran out of steps"
         except anthropic.RateLimitError as e:
@@ -182,6 +186,7 @@ async def test_nested_agent_loops_with_the_openai_and_anthropic_sdks(make_stack)
     assert ends[0] == ends[1] == "run:carol/plan"  # the tree's budget, the root's, stopped both sub-agents
     await planner.close()
     entries = await ledger(stack, expect=3)
+    assert sum(e.charged.get("tool_calls", 0) for e in entries if e.meta.get("run") in ("research", "writer")) == 2
     per_run = charged_runs(entries)
     assert sum(per_run.values()) <= usd_to_nano("0.25")
     async with httpx.AsyncClient(base_url=stack.url, timeout=10) as c:
