@@ -77,10 +77,10 @@ class CallHold:
 
     @property
     def attempt(self) -> dict[str, int]:
-        """What the attempt itself counts (a retry, one attempt of an idempotency key): charged
-        whatever its outcome, also when it is released."""
-        reserved = self.decision.reserved
-        return {k: reserved[k] for k in KEEP_ON_RELEASE if reserved.get(k)}
+        """What the attempt itself counts (a retry, one attempt of an idempotency key) on a limit
+        of this call: charged whatever its outcome, also when it is released (else a release)."""
+        reserved, counted = self.decision.reserved, {lim.spec.dimension for lim in self.decision.limits}
+        return {k: reserved[k] for k in KEEP_ON_RELEASE if reserved.get(k) and k in counted}
 
     async def settle(self, usage: Usage | None, *, source: str, status: int) -> Settled | None:
         """Charge `usage` (None: the reservation); None if the hold was already closed."""

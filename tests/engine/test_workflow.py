@@ -259,3 +259,14 @@ async def test_admin_run_state_shows_the_ancestry(engine):
     assert (await call(engine, pol, "kid", Workflow(parent="root"))).allowed
     doc = await admin.budgets(engine, pol, "alice", "kid")
     assert doc["run_state"]["ancestors"] == ["root"] and doc["run_state"]["state"] == "active"
+
+
+async def test_a_retry_without_a_retry_limit_is_released_as_before(engine):
+    from extproc.engine.holds import CallHold
+    from extproc.stores.base import Outcome
+
+    pol = make_policy(runs={"limits": [{"dimension": "cost", "limit": "1.00"}]})
+    wf = from_headers(pol.runs, {"x-stainless-retry-count": "1"})[1]
+    d = await engine.reserve(pol, ALICE, run_id="r", reservation_id=None, estimate={"cost": 1}, meta={}, workflow=wf)
+    assert d.allowed and await CallHold(engine, d, None, lambda c: None).release()
+    assert (await engine.ledger())[-1].outcome is Outcome.RELEASED
