@@ -91,12 +91,56 @@ async def scenario(stack: Stack, policy_path: str) -> bool:
             f"({r.headers.get('x-backend-cost-rate-source')}); cost {r.headers.get('x-budget-cost-usd')}")
         ok &= rate is not None
 
-    say("\n5. Final spend beside each cap (read from the budget store):")
+        ok &= await nested_runs(c)
+
+    say("\n6. Final spend beside each cap (read from the budget store):")
     await asyncio.sleep(0.3)  # the streamed call settles as its stream closes
     ok &= await print_budgets(stack, policy_path)
-    say("\n6. Backend cost rates (published to the store by the service):")
+    say("\n7. Backend cost rates (published to the store by the service):")
     ok &= await print_rates(stack, policy_path)
     return ok
+
+
+async def nested_runs(c: httpx.AsyncClient) -> bool:
+    """A planner run with three sub-agents, one stuck retrying, until the tree's budget is spent."""
+    say("\n5. carol's planner (run 'plan') starts three sub-agents that name it as their parent")
+    say("   (x-parent-run-id: plan); every child call also reserves on the planner's run ($0.25 for the tree).")
+    carol = {"authorization": f"Bearer {KEYS['carol']}"}
+    step = {"messages": [{"role": "user", "content": "next step"}]}
+    r = await c.post("/v1/chat/completions", headers={**carol, "x-run-id": "plan"}, json={"model": "gpt-4o-mini", "max_tokens": 50, **step})
+    ok = r.status_code == 200
+
+    async def sub_agent(name: str) -> tuple[int, httpx.Response]:
+        headers = {**carol, "x-run-id": name, "x-parent-run-id": "plan", "x-mock-output-tokens": "2000"}
+        for served in range(50):  # about $0.02 a step
+            r = await c.post("/v1/chat/completions", headers=headers, json={"model": "gpt-4o", "max_tokens": 2000, **step})
+            if r.status_code != 200:
+                return served, r
+        return 50, r
+
+    async def retry_loop() -> tuple[int, httpx.Response]:
+        headers = {**carol, "x-run-id": "flaky", "x-parent-run-id": "plan", "x-mock-status": "503"}
+        for retry in range(1, 10):  # what an SDK sends while the backend keeps failing
+            r = await c.post("/v1/chat/completions", headers={**headers, "x-stainless-retry-count": str(retry)},
+                             json={"model": "gpt-4o-mini", "max_tokens": 5, **step})
+            if r.status_code == 429:
+                return retry, r
+        return 0, r
+
+    (a, ra), (b, rb), (retried, rr) = await asyncio.gather(sub_agent("research"), sub_agent("writer"), retry_loop())
+    for name, n, resp in (("research", a, ra), ("writer", b, rb)):
+        scope = resp.json()["error"]["budget"]["scope"] if resp.status_code == 429 else "-"
+        say(f"   -> sub-agent {name}: {n} steps served, then HTTP {resp.status_code} from {scope}")
+        ok &= resp.status_code == 429 and scope == "run:carol/plan"
+    code = rr.json()["error"]["code"] if rr.status_code == 429 else "-"
+    say(f"   -> sub-agent flaky (backend failing, retrying): retry {retried} refused with {code!r}, "
+        f"x-should-retry={rr.headers.get('x-should-retry')}")
+    ok &= code == "retry_budget_exceeded"
+    doc = (await c.get("/v1/budget", headers={**carol, "x-run-id": "research"})).json()
+    root = next(row for row in doc["budgets"] if row["scope"] == "run:carol/plan" and row["dimension"] == "cost")
+    say(f"   GET /v1/budget for research shows its chain {doc['run_chain']}; the planner's run spent "
+        f"{root['spent']} of {root['limit']} (its own call and all its sub-agents').")
+    return ok and doc["run_chain"] == ["plan", "research"]
 
 
 async def print_rates(stack: Stack, policy_path: str) -> bool:

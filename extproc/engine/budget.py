@@ -39,7 +39,7 @@ from typing import Any
 
 from ..errors import StoreUnavailable
 from ..money import nano_to_usd
-from ..policy.model import BudgetSpec, KeySpec, LimitSpec, Policy
+from ..policy.model import MAX_EXACT, BudgetSpec, KeySpec, LimitSpec, Policy
 from ..rules import PROBE, Kind, Line, LineState, Mode, Window
 from ..stores.base import (
     ExtendResult,
@@ -52,6 +52,7 @@ from ..stores.base import (
     Store,
 )
 from .windows import calendar_period
+from .workflow import ATTEMPTS, Ancestry, ModelsUsed, Workflow, attempts_line_key
 
 log = logging.getLogger("extproc.engine")
 
@@ -116,6 +117,12 @@ def _amount(dimension: str, usage: Mapping[str, int]) -> int:
     return usage.get(dimension, 0)
 
 
+# Counted only after the fact (the tool calls a model returned): nothing to reserve, so the
+# line refuses once spent reaches its limit (actuals_only), whatever the policy's mode.
+AFTER_THE_FACT = ("tool_calls",)
+RETRY_DIMENSIONS = ("retries", ATTEMPTS)
+
+
 @dataclass(frozen=True, slots=True)
 class Hold:
     """What settle/release need to find a reservation again."""
@@ -154,7 +161,9 @@ class Decision:
         if b is None or self.blocked is None:
             return ""
         if self.reason is not None:
-            return "rate_limit_exceeded" if self.reason is RunRefusal.LIMIT else "insufficient_quota"
+            return _REASON_CODES.get(self.reason, "insufficient_quota")
+        if b.spec.dimension in RETRY_DIMENSIONS:
+            return "retry_budget_exceeded"
         if b.spec.window == "rolling" or b.spec.dimension == "concurrency":
             st = self.states[self.blocked]
             if b.line.amount > st.limit + b.line.margin:
@@ -177,15 +186,33 @@ class Decision:
             return ""
         st = self.states[self.blocked]
         if self.reason is RunRefusal.CLOSED:
-            return f"Run {self.run} was closed by an administrator; start a new run id."
+            return f"Run {self.run} (or a run it is nested under) was closed by an administrator; start a new run id."
         if self.reason is RunRefusal.EXPIRED:
-            return f"Run {self.run} expired after a period without requests; start a new run id."
+            return f"Run {self.run} (or a run it is nested under) expired after a period without requests; start a new run id."
         if self.reason is RunRefusal.LIMIT:
             return (
                 f"Principal {b.scope_id} already has {st.reserved} active runs (the limit is {st.limit}); "
                 f"finish or wait for one to expire before starting run {self.run}."
             )
+        if self.reason is RunRefusal.PARENT:
+            return (
+                f"Run {self.run}: its parent run is unknown or no longer active, or the run was started under "
+                "another parent; a child run names an active run of the same caller, the same one every time."
+            )
+        if self.reason is RunRefusal.DEPTH:
+            return f"Run {self.run} would be nested {st.spent} deep; this gateway allows at most {st.limit} ancestor runs."
+        if self.reason is RunRefusal.ESCALATION:
+            return (
+                f"Run {self.run} is past {st.spent}% of its budget (the escalation threshold is {st.limit}%); "
+                "it may not move to a model pricier than those it used so far: ask for one of those."
+            )
+        if self.reason is RunRefusal.ATTEMPTS or b.spec.dimension == ATTEMPTS:
+            return f"This call was already attempted {st.spent} times (the limit is {st.limit} attempts); stop retrying it."
         dim = b.spec.dimension
+        if dim == "retries":
+            return f"Run {b.scope_id} has used its {st.limit} retries; stop retrying and fix the failing step."
+        if dim == "tool_calls":
+            return f"Run {b.scope_id} has used its {st.limit} tool calls ({st.spent} made)."
         if dim == "duration":
             return f"Run {b.scope_id} has used its wall-clock budget of {st.limit}s."
         if dim == "concurrency":
@@ -223,6 +250,33 @@ def run_key(who: Identity, run_id: str) -> str:
     return f"{who.principal}/{run_id}"
 
 
+def _synthetic_spec(dimension: str, limit: int) -> LimitSpec:
+    """The spec of a limit the engine adds itself (attempts per key, a refusal that names its
+    cause): never validated, since no policy can write these dimensions."""
+    return LimitSpec.model_construct(dimension=dimension, limit=limit, window="total")  # type: ignore[arg-type]
+
+
+_REASON_CODES = {
+    RunRefusal.LIMIT: "rate_limit_exceeded",
+    RunRefusal.DEPTH: "run_depth_exceeded",
+    RunRefusal.ATTEMPTS: "retry_budget_exceeded",
+    RunRefusal.ESCALATION: "model_escalation_refused",
+}
+
+
+def _engine_refusal(policy: Policy, who: Identity, run: RunRef | None, wf: Workflow | None) -> tuple[RunRefusal, LineState] | None:
+    """What the engine refuses before asking the store: a run nested deeper than the policy
+    allows, a call retried more often than its attempts per call. State: (limit, seen)."""
+    if wf is None:
+        return None
+    if run is not None and wf.depth > policy.runs.max_depth:
+        return RunRefusal.DEPTH, LineState("", policy.runs.max_depth, wf.depth, 0)
+    cap = policy.runs.max_attempts_per_call
+    if cap is not None and wf.retry + 1 > cap:
+        return RunRefusal.ATTEMPTS, LineState("", cap, wf.retry, 0)
+    return None
+
+
 def _run_refusal_limit(who: Identity, run: RunRef, result: ReserveResult) -> tuple[AppliedLimit, LineState]:
     """A synthetic limit that names what refused: the principal's run cap, or the run itself."""
     if result.reason is RunRefusal.LIMIT:
@@ -258,6 +312,8 @@ def _compile(policy: Policy) -> tuple[tuple[BudgetSpec, tuple[_Template, ...]], 
         templates = []
         for lim in spec.limits:
             mode = lim.mode or spec.mode or policy.enforcement.mode
+            if lim.dimension in AFTER_THE_FACT and mode is not Mode.ADVISORY:
+                mode = Mode.ACTUALS_ONLY
             window = Window.CALENDAR if lim.window in ("day", "week", "month") else Window(lim.window)
             templates.append(
                 _Template(
@@ -281,6 +337,8 @@ class Engine:
     def __init__(self, store: Store, *, clock: Callable[[], int] = now_ms) -> None:
         self.store = store
         self.clock = clock
+        self.ancestry = Ancestry(store, lambda: self.clock())  # nested runs: each run's recorded ancestors
+        self.models_used = ModelsUsed()  # the escalation gate's baseline, per run
         self._compiled: dict[int, tuple[Policy, tuple[tuple[BudgetSpec, tuple[_Template, ...]], ...]]] = {}
 
     def _templates(self, policy: Policy) -> tuple[tuple[BudgetSpec, tuple[_Template, ...]], ...]:
@@ -308,36 +366,69 @@ class Engine:
         now: int,
         *,
         run_overrides: Mapping[str, int] | None = None,
+        workflow: Workflow | None = None,
     ) -> tuple[AppliedLimit, ...]:
         """One line per limit of every applicable budget. Run lines carry the client's
-        lowered limit for their dimension (`run_overrides`, internal units)."""
+        lowered limit for their dimension (`run_overrides`, internal units). A nested run
+        also gets one line per limit of each ancestor run (their counters, root first),
+        and a call with an idempotency key its per-key attempts line."""
         out = []
         lowers = run_overrides or {}
-        for spec, templates, value in self._applicable(policy, who, run_id):
+        ancestors = workflow.ancestors if workflow is not None and run_id else ()
+        for spec, templates, own in self._applicable(policy, who, run_id):
             is_run = spec.scope == "run"
-            prefix = f"{spec.counter_scope}:{value}"  # `key@id:alice` for a budget of that key alone
-            for t in templates:
-                lim = t.lim
-                period, reset, keep = "", None, 0
-                if t.window is Window.CALENDAR:
-                    period, reset, keep = calendar_period(lim.window, lim.timezone, now)
-                line = Line(
-                    prefix + t.suffix,
-                    t.kind,
-                    lim.dimension,
-                    lim.value,
-                    _amount(lim.dimension, amounts),
-                    t.mode,
-                    t.window,
-                    period,
-                    t.window_ms,
-                    t.margin,
-                    keep,
-                    is_run,
-                    lowers.get(lim.dimension) if is_run else None,
-                )
-                out.append(AppliedLimit(spec.scope, value, lim, line, reset))
+            instances = (own, *(run_key(who, a) for a in ancestors)) if is_run else (own,)
+            for value in instances:
+                prefix = f"{spec.counter_scope}:{value}"  # `key@id:alice` for a budget of that key alone
+                lower = lowers if value == own else {}  # a header lowers the caller's own run only
+                for t in templates:
+                    lim = t.lim
+                    period, reset, keep = "", None, 0
+                    if t.window is Window.CALENDAR:
+                        period, reset, keep = calendar_period(lim.window, lim.timezone, now)
+                    line = Line(
+                        prefix + t.suffix,
+                        t.kind,
+                        lim.dimension,
+                        lim.value,
+                        _amount(lim.dimension, amounts),
+                        t.mode,
+                        t.window,
+                        period,
+                        t.window_ms,
+                        t.margin,
+                        keep,
+                        is_run,
+                        lower.get(lim.dimension) if is_run else None,
+                    )
+                    out.append(AppliedLimit(spec.scope, value, lim, line, reset))
+        if run_id and workflow is not None and workflow.attempt_key:
+            out.append(self._attempts_limit(policy, who, run_id, workflow.attempt_key))
         return tuple(out)
+
+    @staticmethod
+    def _attempts_limit(policy: Policy, who: Identity, run_id: str, digest: str) -> AppliedLimit:
+        """The attempts of one idempotency key in the run: one counted per attempt, capped by
+        `runs.max_attempts_per_call` (else only counted: its spent is the retry depth)."""
+        cap = policy.runs.max_attempts_per_call or MAX_EXACT
+        key = run_key(who, run_id)
+        line = Line(attempts_line_key(key, digest), Kind.COUNTER, ATTEMPTS, cap, 1, run=True)
+        return AppliedLimit("run", key, _synthetic_spec(ATTEMPTS, cap), line, None)
+
+    async def place(self, policy: Policy, who: Identity, run_id: str | None, workflow: Workflow) -> Workflow:
+        """`workflow` with the run's ancestors (workflow.Ancestry) and, for a call with an
+        idempotency key, the attempts already made with it as its retry depth. At most two
+        store reads, the first calls of a run only (ancestries are cached). Without a run:
+        unchanged (nesting and attempt counting live in runs)."""
+        if not run_id:
+            return workflow
+        wf = await self.ancestry.resolve(who.tag, who.principal, run_id, workflow)
+        if wf.attempt_key:
+            line = self._attempts_limit(policy, who, run_id, wf.attempt_key).line
+            (st,) = await self.store.snapshot([line], tag=who.tag, now_ms=self.clock())
+            if st.spent > wf.retry:
+                wf = replace(wf, retry=st.spent)
+        return wf
 
     def run_ref(self, policy: Policy, who: Identity, run_id: str | None) -> RunRef | None:
         if not run_id:
@@ -354,6 +445,8 @@ class Engine:
         result: ReserveResult, amounts: Mapping[str, int],
     ) -> Decision:  # fmt: skip
         states, blocked = result.states, result.blocked
+        if result.reason is RunRefusal.PARENT and run is not None:
+            self.ancestry.forget(who.tag, run.key)  # read the recorded ancestry again next time
         if result.reason is not None and run is not None:
             extra, st = _run_refusal_limit(who, run, result)
             limits, states, blocked = (*limits, extra), (*states, st), len(limits)
@@ -375,9 +468,13 @@ class Engine:
         )
 
     @staticmethod
-    def _amounts(estimate: Mapping[str, int]) -> dict[str, int]:
+    def _amounts(estimate: Mapping[str, int], workflow: Workflow | None = None) -> dict[str, int]:
         amounts = {k: int(v) for k, v in estimate.items()}
         amounts["total_tokens"] = amounts.get("input_tokens", 0) + amounts.get("output_tokens", 0)
+        if workflow is not None and workflow.retry:
+            amounts["retries"] = 1
+        if workflow is not None and workflow.attempt_key:
+            amounts[ATTEMPTS] = 1
         return amounts
 
     @staticmethod
@@ -400,6 +497,36 @@ class Engine:
             for l in limits
         )
 
+    @staticmethod
+    def _nested(run: RunRef | None, limits: Sequence[AppliedLimit], workflow: Workflow | None) -> RunRef | None:
+        """The run with its ancestors (keys, root first) and their lines among `limits`."""
+        if run is None or workflow is None or not workflow.ancestors:
+            return run
+        theirs = frozenset(l.line.key for l in limits if l.scope == "run" and l.scope_id != run.key)
+        owner = run.key.split("/", 1)[0]
+        return replace(run, ancestors=tuple(f"{owner}/{a}" for a in workflow.ancestors), inherited=theirs)
+
+    def refuse_run(self, policy: Policy, who: Identity, run_id: str, reason: RunRefusal, limit: int, seen: int) -> Decision:
+        """A refusal the engine decides with no store state (the escalation gate): nothing taken."""
+        return self._refused(policy, who, self.run_ref(policy, who, run_id), "", (reason, LineState("", limit, seen, 0)), {})
+
+    def _refused(
+        self, policy: Policy, who: Identity, run: RunRef | None, rid: str, early: tuple[RunRefusal, LineState],
+        amounts: Mapping[str, int],
+    ) -> Decision:  # fmt: skip
+        """A refusal the engine made without the store (`_engine_refusal`): nothing was taken."""
+        reason, st = early
+        scope, scope_id = ("run", run.key) if run is not None else ("key", who.principal)
+        dimension = {RunRefusal.DEPTH: "depth", RunRefusal.ESCALATION: "escalation_percent"}.get(reason, ATTEMPTS)
+        key = f"{scope}:{scope_id}|{reason.value}"
+        line = Line(key, Kind.COUNTER, dimension, st.limit, 1)
+        lim = AppliedLimit(scope, scope_id, _synthetic_spec(dimension, st.limit), line, None)
+        return Decision(
+            allowed=False, decision_id=uuid.uuid4().hex, hold=Hold(who.tag, rid), limits=(lim,),
+            states=(replace(st, key=key),), blocked=0, warned=(), retry_after_ms=None, reserved=amounts,
+            mode=policy.enforcement.mode, reason=reason, run=run.key if run else None,
+        )  # fmt: skip
+
     async def reserve(
         self,
         policy: Policy,
@@ -411,26 +538,30 @@ class Engine:
         meta: Mapping[str, Any],
         run_overrides: Mapping[str, int] | None = None,
         headroom: Mapping[str, int] | None = None,
+        workflow: Workflow | None = None,
     ) -> Decision:
         """Reserve `estimate` ({cost, input_tokens, output_tokens, requests}) on every applicable
         limit, all or nothing, in one store round trip. `run_overrides` ({dimension: limit},
         see `runs.run_overrides_from_headers`) lowers the run's limits for good. `headroom`
         ({dimension: amount}; total_tokens follows input + output tokens) must fit on top of
         the estimate on every counter limit of that dimension but is not taken: room left
-        for the streams in flight to extend into (fairness under pressure)."""
+        for the streams in flight to extend into (fairness under pressure). `workflow`
+        places the call in its run tree and says whether it is a retry (workflow.py)."""
         now = self.clock()
-        amounts = self._amounts(estimate)
-        limits = self.limits_for(policy, who, run_id, amounts, now, run_overrides=run_overrides)
+        amounts = self._amounts(estimate, workflow)
+        limits = self.limits_for(policy, who, run_id, amounts, now, run_overrides=run_overrides, workflow=workflow)
         limits = self._with_headroom(limits, headroom)
-        run = self.run_ref(policy, who, run_id)
+        run = self._nested(self.run_ref(policy, who, run_id), limits, workflow)
         rid = reservation_id or uuid.uuid4().hex
+        if (early := _engine_refusal(policy, who, run, workflow)) is not None:
+            return self._refused(policy, who, run, rid, early, amounts)
         result = await self.store.reserve(
             who.tag,
             rid,
             [l.line for l in limits],
             now_ms=now,
             ttl_ms=policy.reservation_ttl_seconds * 1000,
-            meta={**meta, "principal": who.principal, "run": run_id, "estimate": amounts},
+            meta={**meta, "principal": who.principal, "run": run_id, "estimate": amounts, **(workflow.meta() if workflow else {})},
             run=run,
         )
         return self._decision(policy, who, run, rid, limits, result, amounts)
@@ -444,15 +575,18 @@ class Engine:
         estimate: Mapping[str, int] | None = None,
         run_overrides: Mapping[str, int] | None = None,
         headroom: Mapping[str, int] | None = None,
+        workflow: Workflow | None = None,
     ) -> Decision:
         """What `reserve` would decide now, taking nothing (ext_authz, the early header check).
         Without an estimate it probes with the smallest request (`PROBE`): refused means a
         budget, step cap, run deadline or the run itself is already spent."""
         now = self.clock()
-        amounts = self._amounts(PROBE if estimate is None else estimate)
-        limits = self.limits_for(policy, who, run_id, amounts, now, run_overrides=run_overrides)
+        amounts = self._amounts(PROBE if estimate is None else estimate, workflow)
+        limits = self.limits_for(policy, who, run_id, amounts, now, run_overrides=run_overrides, workflow=workflow)
         limits = self._with_headroom(limits, headroom)
-        run = self.run_ref(policy, who, run_id)
+        run = self._nested(self.run_ref(policy, who, run_id), limits, workflow)
+        if (early := _engine_refusal(policy, who, run, workflow)) is not None:
+            return self._refused(policy, who, run, "", early, amounts)
         result = await self.store.check(who.tag, [l.line for l in limits], now_ms=now, run=run)
         return self._decision(policy, who, run, "", limits, result, amounts)
 
@@ -531,11 +665,13 @@ class Engine:
 
     # -- admin -----------------------------------------------------------------
 
-    async def snapshot_lines(self, policy: Policy, who: Identity, *, run_id: str | None = None) -> BudgetSnapshot:
-        """Every budget of this caller (and run) as the store sees it now; one store read,
-        no run state (the budget endpoint)."""
+    async def snapshot_lines(
+        self, policy: Policy, who: Identity, *, run_id: str | None = None, workflow: Workflow | None = None
+    ) -> BudgetSnapshot:
+        """Every budget of this caller (and run, and the run's ancestors) as the store sees it
+        now; one store read, no run state (the budget endpoint)."""
         now = self.clock()
-        limits = self.limits_for(policy, who, run_id, {}, now)
+        limits = self.limits_for(policy, who, run_id, {}, now, workflow=workflow)
         states = await self.store.snapshot([l.line for l in limits], tag=who.tag, now_ms=now)
         return BudgetSnapshot(limits, states, None, now)
 

@@ -30,9 +30,11 @@ from ..estimate import estimate, lower_bound_tokens, media_tokens, upper_bound_t
 from ..money import Price, nano_to_usd
 from ..policy.model import ModelSpec, Policy
 from ..protocols.request import RequestFacts
-from .budget import Decision, Engine, Hold, Identity
+from ..stores.base import RunRefusal
+from .budget import Decision, Engine, Hold, Identity, run_key
 from .downshift import Candidate, affordable_output, chain, missing_capabilities
 from .pricing import tool_reserve, unpriced_tools
+from .workflow import Workflow
 
 LivePrice = Callable[[str], Price | None]
 ExpectedOutput = Callable[[str, ModelSpec], int | None]  # (model, spec) -> output per choice a right-sized call reserves
@@ -50,6 +52,7 @@ class Caller:
     reservation_id: str = ""
     request_id: str = ""
     recent: Decision | None = None
+    workflow: Workflow | None = None  # parent run and ancestors, retry depth, traceparent (workflow.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,22 @@ class Plan:
     def changed(self) -> bool:
         """The call runs otherwise than asked (another model, a lower output cap)."""
         return self.clamped or self.chosen.name != self.requested
+
+
+def price_rank(c: Candidate) -> int:
+    """How pricey a model is for the escalation gate: its per-token input + output price."""
+    return c.price.input + c.price.output
+
+
+def run_share(d: Decision, amount: int) -> Decimal:
+    """The largest share of a run cost limit (any level of the chain) already spent or
+    reserved before this call's `amount`."""
+    shares = [
+        Decimal(st.spent + st.reserved - amount) / st.limit
+        for lim, st in zip(d.limits, d.states, strict=False)
+        if lim.scope == "run" and lim.spec.dimension == "cost" and st.limit > 0
+    ]
+    return max(shares, default=Decimal(0))
 
 
 def past_soft(d: Decision, amount: int) -> bool:
@@ -179,7 +198,8 @@ class Planner:
         bounded = call.bounded(self.encodings(names))
         cheapest = min((self.candidate(bounded, n) for n in names), key=lambda c: c.cost)
         checked = await self.engine.check(
-            self.policy, caller.who, run_id=caller.run_id, estimate=cheapest.estimate, run_overrides=caller.run_overrides
+            self.policy, caller.who, run_id=caller.run_id, estimate=cheapest.estimate, run_overrides=caller.run_overrides,
+            workflow=caller.workflow,
         )
         return None if checked.allowed else checked
 
@@ -210,12 +230,45 @@ class Planner:
                 clamped = await self._clamp(call, requested, decision, reserve)
                 if clamped is not None:
                     return Plan(clamped[0], clamped[1], requested.name, facts, clamped=True)
+            if decision.allowed and caller.run_id and self.policy.runs.escalation is not None:
+                decision, chosen = await self._escalation_gate(caller, options, decision, chosen, reserve)
         except StoreUnavailable:
             if reserve.held is not None and self.spawn is not None:
                 self.spawn(self.engine.release_retrying(reserve.held))
             raise
         alternatives = [] if decision.allowed else self.alternatives(call, decision)
         return Plan(decision, chosen, requested.name, facts, alternatives=alternatives)
+
+    async def _escalation_gate(
+        self, caller: Caller, options: list[Candidate], decision: Decision, chosen: Candidate, reserve: _Reserver
+    ) -> tuple[Decision, Candidate]:
+        """Past the run's escalation threshold, a model pricier than any the run used so far
+        (in this process) moves to one it used (policy `downshift`, when a capable one exists)
+        or is refused; below the threshold, or with no baseline yet, escalation is free."""
+        esc = self.policy.runs.escalation
+        assert esc is not None and caller.run_id is not None
+        key = run_key(caller.who, caller.run_id)
+        used = self.engine.models_used.get(key)
+        rank = price_rank(chosen)
+        share = run_share(decision, chosen.cost)
+        if used is not None and rank > used[0] and share > esc.threshold:
+            cheaper = [c for c in options if price_rank(c) <= used[0]] if esc.action == "downshift" else []
+            moved = None
+            if cheaper:
+                reserve.held = decision.hold
+                moved = await reserve.first_fit(cheaper, 5)
+                reserve.held = None
+            await self.engine.release(decision.hold)  # the escalated reservation: moved, or refused
+            if moved is not None and moved[0].allowed:
+                decision, chosen = moved
+            else:
+                pct = int(share * 100)
+                refused = self.engine.refuse_run(
+                    self.policy, caller.who, caller.run_id, RunRefusal.ESCALATION, int(esc.threshold * 100), pct
+                )
+                return refused, chosen
+        self.engine.models_used.note(key, price_rank(chosen), chosen.name)
+        return decision, chosen
 
     async def reserve_flat(self, caller: Caller, cost: int, *, api: str) -> Decision:
         """A flat-priced route: `cost` nano-USD and one request, no model."""
@@ -227,6 +280,7 @@ class Planner:
             estimate={"cost": cost, "requests": 1},
             meta={"model": "", "requested_model": "", "api": api, "request_id": caller.request_id},
             run_overrides=caller.run_overrides,
+            workflow=caller.workflow,
         )
 
     async def _clamp(
@@ -307,6 +361,7 @@ class _Reserver:
             meta={"model": c.name, "requested_model": self.requested, "api": self.api, "request_id": self.caller.request_id},
             run_overrides=self.caller.run_overrides,
             headroom=admission_headroom(c, self.p.policy.streaming.admission_headroom),
+            workflow=self.caller.workflow,
         )
 
     async def first_fit(self, options: list[Candidate], first_attempt: int) -> tuple[Decision, Candidate]:

@@ -22,6 +22,7 @@ from .budget import Decision, Engine
 from .downshift import Candidate
 from .growth import Need
 from .pricing import ledger_usage, settlement, usage_cost
+from .workflow import KEEP_ON_RELEASE
 
 log = logging.getLogger("extproc.holds")
 
@@ -100,7 +101,17 @@ class CallHold:
         if usage is None or self.chosen is None:
             return dict(self.reserved)
         cost = usage_cost(self.chosen.spec, self.chosen.price, usage)
-        return {"cost": cost, "input_tokens": usage.total_input, "output_tokens": usage.output_tokens, "requests": 1}
+        charge = {"cost": cost, "input_tokens": usage.total_input, "output_tokens": usage.output_tokens, "requests": 1}
+        if usage.function_calls:  # the tool calls the model returned: a run's `tool_calls` budget
+            charge["tool_calls"] = usage.function_calls
+        return charge | self.attempt
+
+    @property
+    def attempt(self) -> dict[str, int]:
+        """What the attempt itself counts (a retry, one attempt of an idempotency key) on a limit
+        of this call: charged whatever its outcome, also when it is released (else a release)."""
+        reserved, counted = self.decision.reserved, {lim.spec.dimension for lim in self.decision.limits}
+        return {k: reserved[k] for k in KEEP_ON_RELEASE if reserved.get(k) and k in counted}
 
     async def settle(self, usage: Usage | None, *, source: str, status: int) -> Settled | None:
         """Charge `usage` (None: the reservation); None if the hold was already closed."""
@@ -158,9 +169,20 @@ class CallHold:
         if not self.open:
             return False
         self.open = False
+        if self.attempt:  # nothing served, but the attempt was made: it counts against the retry ceilings
+            await self._keep_attempt()
+            return True
         try:
             await self.engine.release(self.decision.hold)
         except StoreUnavailable as e:
             log.error("release of %s failed (%s); retrying in the background", self.decision.hold.reservation_id, e)
             self.spawn(self.engine.release_retrying(self.decision.hold))
         return True
+
+    async def _keep_attempt(self) -> None:
+        hold, charge, meta = self.decision.hold, self.attempt, {"usage_source": "not_served"}
+        try:
+            await self.engine.settle(hold, charge, meta)
+        except StoreUnavailable as e:
+            log.error("settle of attempt %s failed (%s); retrying in the background", hold.reservation_id, e)
+            self.spawn(self.engine.settle_retrying(hold, charge, meta))

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from . import generate as g
+from . import tools
 from .config import MockConfig
 from .gpu import SimulatedGPU
 from .stats import Stats
@@ -118,14 +119,19 @@ class Backend:
             obj = g.embeddings_json(model=model, inputs=inputs, usage=usage, encoding_format=fmt)
             return web.Response(body=_dumps(obj).encode(), content_type=_JSON)
 
+        tool = tools.forced(api, body)  # the request forces a tool call: the model makes one
         if body.get("stream") is True:
             plan = self._plan(api, body, model, usage, created, with_usage)
+            if tool is not None:
+                plan = tools.with_call_stream(api, plan, tool, chunk_id=f"chatcmpl-{uuid.uuid4().hex}", model=model)
             return await self._stream(request, plan, model, usage, first_s, delay_s)
 
         total = first_s + delay_s * usage.output
         if total > 0:
             await asyncio.sleep(total)
         obj = self._json(api, body, model, usage, created, with_usage)
+        if tool is not None:
+            obj = tools.with_call(api, obj, tool)
         self._generated(model, usage.completion)
         return web.Response(body=_dumps(obj).encode(), content_type=_JSON)
 

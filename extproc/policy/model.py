@@ -21,7 +21,9 @@ from .routes import RouteSpec, RouteTable, default_routes
 from .selfhosted import SelfHostedSpec
 
 MAX_EXACT = 2**53 - 1  # counters stay exact in Redis Lua below this
-Dimension = Literal["cost", "input_tokens", "output_tokens", "total_tokens", "requests", "concurrency", "duration"]
+Dimension = Literal[
+    "cost", "input_tokens", "output_tokens", "total_tokens", "requests", "concurrency", "duration", "retries", "tool_calls"
+]
 Encoding = Literal["o200k_base", "cl100k_base"]
 
 
@@ -183,16 +185,42 @@ class BudgetSpec(_Frozen):
         return self.scope if self.id is None else f"{self.scope}@id"
 
 
+class EscalationSpec(_Frozen):
+    """Past `threshold` of a run's cost limit, a call asking for a model pricier than
+    any the run has used so far is downshifted to a model the run used (or refused)."""
+
+    threshold: Decimal = Field(gt=0, lt=1)
+    action: Literal["downshift", "refuse"] = "downshift"
+
+
 class RunsSpec(_Frozen):
+    """Runs: one autonomous session's limits (README "Runs"), nested runs and retries."""
+
     headers: tuple[str, ...] = ("x-run-id",)
     ttl_seconds: int = Field(3600, gt=0)
     max_active_per_principal: int = Field(100, gt=0)
     limits: tuple[LimitSpec, ...] = ()
+    # nested runs: the parent from a header, or W3C baggage members (run and parent run)
+    parent_headers: tuple[str, ...] = ("x-parent-run-id",)
+    baggage_run: str | None = "budget.run"
+    baggage_parent: str | None = "budget.parent_run"
+    max_depth: int = Field(4, ge=0, le=16, description="ancestors a run may have (0: no nesting)")
+    # retries: an attempt's retry count from a header (the official SDKs send x-stainless-retry-count),
+    # or the attempts of one idempotency key in the run
+    retry_headers: tuple[str, ...] = ("x-stainless-retry-count",)
+    idempotency_header: str | None = "idempotency-key"
+    max_attempts_per_call: int | None = Field(None, gt=0, description="attempts of one call (first + retries)")
+    escalation: EscalationSpec | None = None
 
-    @field_validator("headers")
+    @field_validator("headers", "parent_headers", "retry_headers")
     @classmethod
     def _lower(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(h.lower() for h in v)
+
+    @field_validator("idempotency_header")
+    @classmethod
+    def _lower_one(cls, v: str | None) -> str | None:
+        return v.lower() if v else v
 
 
 class PrincipalSpec(_Frozen):

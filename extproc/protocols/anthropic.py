@@ -29,7 +29,7 @@ from extproc.protocols.request import (
     kind_of,
 )
 from extproc.protocols.stream import NOTHING, Observation
-from extproc.protocols.usage import anthropic_usage
+from extproc.protocols.usage import Usage, anthropic_usage
 
 
 def _source(kind: MediaKind, source: Any) -> MediaPart:
@@ -135,7 +135,8 @@ def _content_block_start(obj: dict[str, Any]) -> Observation:
     if not isinstance(block, dict):
         return NOTHING
     texts = tuple(v for v in (block.get("name"), block.get("text")) if isinstance(v, str) and v)
-    return Observation(texts) if texts else NOTHING
+    call = Usage(function_calls=1) if kind_of(block) == "tool_use" else None  # a tool call for the client
+    return Observation(texts, calls=call) if texts or call else NOTHING
 
 
 def _content_block_delta(obj: dict[str, Any]) -> Observation:

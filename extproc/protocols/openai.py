@@ -28,6 +28,7 @@ from extproc.protocols.request import (
 )
 from extproc.protocols.stream import NOTHING, Observation
 from extproc.protocols.usage import (
+    RESPONSES_CLIENT_CALLS,
     RESPONSES_TOOL_ITEMS,
     Usage,
     openai_usage,
@@ -246,6 +247,7 @@ def observe_chat(event: str | None, obj: dict[str, Any]) -> Observation:
     usage = openai_usage(obj.get("usage"))
     choices, empty = _choices(obj)
     texts: list[str] = []
+    started = 0  # tool calls for the client that begin in this chunk
     for choice in choices or ():
         delta = choice.get("delta") if isinstance(choice, dict) else None
         if not isinstance(delta, dict):
@@ -263,11 +265,14 @@ def observe_chat(event: str | None, obj: dict[str, Any]) -> Observation:
         for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
                 _call_delta(call.get("function"), texts)
-        _call_delta(delta.get("function_call"), texts)
-    if usage is None and not texts:
+                started += isinstance(call.get("id"), str) and bool(call["id"])  # a call's first chunk carries its id
+        fn = delta.get("function_call")
+        _call_delta(fn, texts)
+        started += isinstance(fn, dict) and isinstance(fn.get("name"), str) and bool(fn["name"])
+    if usage is None and not texts and not started:
         return NOTHING
     usage_only = usage is not None and empty
-    return Observation(tuple(texts), usage, False, usage_only, usage_only)
+    return Observation(tuple(texts), usage, False, usage_only, usage_only, Usage(function_calls=started) if started else None)
 
 
 def observe_completions(event: str | None, obj: dict[str, Any]) -> Observation:
@@ -312,7 +317,8 @@ def observe_responses(event: str | None, obj: dict[str, Any]) -> Observation:
         return Observation((delta,)) if isinstance(delta, str) and delta else NOTHING
     if kind == "response.output_item.done":
         item = obj.get("item")
-        field = RESPONSES_TOOL_ITEMS.get(kind_of(item) or "") if isinstance(item, dict) else None
+        item_kind = (kind_of(item) or "") if isinstance(item, dict) else ""
+        field = RESPONSES_TOOL_ITEMS.get(item_kind) or ("function_calls" if item_kind in RESPONSES_CLIENT_CALLS else None)
         return Observation(calls=Usage(**{field: 1})) if field else NOTHING
     response = obj.get("response")
     usage = responses_body(response) if isinstance(response, dict) else None

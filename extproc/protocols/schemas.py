@@ -36,6 +36,7 @@ from extproc.protocols.stream import Observation, Observer, StreamReader
 from extproc.protocols.usage import (
     Usage,
     anthropic_usage,
+    client_tool_calls,
     openai_usage,
     responses_usage,
 )
@@ -265,9 +266,11 @@ class Schema:
             raise UpstreamError(f"{self.name} response body is not valid JSON: {e}") from None
         if not isinstance(obj, dict):
             raise UpstreamError(f"{self.name} response body is not a JSON object")
-        if self.read_body is not None:
-            return self.read_body(obj)
-        return self.read_usage(obj.get("usage"))
+        usage = self.read_body(obj) if self.read_body is not None else self.read_usage(obj.get("usage"))
+        if usage is None:
+            return None
+        calls = client_tool_calls(obj)  # the tool calls returned for the client: a run's tool_calls budget
+        return usage.plus(Usage(function_calls=calls)) if calls else usage
 
     def stream_reader(
         self,

@@ -54,7 +54,9 @@ class Usage:
     `audio_input_tokens` is a part of `total_input` and `audio_output_tokens`
     a part of `output_tokens` (like `reasoning_tokens`): price the audio
     premium on them, not the tokens a second time. The `*_calls` fields are
-    server-side tool invocations, priced per call, not tokens.
+    server-side tool invocations, priced per call, not tokens; but
+    `function_calls` counts the tool calls the model returned for the client
+    to run (never priced: a run's `tool_calls` budget counts them).
     """
 
     input_tokens: int = 0
@@ -68,6 +70,7 @@ class Usage:
     web_fetch_calls: int = 0
     file_search_calls: int = 0
     code_interpreter_calls: int = 0
+    function_calls: int = 0
 
     @property
     def total_input(self) -> int:
@@ -210,6 +213,29 @@ RESPONSES_TOOL_ITEMS = {
     "code_interpreter_call": "code_interpreter_calls",
 }
 """Responses output item types billed per call, and the `Usage` field counting them."""
+
+
+RESPONSES_CLIENT_CALLS = frozenset({"function_call", "custom_tool_call", "computer_call", "local_shell_call"})
+"""Responses output items that are a tool call for the client to run (a `function_calls`)."""
+
+
+def client_tool_calls(obj: Mapping[str, Any]) -> int:
+    """Tool calls a whole (non-streamed) response returned for the client to run, whichever
+    API shaped it: chat `choices[].message.tool_calls` (or the legacy `function_call`),
+    Responses `output[]` call items, Anthropic `content[]` `tool_use` blocks."""
+    n = 0
+    choices = obj.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        msg = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(msg, dict):
+            calls = msg.get("tool_calls")
+            n += len(calls) if isinstance(calls, list) else 0
+            n += isinstance(msg.get("function_call"), dict)
+    for key, kinds in (("output", RESPONSES_CLIENT_CALLS), ("content", frozenset({"tool_use"}))):
+        items = obj.get(key)
+        for item in items if isinstance(items, list) else ():
+            n += isinstance(item, dict) and item.get("type") in kinds
+    return n
 
 
 def responses_tool_calls(output: Any) -> Usage | None:

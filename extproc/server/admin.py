@@ -80,7 +80,8 @@ async def budgets(engine: Engine, policy: Policy, principal: str, run: str | Non
         "budgets": render.budget_rows(snap.limits, snap.states, snap.now_ms),
     }
     if snap.run is not None:
-        doc["run_state"] = {"state": snap.run.state, "created_at_ms": snap.run.created_at_ms, "expires_at_ms": snap.run.expires_at_ms}
+        doc["run_state"] = {"state": snap.run.state, "created_at_ms": snap.run.created_at_ms, "expires_at_ms": snap.run.expires_at_ms,
+                            "ancestors": [k.split("/", 1)[1] for k in snap.run.ancestors]}  # nested runs, root first
     return doc
 
 

@@ -37,7 +37,10 @@ async def answer(s: Services, policy: Policy, path: str, headers: Mapping[str, s
             return json_reply(404, body)
         return json_reply(200, json.dumps(decision_doc(logged)).encode())
     try:
-        snap = await s.engine.snapshot_lines(policy, who, run_id=run_id)
+        wf = await s.engine.place(policy, who, run_id, caller.workflow) if run_id and caller.workflow else None
+        snap = await s.engine.snapshot_lines(policy, who, run_id=run_id, workflow=wf)
+    except ClientError as e:
+        return client_error("openai", e)
     except StoreUnavailable:
         return store_unavailable("openai")
     doc = {
@@ -45,6 +48,7 @@ async def answer(s: Services, policy: Policy, path: str, headers: Mapping[str, s
         "team": who.team,
         "org": who.org,
         "run": run_id,
+        "run_chain": [*wf.ancestors, run_id] if wf is not None else ([run_id] if run_id else []),
         "price_table_version": policy.prices.version,
         "budgets": render.budget_rows(snap.limits, snap.states, snap.now_ms),
     }

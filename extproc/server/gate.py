@@ -100,9 +100,18 @@ class Gate:
         except ClientError as e:
             return self._refuse(e)
         c, engine = self.caller, self.s.engine
+        if c.run_id and c.workflow is not None:  # nested runs: the recorded ancestry (cached after a run's first calls)
+            try:
+                self.caller = c = replace(c, workflow=await engine.place(self.policy, c.who, c.run_id, c.workflow))
+            except ClientError as e:
+                return self._refuse(e)
+            except StoreUnavailable as e:
+                return self._store_down(e)
         if ask_store:
             try:
-                checked = await engine.check(self.policy, c.who, run_id=c.run_id, run_overrides=c.run_overrides)
+                checked = await engine.check(
+                    self.policy, c.who, run_id=c.run_id, run_overrides=c.run_overrides, workflow=c.workflow
+                )
             except StoreUnavailable as e:
                 return self._store_down(e)
             return None if checked.allowed else self._early_refusal(checked, checked.blocked)

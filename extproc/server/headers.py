@@ -21,6 +21,10 @@ PRICE_VERSION = "x-budget-price-table-version"
 COST = "x-budget-cost-usd"
 COST_SOURCE = "x-budget-cost-source"  # what the cost was computed from: the ledger's usage_source
 RUN_ID = "x-run-id"
+# nested runs: one comma-separated entry per level of the run's chain, root first
+RUN_CHAIN = "x-budget-run-chain"  # the run ids
+RUN_SPENT = "x-budget-run-spent-usd"  # each level's settled spend (the SSE comment: including this call)
+RUN_REMAINING = "x-budget-run-remaining-usd"  # each level's cost limit less spent and reserved (this call included)
 SHOULD_RETRY = "x-should-retry"
 FAILURE_MODE = "x-budget-failure-mode"
 

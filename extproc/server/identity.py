@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from ..engine.budget import Identity
 from ..engine.calls import Caller
 from ..engine.runs import run_overrides_from_headers
+from ..engine.workflow import from_headers as workflow_from_headers
 from ..errors import BadRequest, Unauthenticated
 from ..policy.model import Policy, PrincipalSpec
 
@@ -71,7 +72,9 @@ def caller(
                 raise BadRequest(f"{name} must be at most 128 printable characters", param=name)
             run_id = value
             break
+    bag_run, workflow = workflow_from_headers(policy.runs, headers)  # parent run, retry depth, traceparent
+    run_id = run_id or bag_run
     # a client may lower (never raise) its run's limits; the store keeps the lowest
     overrides = (run_overrides_from_headers(headers) or None) if run_id else None
     request_id = headers.get("x-request-id", "")[:128] or reservation_id  # correlation only
-    return Caller(who, run_id, overrides, reservation_id, request_id)
+    return Caller(who, run_id, overrides, reservation_id, request_id, workflow=workflow)

@@ -93,7 +93,34 @@ def state_headers(
             break
     if run_id:
         out.append((H.RUN_ID, run_id))
+        out += run_spend(d)
     return out
+
+
+def run_levels(d: Decision) -> list[tuple[str, LineState]]:
+    """Each level of the call's run chain, root first, with its tightest cost line."""
+    tight: dict[str, LineState] = {}
+    for lim, st in zip(d.limits, d.states, strict=False):
+        if lim.scope != "run" or lim.spec.dimension != "cost":
+            continue
+        if lim.scope_id not in tight or st.remaining < tight[lim.scope_id].remaining:
+            tight[lim.scope_id] = st
+    own = tight.pop(d.run, None) if d.run else None  # limits list the run first, then its ancestors root first
+    levels = list(tight.items())
+    return [*levels, (d.run, own)] if own is not None and d.run else levels
+
+
+def run_spend(d: Decision, charged: int = 0) -> list[tuple[str, str]]:
+    """Spend and remaining budget of every level of the run chain (`charged`: this call's
+    settled cost, added to each level's spend once known)."""
+    levels = run_levels(d)
+    if not levels:
+        return []
+    return [
+        (H.RUN_CHAIN, ", ".join(key.split("/", 1)[1] for key, _ in levels)),
+        (H.RUN_SPENT, ", ".join(nano_to_usd(st.spent + charged) for _, st in levels)),
+        (H.RUN_REMAINING, ", ".join(nano_to_usd(max(0, st.remaining)) for _, st in levels)),
+    ]
 
 
 def budget_object(d: Decision, alternatives: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -35,6 +35,16 @@ later request cannot raise it back. The reaper purges a run's record and
 counters `memory_ms` after it expired or was closed; only then may its id
 start afresh.
 
+Nested runs (`RunRef.ancestors`, root first): the run's ancestry is recorded
+when the run is created and never changes. In the same atomic step every
+ancestor must exist, belong to the same owner and be active (a closed
+ancestor refuses as `run_closed`, an expired one as `run_expired`, a missing
+one, another owner's or a run recorded under other ancestors as
+`run_parent`), and an accepted attempt pushes every ancestor's expiry too.
+The reservation carries the ancestors' lines like any other (`run` set, so
+their lowered limits apply); they are the ancestors' own counters, never
+purged with the child (`own_line_keys`).
+
 Counter semantics and the refusal rules live in `extproc.rules` (one copy,
 mirrored by lua/rules.lua and held to it by shared test vectors):
 
@@ -58,13 +68,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..rules import Kind, Line, LineState, Mode, Window
+from . import _json as json
 
 __all__ = [
     "Kind", "Line", "LineState", "Mode", "Window",  # re-exported: the neutral types live in extproc.rules
     "Outcome", "RunRefusal", "RunRef", "RunState", "ReserveResult", "ExtendResult", "SettleResult", "LedgerEntry",
     "Reservations", "Admin", "Reaper", "Ledger", "Alerts", "Store",
     "REFUSAL_MEMORY_MS", "CLOSED_MEMORY_MS", "RUN_MEMORY_MS", "USAGE_FIELDS",
-    "usage_of_lines", "run_state_of", "normalize_usage", "extension_delta",
+    "usage_of_lines", "run_state_of", "normalize_usage", "extension_delta", "own_line_keys", "chain_json",
 ]  # fmt: skip
 
 
@@ -86,10 +97,14 @@ class RunRefusal(str, enum.Enum):
     CLOSED = "run_closed"  # an admin closed the run
     EXPIRED = "run_expired"  # no activity for the run TTL
     LIMIT = "run_limit"  # a new run beyond the owner's cap of active runs
+    PARENT = "run_parent"  # a nested run's parent is unknown, another owner's, or not the one it was started under
+    DEPTH = "run_depth_exceeded"  # a nested run deeper than the policy allows (decided before the store)
+    ATTEMPTS = "call_attempts"  # a retry past the policy's attempts per call (decided before the store)
+    ESCALATION = "model_escalation"  # past the run's escalation threshold, a pricier model than it used (engine)
 
 
 # What a settled call used; lines pick their dimension from it.
-USAGE_FIELDS = ("cost", "input_tokens", "output_tokens", "total_tokens", "requests")
+USAGE_FIELDS = ("cost", "input_tokens", "output_tokens", "total_tokens", "requests", "retries", "attempts", "tool_calls")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +116,8 @@ class RunRef:
     ttl_ms: int
     max_active: int
     memory_ms: int = RUN_MEMORY_MS
+    ancestors: tuple[str, ...] = ()  # keys of the run's ancestors, root first (nested runs)
+    inherited: frozenset[str] = frozenset()  # keys of the ancestors' lines in a reservation (theirs, not this run's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +130,7 @@ class RunState:
     created_at_ms: int
     seen_at_ms: int
     expires_at_ms: int
+    ancestors: tuple[str, ...] = ()  # recorded when the run was created, root first
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,10 +295,22 @@ def usage_of_lines(lines: Sequence[Line]) -> dict[str, int]:
     return usage
 
 
-def run_state_of(key: str, owner: str, state: str, created: int, seen: int, expires: int, now_ms: int) -> RunState:
+def run_state_of(
+    key: str, owner: str, state: str, created: int, seen: int, expires: int, now_ms: int, chain: str | None = None
+) -> RunState:
     if state == "active" and expires <= now_ms:
         state = "expired"
-    return RunState(key, owner, state, created, seen, expires)
+    return RunState(key, owner, state, created, seen, expires, tuple(json.loads(chain)) if chain else ())
+
+
+def own_line_keys(run: RunRef, lines: Sequence[Line]) -> list[str]:
+    """The keys of the run's own lines in a reservation: purged with the run (its ancestors' are not)."""
+    return [l.key for l in lines if l.run and l.key not in run.inherited]
+
+
+def chain_json(run: RunRef) -> str:
+    """The run's ancestry as both stores record and compare it ("" for a root run)."""
+    return json.dumps(list(run.ancestors)) if run.ancestors else ""
 
 
 def extension_delta(delta: Mapping[str, int]) -> dict[str, int]:

@@ -51,8 +51,10 @@ from .base import (
     RunState,
     SettleResult,
     Window,
+    chain_json,
     extension_delta,
     normalize_usage,
+    own_line_keys,
     run_state_of,
     usage_of_lines,
 )
@@ -89,6 +91,7 @@ CREATE TABLE IF NOT EXISTS runs (
   PRIMARY KEY (tag, key)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS runs_owner ON runs (tag, owner, state, expires_at);
 CREATE INDEX IF NOT EXISTS runs_purge ON runs (purge_at);
+CREATE TABLE IF NOT EXISTS run_chain (tag TEXT NOT NULL, key TEXT NOT NULL, chain TEXT NOT NULL, PRIMARY KEY (tag, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, tag TEXT NOT NULL, rid TEXT NOT NULL,
   outcome TEXT NOT NULL, reserved_at INTEGER NOT NULL, closed_at INTEGER NOT NULL,
@@ -253,7 +256,9 @@ class EmbeddedStore:
                 return RunRefusal.CLOSED, None, None
             if row[1] <= now_ms:
                 return RunRefusal.EXPIRED, None, None
-            return None, None, None
+            return self._chain_check(tag, run, now_ms, exists=True), None, None
+        if (why := self._chain_check(tag, run, now_ms, exists=False)) is not None:
+            return why, None, None
         active = self._db.execute(
             "SELECT COUNT(*) FROM runs WHERE tag=? AND owner=? AND state='active' AND expires_at>?", (tag, run.owner, now_ms)
         ).fetchone()[0]
@@ -265,9 +270,31 @@ class EmbeddedStore:
         ).fetchone()
         return RunRefusal.LIMIT, frees_at - now_ms, active
 
+    def _chain_check(self, tag: str, run: RunRef, now_ms: int, *, exists: bool) -> RunRefusal | None:
+        """A nested run's ancestry (see base.py): recorded as given, every ancestor this owner's and active."""
+        if exists:
+            row = self._db.execute("SELECT chain FROM run_chain WHERE tag=? AND key=?", (tag, run.key)).fetchone()
+            if (row[0] if row else "") != chain_json(run):
+                return RunRefusal.PARENT
+        for key in run.ancestors:
+            a = self._db.execute("SELECT owner, state, expires_at FROM runs WHERE tag=? AND key=?", (tag, key)).fetchone()
+            if a is None or a[0] != run.owner:
+                return RunRefusal.PARENT
+            if a[1] == "closed":
+                return RunRefusal.CLOSED
+            if a[2] <= now_ms:
+                return RunRefusal.EXPIRED
+        return None
+
     def _touch_run(self, tag: str, run: RunRef, lines: Sequence[Line], now_ms: int) -> None:
         exp = now_ms + run.ttl_ms
-        keys = json.dumps([l.key for l in lines if l.run])
+        keys = json.dumps(own_line_keys(run, lines))
+        if run.ancestors:  # recorded once, with the run; activity anywhere in the tree keeps its ancestors alive
+            self._db.execute("INSERT OR IGNORE INTO run_chain VALUES (?,?,?)", (tag, run.key, chain_json(run)))
+            self._db.executemany(
+                "UPDATE runs SET seen_at=?, expires_at=MAX(expires_at, ?), purge_at=MAX(purge_at, ?) WHERE tag=? AND key=?",
+                [(now_ms, exp, exp + run.memory_ms, tag, a) for a in run.ancestors],
+            )
         self._db.execute(
             "INSERT INTO runs VALUES (?,?,?,'active',?,?,?,?,?) ON CONFLICT(tag, key) DO UPDATE SET "
             "seen_at=excluded.seen_at, expires_at=excluded.expires_at, purge_at=excluded.purge_at, lines=excluded.lines",
@@ -292,6 +319,7 @@ class EmbeddedStore:
                 self._db.execute("DELETE FROM kv WHERE k=?", (f"{tag}|{SPENT}|{k}|",))
                 self._db.execute("DELETE FROM events WHERE k=?", (f"{tag}|{EVENTS}|{k}",))
             self._db.execute("DELETE FROM runs WHERE tag=? AND key=?", (tag, key))
+            self._db.execute("DELETE FROM run_chain WHERE tag=? AND key=?", (tag, key))
 
     # -- reservations -----------------------------------------------------------
 
@@ -537,9 +565,11 @@ class EmbeddedStore:
 
     def _run_row(self, tag: str, key: str, now_ms: int) -> RunState | None:
         row = self._db.execute(
-            "SELECT owner, state, created_at, seen_at, expires_at FROM runs WHERE tag=? AND key=?", (tag, key)
+            "SELECT r.owner, r.state, r.created_at, r.seen_at, r.expires_at, c.chain FROM runs r "
+            "LEFT JOIN run_chain c ON c.tag=r.tag AND c.key=r.key WHERE r.tag=? AND r.key=?",
+            (tag, key),
         ).fetchone()
-        return None if row is None else run_state_of(key, row[0], row[1], row[2], row[3], row[4], now_ms)
+        return None if row is None else run_state_of(key, row[0], row[1], row[2], row[3], row[4], now_ms, row[5])
 
     async def run_state(self, tag: str, run_key: str, *, now_ms: int) -> RunState | None:
         return await self._read(lambda: self._run_row(tag, run_key, now_ms))

@@ -52,8 +52,10 @@ from .base import (
     RunRefusal,
     RunState,
     SettleResult,
+    chain_json,
     extension_delta,
     normalize_usage,
+    own_line_keys,
     run_state_of,
     usage_of_lines,
 )
@@ -83,12 +85,13 @@ def _prefix(tag: str) -> str:
     return f"xp:{{{tag}}}:"
 
 
-def _run_args(run: RunRef | None, lines: Sequence[Line]) -> tuple[str, str]:
+def _run_args(run: RunRef | None, lines: Sequence[Line]) -> tuple[str, str, str]:
     if run is None:
-        return "", "[]"
+        return "", "[]", ""
     return (
         json.dumps([run.key, run.owner, run.ttl_ms, run.max_active, run.memory_ms]),
-        json.dumps([l.key for l in lines if l.run]),
+        json.dumps(own_line_keys(run, lines)),
+        chain_json(run),
     )
 
 
@@ -199,7 +202,7 @@ class RedisStore:
     ) -> ReserveResult:
         await self._remember_tag(tag)
         estimate = normalize_usage(meta.get("estimate") or usage_of_lines(lines))
-        run_json, run_lines = _run_args(run, lines)
+        run_json, run_lines, chain = _run_args(run, lines)
         replayed, text = await self._call(
             self._reserve,
             keys=[_prefix(tag)],
@@ -214,6 +217,7 @@ class RedisStore:
                 "0",
                 run_json,
                 run_lines,
+                chain,
             ],
         )
         return _parse_result(reservation_id, [l.key for l in lines], bool(replayed), text)
@@ -228,11 +232,11 @@ class RedisStore:
         return _parse_extend(reply)
 
     async def check(self, tag: str, lines: Sequence[Line], *, now_ms: int, run: RunRef | None = None) -> ReserveResult:
-        run_json, run_lines = _run_args(run, lines)
+        run_json, run_lines, chain = _run_args(run, lines)
         _, text = await self._call(
             self._reserve,
             keys=[_prefix(tag)],
-            args=["", now_ms, 0, lines_json(lines), "{}", "{}", 0, "1", run_json, run_lines],
+            args=["", now_ms, 0, lines_json(lines), "{}", "{}", 0, "1", run_json, run_lines, chain],
         )
         return _parse_result("", [l.key for l in lines], False, text)
 
@@ -380,5 +384,5 @@ def _entry(tag: str, seq: str, f: Mapping[str, str]) -> LedgerEntry:
 def _run_state(key: str, r: Sequence[Any], now_ms: int) -> RunState | None:
     if not r:
         return None
-    owner, state, created, seen, expires = r
-    return run_state_of(key, owner, state, int(created), int(seen), int(expires), now_ms)
+    owner, state, created, seen, expires, chain = (*r, None)[:6]
+    return run_state_of(key, owner, state, int(created), int(seen), int(expires), now_ms, chain)

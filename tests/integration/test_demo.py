@@ -23,4 +23,6 @@ def test_demo_runs_and_prints_budgets_and_cost_rates():
     assert "limit        spent   reserved    remaining" in out
     assert "key:bob total" in out and "team:research total" in out
     assert "Backend cost rates" in out and "source=dcgm" in out
+    assert out.count("then HTTP 429 from run:carol/plan") == 2 and "refused with 'retry_budget_exceeded'" in out
+    assert "shows its chain ['plan', 'research']" in out
     assert out.rstrip().endswith("Demo finished: every budget held.")

@@ -135,3 +135,38 @@ async def test_anthropic_raw_stream_and_errors(claude: anthropic.AsyncAnthropic)
     with pytest.raises(anthropic.InternalServerError) as e:
         await claude.messages.create(model="c", max_tokens=2, messages=USER, extra_headers={"x-mock-status": "500"})
     assert e.value.body["error"]["type"] == "api_error"
+
+
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+CLAUDE_TOOL = {"name": "lookup", "input_schema": {"type": "object", "properties": {}}}
+
+
+async def test_openai_chat_forced_tool_call_json_and_stream(oai: openai.AsyncOpenAI) -> None:
+    r = await oai.chat.completions.create(model="m", messages=USER, tools=[TOOL], tool_choice="required", max_completion_tokens=3)
+    (call,) = r.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments, r.choices[0].finish_reason) == ("lookup", "{}", "tool_calls")
+    auto = await oai.chat.completions.create(model="m", messages=USER, tools=[TOOL], max_completion_tokens=3)
+    assert auto.choices[0].message.tool_calls is None  # the model calls a tool only when made to
+    stream = await oai.chat.completions.create(
+        model="m", messages=USER, tools=[TOOL], tool_choice="required", max_completion_tokens=3, stream=True
+    )
+    names = [tc.function.name async for chunk in stream for c in chunk.choices for tc in c.delta.tool_calls or ()]
+    assert names == ["lookup"]
+
+
+async def test_openai_responses_forced_tool_call(oai: openai.AsyncOpenAI) -> None:
+    tool = {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}
+    r = await oai.responses.create(model="m", input="hi", tools=[tool], tool_choice="required", max_output_tokens=3)
+    assert [o.name for o in r.output if o.type == "function_call"] == ["lookup"]
+    stream = await oai.responses.create(model="m", input="hi", tools=[tool], tool_choice="required", max_output_tokens=3, stream=True)
+    done = [e.item.name async for e in stream if e.type == "response.output_item.done" and e.item.type == "function_call"]
+    assert done == ["lookup"]
+
+
+async def test_anthropic_forced_tool_use_json_and_stream(claude: anthropic.AsyncAnthropic) -> None:
+    args = {"model": "claude", "max_tokens": 3, "messages": USER, "tools": [CLAUDE_TOOL], "tool_choice": {"type": "any"}}
+    r = await claude.messages.create(**args)
+    assert r.stop_reason == "tool_use" and [b.name for b in r.content if b.type == "tool_use"] == ["lookup"]
+    async with claude.messages.stream(**args) as stream:
+        final = await stream.get_final_message()
+    assert final.stop_reason == "tool_use" and [b.name for b in final.content if b.type == "tool_use"] == ["lookup"]

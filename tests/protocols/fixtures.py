@@ -52,7 +52,7 @@ RECORDED = (
     Recorded(
         "openai_chat_tools.sse",
         OPENAI_CHAT,
-        Usage(input_tokens=85, output_tokens=211, reasoning_tokens=192),
+        Usage(input_tokens=85, output_tokens=211, reasoning_tokens=192, function_calls=1),
         counted=len("get_weather" '{"' "city" '":"Paris"}'),
         events=7,
         has_usage_chunk=True,
@@ -84,7 +84,7 @@ RECORDED = (
     Recorded(
         "anthropic_tools.sse",
         ANTHROPIC_MESSAGES,
-        Usage(input_tokens=472, output_tokens=89),
+        Usage(input_tokens=472, output_tokens=89, function_calls=1),
         counted=len("Need the weather tool." "get_weather" '{"location": "San Fra' 'ncisco, CA"}'),
         events=12,
         has_usage_chunk=False,

@@ -268,3 +268,32 @@ def test_merge_plus_and_tool_calls_cover_every_field() -> None:
     assert a.merge(b) == Usage(*(max(x, y) for x, y in zip(range(1, 12), range(11, 0, -1))))
     assert a.plus(b) == Usage(*([12] * 11))
     assert a.tool_calls == Usage(web_search_calls=8, web_fetch_calls=9, file_search_calls=10, code_interpreter_calls=11)
+
+
+def test_client_tool_calls_of_each_api_shape():
+    from extproc.protocols.usage import client_tool_calls
+
+    chat = {"choices": [{"message": {"tool_calls": [{"id": "a"}, {"id": "b"}]}}, {"message": {"function_call": {"name": "f"}}}]}
+    responses = {"output": [{"type": "function_call"}, {"type": "web_search_call"}, {"type": "message"}, {"type": "custom_tool_call"}]}
+    anthropic = {"content": [{"type": "text"}, {"type": "tool_use"}, {"type": "server_tool_use"}]}
+    assert [client_tool_calls(o) for o in (chat, responses, anthropic, {"choices": "x"})] == [3, 2, 1, 0]
+
+
+def test_json_body_usage_counts_the_tool_calls_returned():
+    import json
+
+    from extproc.protocols import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_RESPONSES
+
+    chat = {"choices": [{"message": {"tool_calls": [{"id": "a"}]}}], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+    resp = {"output": [{"type": "function_call"}] * 2, "usage": {"input_tokens": 3, "output_tokens": 2}}
+    anth = {"content": [{"type": "tool_use"}] * 3, "usage": {"input_tokens": 3, "output_tokens": 2}}
+    got = [s.usage_from_body(json.dumps(o).encode()).function_calls for s, o in
+           ((OPENAI_CHAT, chat), (OPENAI_RESPONSES, resp), (ANTHROPIC_MESSAGES, anth))]  # fmt: skip
+    assert got == [1, 2, 3]
+
+
+def test_streamed_responses_count_client_calls_per_item():
+    from extproc.protocols.openai import observe_responses
+
+    seen = observe_responses(None, {"type": "response.output_item.done", "item": {"type": "function_call"}})
+    assert seen.calls == Usage(function_calls=1)

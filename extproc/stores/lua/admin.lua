@@ -10,12 +10,12 @@
 --             before ARGV[2], up to the first one inside the retention
 --   lease     (KEYS[1] is the lease key) ARGV[2] owner  ARGV[3] now_ms  ARGV[4] ttl ms: take or
 --             renew; 0 while another owner holds it (times on the callers' clock)
--- run_state/close_run return {owner, state, created_at, seen_at, expires_at} (or {} if unknown).
+-- run_state/close_run return {owner, state, created_at, seen_at, expires_at, chain} (or {} if unknown).
 local P, op = KEYS[1], ARGV[1]
 local function fmt(n) return string.format('%d', n) end
 
 local function run_fields(runkey)
-  local r = redis.call('HMGET', runkey, 'owner', 'state', 'created_at', 'seen_at', 'expires_at')
+  local r = redis.call('HMGET', runkey, 'owner', 'state', 'created_at', 'seen_at', 'expires_at', 'chain')
   if not r[2] then return {} end
   return r
 end

@@ -10,6 +10,7 @@
 -- ARGV[5]  meta JSON (kept verbatim)    ARGV[6] estimate JSON (kept verbatim; what expiry charges)
 -- ARGV[7]  refusal memory ms    ARGV[8] '1' = check only: evaluate, take nothing, record nothing
 -- ARGV[9]  run JSON [key, owner, ttl_ms, max_active, memory_ms] or ''   ARGV[10] run line keys JSON
+-- ARGV[11] the run's ancestry: JSON array of ancestor run keys, root first, or '' (a root run)
 -- Returns {replayed 0|1, result} where result is
 --   "ok;blocked;retry_ms;warned,csv;reason;active_runs;limit,spent,reserved;...;deadline_ms"
 -- (deadline last: results stored by an older version, without it, still parse)
@@ -50,6 +51,19 @@ if ARGV[9] ~= '' then
       retry = tonumber(frees[2]) - now
     else
       active = -1
+    end
+  end
+  -- a nested run: recorded with these ancestors, each of them this owner's and active
+  local chain = ARGV[11] or ''
+  if reason == '' and run_exists and (redis.call('HGET', runkey, 'chain') or '') ~= chain then reason = 'run_parent' end
+  if (reason == '' or reason == 'run_limit') and chain ~= '' then
+    for _, a in ipairs(cjson.decode(chain)) do
+      local rec = redis.call('HMGET', P .. 'run:' .. a, 'owner', 'state', 'expires_at')
+      local why = ''
+      if not rec[2] or rec[1] ~= run[2] then why = 'run_parent'
+      elseif rec[2] == 'closed' then why = 'run_closed'
+      elseif tonumber(rec[3]) <= now then why = 'run_expired' end
+      if why ~= '' then reason, retry, active = why, -1, -1 break end
     end
   end
 end
@@ -117,6 +131,15 @@ if run and reason == '' then
   redis.call('HSET', runkey, 'seen_at', fmt(now), 'expires_at', fmt(exp), 'lines', ARGV[10])
   redis.call('ZADD', ownerkey, fmt(exp), run[1])
   redis.call('ZADD', P .. 'rp', fmt(exp + run[5]), run[1])
+  if (ARGV[11] or '') ~= '' then  -- recorded once; activity anywhere in the tree keeps its ancestors alive
+    if not run_exists then redis.call('HSET', runkey, 'chain', ARGV[11]) end
+    for _, a in ipairs(cjson.decode(ARGV[11])) do  -- (ZADD GT by hand: Redis before 6.2 lacks it)
+      redis.call('HSET', P .. 'run:' .. a, 'seen_at', fmt(now), 'expires_at', fmt(exp))
+      if tonumber(redis.call('ZSCORE', ownerkey, a) or '0') < exp then redis.call('ZADD', ownerkey, fmt(exp), a) end
+      local purge = exp + run[5]
+      if tonumber(redis.call('ZSCORE', P .. 'rp', a) or '0') < purge then redis.call('ZADD', P .. 'rp', fmt(purge), a) end
+    end
+  end
   for _, l in ipairs(lines) do
     if l[F_RUN] == 1 and l[F_LOWER] >= 0 then
       local lk = P .. K_LOWERED .. l[F_KEY]
