@@ -28,7 +28,7 @@ from ..policy.model import Policy
 from ..protocols.assemble import assembler_for
 from ..protocols.usage import Usage
 from . import headers as H
-from . import metrics
+from . import metrics, render
 
 log = logging.getLogger("extproc.answer")
 
@@ -81,14 +81,15 @@ class StreamedAnswer:
             return bytes(self.assembler.body())
         return bytes(out)
 
-    def cost_comment(self, cost: int, source: str, more: bytes = b"") -> bytes:
-        """The SSE comments that tell the cost (and when it is an estimate, from what), then
-        `more` (the run chain's spend), after the last event; never inside a compressed body
-        or a JSON answer."""
+    def cost_comment(self, cost: int, source: str) -> bytes:
+        """The SSE comments that tell the cost (and when it is an estimate, from what) and, in
+        nested runs, each level's spend with this charge included, after the last event;
+        never inside a compressed body or a JSON answer."""
         if not self.reader.may_rewrite or self.assembler is not None:
             return b""
         estimate = f": {H.COST_SOURCE}={source}\n\n" if source != "stream" else ""
-        return f"{estimate}: {H.COST}={nano_to_usd(cost)}\n\n".encode() + more
+        runs = "".join(f": {name}={value}\n\n" for name, value in render.run_spend(self.hold.decision, cost)[1:2])
+        return f"{estimate}: {H.COST}={nano_to_usd(cost)}\n\n{runs}".encode()
 
     async def _cover(self, chunk_tokens: int) -> Cut | None:
         """Grow the hold ahead of the output; a Cut when it cannot (or the run's deadline passed)."""

@@ -207,7 +207,7 @@ class Session(Gate):
             return Reply(body=piece.body, end_stream=True, metadata=self._metadata(cost))
         out = self.answer.last(chunk, self.reservation_id)
         cost = await self._settle_stream(ended=True)
-        return Reply(body=out + self.answer.cost_comment(cost, self.cost_source, self._run_comment(cost)), metadata=self._metadata(cost))
+        return Reply(body=out + self.answer.cost_comment(cost, self.cost_source), metadata=self._metadata(cost))
 
     async def close(self) -> None:
         """The stream ended. A hold still open is released (non-2xx) or charged what was observed:
@@ -243,10 +243,6 @@ class Session(Gate):
         if await self.hold.release():
             metrics.INFLIGHT.dec()
         self.phase = Phase.DONE
-
-    def _run_comment(self, cost: int) -> bytes:  # nested runs: each level's spend, this call's charge included
-        spend = render.run_spend(self.hold.decision, cost) if self.hold else []
-        return "".join(f": {name}={value}\n\n" for name, value in spend[1:2]).encode()
 
     def _metadata(self, cost: int) -> dict[str, Any]:  # Envoy dynamic metadata for the access log
         principal, model = (self.caller.who.principal if self.caller else ""), (self.plan.chosen.name if self.plan else "")
