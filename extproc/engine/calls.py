@@ -19,8 +19,9 @@ only ever owns the one hold of the decision it gets back.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -272,6 +273,10 @@ class Planner:
 
     async def reserve_flat(self, caller: Caller, cost: int, *, api: str) -> Decision:
         """A flat-priced route: `cost` nano-USD and one request, no model."""
+        with released_if_lost(self.engine, self.spawn, Hold(caller.who.tag, caller.reservation_id)):
+            return await self._reserve_flat(caller, cost, api=api)
+
+    async def _reserve_flat(self, caller: Caller, cost: int, *, api: str) -> Decision:
         return await self.engine.reserve(
             self.policy,
             caller.who,
@@ -334,6 +339,19 @@ class Planner:
         return out
 
 
+@contextlib.contextmanager
+def released_if_lost(engine: Engine, spawn: Spawn | None, hold: Hold) -> Iterator[None]:
+    """A reserve whose answer was lost (the connection to the store dropped) may still have
+    been taken: give it back in the background once the store answers, so a request that
+    never ran is not left holding budget until its TTL (release is idempotent)."""
+    try:
+        yield
+    except StoreUnavailable:
+        if spawn is not None and hold.reservation_id:
+            spawn(engine.release_retrying(hold))
+        raise
+
+
 def admission_headroom(c: Candidate, factor: Decimal) -> dict[str, int] | None:
     """What a right-sized call must also find free to be admitted: `factor` times its expected
     output, left for the calls already streaming to grow into (fairness under pressure)."""
@@ -351,18 +369,19 @@ class _Reserver:
         self.held: Hold | None = None
 
     async def one(self, c: Candidate, attempt: int) -> Decision:
-        rid = self.caller.reservation_id
-        return await self.p.engine.reserve(
-            self.p.policy,
-            self.caller.who,
-            run_id=self.caller.run_id,
-            reservation_id=rid if attempt == 0 else f"{rid}.{attempt}",
-            estimate=c.estimate,
-            meta={"model": c.name, "requested_model": self.requested, "api": self.api, "request_id": self.caller.request_id},
-            run_overrides=self.caller.run_overrides,
-            headroom=admission_headroom(c, self.p.policy.streaming.admission_headroom),
-            workflow=self.caller.workflow,
-        )
+        rid = self.caller.reservation_id if attempt == 0 else f"{self.caller.reservation_id}.{attempt}"
+        with released_if_lost(self.p.engine, self.p.spawn, Hold(self.caller.who.tag, rid)):
+            return await self.p.engine.reserve(
+                self.p.policy,
+                self.caller.who,
+                run_id=self.caller.run_id,
+                reservation_id=rid,
+                estimate=c.estimate,
+                meta={"model": c.name, "requested_model": self.requested, "api": self.api, "request_id": self.caller.request_id},
+                run_overrides=self.caller.run_overrides,
+                headroom=admission_headroom(c, self.p.policy.streaming.admission_headroom),
+                workflow=self.caller.workflow,
+            )
 
     async def first_fit(self, options: list[Candidate], first_attempt: int) -> tuple[Decision, Candidate]:
         """Try each model in order; stop at the first that fits or at a refusal a cheaper model cannot fix."""

@@ -40,8 +40,7 @@ class Session(Gate):
         super().__init__(services, caller_authenticated=caller_authenticated)
         self.hold: CallHold | None = None
         self.answer: StreamedAnswer | None = None  # an answer that passes as a stream
-        self.upstream_stream = False
-        self.status = 0
+        self.upstream_stream, self.status = False, 0  # JSON asked, streamed upstream; the response status
         self.strip_usage = False  # we injected include_usage, so hide the usage chunk
         self.content_encoding: str | None = None
         self.cost_source = ""  # the settled charge's usage_source
@@ -142,7 +141,8 @@ class Session(Gate):
         """A flat-priced route: reserve its price now (no body is read); the status settles it."""
         assert self.caller is not None and self.route is not None
         try:
-            d = await Planner(self.s.engine, self.policy).reserve_flat(self.caller, cost, api=f"flat:{self.route.spec.path}")
+            planner = Planner(self.s.engine, self.policy, spawn=self.s.spawn)
+            d = await planner.reserve_flat(self.caller, cost, api=f"flat:{self.route.spec.path}")
         except StoreUnavailable as e:
             return self._store_down(e)
         if (refused := self._decided(d, False, [])) is not None:
