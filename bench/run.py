@@ -741,6 +741,7 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
                      f"{100 * (o.get('json_c32', 'rps') / base.get('json_c32', 'rps') - 1):+.0f}% | "
                      f"{_d(o.get('sse_c1', 'ttfb_p50_ms') - base.get('sse_c1', 'ttfb_p50_ms'))} ms |")
         L.append("")
+    L += optimisations_table()
     n4, n1 = find(outs, "noop-tcp-1w"), find(outs, "noop-1rt-tcp-1w")
     if n4 is not None and n1 is not None:
         per_rt = (n4.get("json_c1", "p50_ms") - n1.get("json_c1", "p50_ms")) / 3
@@ -812,6 +813,18 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
     L.append("- Machine noise: other processes shared the 2 cores during this run if the load average above is well over 0; "
              "compare rows of one run only.")
     return "\n".join(L) + "\n"
+
+
+OPTIMISATIONS = HERE / "optimisations.md"
+
+
+def optimisations_table() -> list[str]:
+    """The code changes, each measured in process before and after it (bench/optimisations.md, kept by hand)."""
+    if not OPTIMISATIONS.exists():
+        return []
+    text = OPTIMISATIONS.read_text().strip().splitlines()
+    body = [line for line in text if not line.startswith("# ")]  # its own title is replaced by this section's
+    return [*body, ""]
 
 
 def wrk_section(outs: list[Outcome], envoy: Outcome | None) -> list[str]:
