@@ -6,16 +6,17 @@ worker processes on one host (SQLite's file lock serialises writers).
 
 Never waiting on the event loop: each operation is a handful of indexed
 statements, tens of microseconds, but a writer of another worker process can
-hold the file lock. So a write runs on the event loop only when it cannot wait:
-nothing of this store is on its thread and the lock is free at once (busy
-timeout 0); otherwise it goes to one dedicated thread per store, which waits
-for the lock (and serialises the connection's use with the loop: the loop
-touches the connection only when no operation is queued on the thread). Doing
-the common case inline saves two thread hops per operation (bench/results.md).
-A lock held longer than `busy_timeout_s` (default 1 s, under Envoy's 2 s
-message timeout) fails the operation with StoreUnavailable rather than
-stalling the request. WAL checkpoints (which fsync) run on the thread too,
-every CHECKPOINT_EVERY writes, never inside an inline commit.
+hold the file lock. So one call's write runs on the event loop only when it
+cannot wait: nothing of this store is queued on its thread and the lock is free
+at once (busy timeout 0). Otherwise, and always for housekeeping that can touch
+thousands of rows (expiry, ledger trims), it runs on one dedicated thread per
+store, which waits for the lock; the loop touches the connection only while
+nothing is queued on the thread, so the two never share it. Doing the common
+case inline saves two thread hops per operation (bench/optimisations.md). A
+lock held longer than `busy_timeout_s` (default 1 s, under Envoy's 2 s message
+timeout) fails the operation with StoreUnavailable rather than stalling the
+request. WAL checkpoints (which fsync) run on the thread too, every
+CHECKPOINT_EVERY writes, never inside an inline commit.
 
 The refusal rules are `extproc.rules` (the Redis scripts run the same rules,
 held to them by shared vectors); line wire format and key kinds are
@@ -137,13 +138,14 @@ class EmbeddedStore:
 
     # -- transactions and the kv table ----------------------------------------
 
-    async def _write(self, fn: Callable[[], T]) -> T:
+    async def _write(self, fn: Callable[[], T], *, bulk: bool = False) -> T:
         """`fn` in one write transaction: on the event loop if the lock is free now and the thread
-        idle, else on the store's own thread (which waits for the lock)."""
+        idle, else on the store's own thread (which waits for the lock). `bulk` (housekeeping that
+        can touch thousands of rows): always on the thread."""
         self._writes += 1
         if self._writes % CHECKPOINT_EVERY == 0:
             self._on_thread(self._checkpoint)  # not awaited: the writes after it queue behind it
-        if self._queued == self._finished:
+        if not bulk and self._queued == self._finished:
             try:
                 return self._tx(fn, wait_ms=0)
             except _LockBusy:
@@ -501,7 +503,7 @@ class EmbeddedStore:
             self._purge_runs(now_ms, limit)
             return len(due)
 
-        return await self._write(run)
+        return await self._write(run, bulk=True)
 
     async def adjust(self, tag: str, key: str, *, set_limit: int | None = None, credit: int = 0) -> None:
         def run() -> None:
@@ -563,7 +565,7 @@ class EmbeddedStore:
             )
             return cur.rowcount
 
-        return await self._write(go)
+        return await self._write(go, bulk=True)
 
     async def lead(self, name: str, owner: str, *, now_ms: int, ttl_ms: int) -> bool:
         """Take or renew the lease `name` for `owner` until now + ttl; False while another owner holds it."""

@@ -47,3 +47,15 @@ async def test_uncontended_writes_never_touch_the_thread_and_checkpoints_bound_t
     assert await spent_reserved(store, "t", cost("k", 10**12)) == (5 * 2 * n, 0)
     assert sizes[-1] <= sizes[0] * 1.5, f"the WAL keeps growing: {sizes}"
     await store.close()
+
+
+async def test_housekeeping_runs_on_the_thread_not_the_event_loop(tmp_path: Path) -> None:
+    """Expiry and ledger trims can touch thousands of rows: never inline, whatever the lock."""
+    store = EmbeddedStore(tmp_path / "b.db")
+    assert (await take(store, "t", "r", [cost("k", 100, 10)], ttl=1)).ok
+    before = store._queued
+    assert await store.expire(now_ms=NOW + 10) == 1
+    assert await store.trim_ledger(before_ms=NOW + 20) == 1
+    assert store._queued == before + 2 and store._finished == store._queued
+    assert await spent_reserved(store, "t", cost("k", 100), now=NOW + 20) == (10, 0)
+    await store.close()
