@@ -444,7 +444,8 @@ class Bench:
         for name, c in (("wrk_c1", 1), ("wrk_c32", 32)):  # the second load generator, same request, same closed loop
             before = self.cpu_snapshot(procs)
             try:
-                w = wrk.run(url, body=json_body, headers=self.headers(False), connections=c, duration_s=a.duration, path=load.CHAT_PATH)
+                w = wrk.run(url, body=json_body, headers=self.headers(False), connections=c, duration_s=wrk_seconds(a.duration),
+                            path=load.CHAT_PATH)
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # bench/load.py's figures stand on their own
                 out.notes.append(f"{name}: {e}")
                 self.log(f"  {name}: not measured: {e}")
@@ -654,7 +655,7 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
                  "baseline and the Redis configuration were then run with the same transport and number of processes.")
         L.append("")
     # -- the second load generator
-    L += wrk_section(outs, envoy)
+    L += wrk_section(outs, envoy, a.duration)
     # -- added latency
     if envoy is not None:
         L.append("## Added latency and throughput kept, against Envoy without the filter")
@@ -824,17 +825,24 @@ def optimisations_table() -> list[str]:
         return []
     text = OPTIMISATIONS.read_text().strip().splitlines()
     body = [line for line in text if not line.startswith("# ")]  # its own title is replaced by this section's
+    while body and not body[0].strip():
+        body.pop(0)
     return [*body, ""]
 
 
-def wrk_section(outs: list[Outcome], envoy: Outcome | None) -> list[str]:
+def wrk_seconds(duration: float) -> float:
+    return max(2.0, round(duration / 2))
+
+
+def wrk_section(outs: list[Outcome], envoy: Outcome | None, bench_duration: float) -> list[str]:
     L = ["## Second load generator: wrk", ""]
     measured = [o for o in outs if not o.error and "wrk_c32" in o.cells]
     if not measured:
         L += [f"**{wrk.missing_note()}.**" if wrk.binary() is None else "**wrk was not run (`--no-wrk`).**", ""]
         return L
     L.append("The same JSON request, driven by `wrk -t 1` (C, epoll; body and headers from a generated Lua script) in the same closed "
-             "loop, 1 and 32 connections, same cell length, right after bench/load.py's cells. wrk measures total latency only.")
+             f"loop, 1 and 32 connections, {wrk_seconds(bench_duration):g} s cells (half of bench/load.py's, to keep `make bench` under "
+             "10 minutes), right after bench/load.py's cells. wrk measures total latency only.")
     L.append("")
     L.append("| configuration | c=1 p50 | c=1 p99 | c=1 rps | c=32 p50 | c=32 p99 | c=32 rps | + c=1 p50 vs Envoy | c=32 rps vs no-op | errors |")
     L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
