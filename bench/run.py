@@ -49,7 +49,7 @@ import yaml
 
 from extproc.stack import envoy_binary, free_port, render_envoy_config, shipped_envoy_config
 
-from . import load
+from . import load, wrk
 from .procs import Procs, system_busy, wait_connect, wait_http
 
 HERE = Path(__file__).resolve().parent
@@ -84,6 +84,8 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     ledger: dict[str, Any] = field(default_factory=dict)
     ext_proc_per_process: list[float] = field(default_factory=list)
+    cpu_s: dict[str, dict[str, float]] = field(default_factory=dict)  # CPU seconds per component, per cell
+    wrk_cut: int = 0  # requests wrk may have cut off at its deadlines (reserved, never answered to the client)
 
     def get(self, cell: str, key: str) -> float:
         v = self.cells.get(cell, {}).get(key)
@@ -392,12 +394,17 @@ class Bench:
 
     def cpu_snapshot(self, procs: Procs) -> dict[str, float]:
         snap = {**self.shared.cpu_by_role(), **procs.cpu_by_role()}
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        snap["client"] = ru.ru_utime + ru.ru_stime
+        ru, rc = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        snap["client"] = ru.ru_utime + ru.ru_stime + rc.ru_utime + rc.ru_stime  # children: wrk, once it has exited
         snap["_busy"] = system_busy()
         for pid, cpu in procs.cpu_by_pid("ext_proc").items():
             snap[f"_pid{pid}"] = cpu
         return snap
+
+    @staticmethod
+    def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        """CPU seconds per component between two snapshots (wrk, a child process, is counted as `client` by its own line)."""
+        return {k: round(after[k] - before.get(k, 0.0), 4) for k in after if not k.startswith("_")}
 
     @staticmethod
     def cpu_shares(before: dict[str, float], after: dict[str, float], seconds: float) -> tuple[dict[str, float], list[float]]:
@@ -426,14 +433,33 @@ class Bench:
             ok += r.statuses.get(200, 0)
             procs.check_alive()
             out.cells[name] = {**r.summary(), "statuses": {str(k): v for k, v in r.statuses.items()}}
+            out.cpu_s[name] = self.cpu_used(before, after)
             if name == "json_c32":
                 out.cpu_c32, out.ext_proc_per_process = self.cpu_shares(before, after, d)
             s = out.cells[name]
             self.log(f"  {name:8s} p50 {s['p50_ms']:7.2f} ms  p99 {s['p99_ms']:7.2f} ms  ttfb50 {s['ttfb_p50_ms']:6.2f}  "
                      f"{s['rps']:7.0f} rps  errors {s['errors']}")
+        if wrk.binary() is None or getattr(a, "no_wrk", False):
+            return ok
+        for name, c in (("wrk_c1", 1), ("wrk_c32", 32)):  # the second load generator, same request, same closed loop
+            before = self.cpu_snapshot(procs)
+            try:
+                w = wrk.run(url, body=json_body, headers=self.headers(False), connections=c, duration_s=wrk_seconds(a.duration),
+                            path=load.CHAT_PATH)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # bench/load.py's figures stand on their own
+                out.notes.append(f"{name}: {e}")
+                self.log(f"  {name}: not measured: {e}")
+                continue
+            after = self.cpu_snapshot(procs)
+            procs.check_alive()
+            ok += int(w["requests"])
+            out.wrk_cut += int(w["in_flight_cut"])
+            out.cells[name] = w
+            out.cpu_s[name] = self.cpu_used(before, after)
+            self.log(f"  {name:8s} p50 {w['p50_ms']:7.2f} ms  p99 {w['p99_ms']:7.2f} ms  {w['rps']:7.0f} rps  errors {w['errors']}")
         return ok
 
-    async def check_ledger(self, spec: Spec, sent_ok: int, since_ms: int) -> dict[str, Any]:
+    async def check_ledger(self, spec: Spec, sent_ok: int, since_ms: int, cut: int = 0) -> dict[str, Any]:
         """Every 200 the client saw must be one settled ledger entry (the enforcement path really ran)."""
         from extproc.app import open_store
 
@@ -447,7 +473,11 @@ class Bench:
         for e in entries:
             key = e.outcome.value if hasattr(e.outcome, "value") else str(e.outcome)
             by[key] = by.get(key, 0) + 1
-        return {"client_200s": sent_ok, "ledger": by, "match": by.get("settled", 0) == sent_ok and len(by) == 1}
+        settled, extra = by.get("settled", 0), sum(by.values()) - sent_ok
+        # wrk stops at its deadline with up to one request per connection in flight: those were reserved and are
+        # settled or released without a client seeing the answer. Nothing else may differ.
+        match = settled >= sent_ok and 0 <= extra <= cut if cut else settled == sent_ok and len(by) == 1
+        return {"client_200s": sent_ok, "ledger": by, "match": match, "cut_by_wrk": cut}
 
     def run_spec(self, spec: Spec, litellm: tuple[str | None, str]) -> Outcome:
         out = Outcome(spec)
@@ -466,7 +496,7 @@ class Bench:
                 time.sleep(0.5)  # settles run in the background after the response
                 procs.stop()  # graceful: waits for background settles
                 try:
-                    out.ledger = asyncio.run(self.check_ledger(spec, sent, since_ms))
+                    out.ledger = asyncio.run(self.check_ledger(spec, sent, since_ms, out.wrk_cut))
                 except Exception as e:  # the check is evidence, not the benchmark
                     out.ledger = {"error": f"{type(e).__name__}: {e}"}
         except Exception as e:
@@ -530,6 +560,10 @@ def second_specs(best: Spec | None) -> list[Spec]:
     if setup != "tcp-1w":
         out.append(Spec(f"noop-{setup}", f"Envoy + no-op ext_proc ({where}, {procs})", "envoy", "noop", transport=t, workers=w))
     out.append(Spec(f"extproc-redis-{setup}", f"Envoy + extproc, Redis, {where}, {procs}", "envoy", "extproc", "redis", t, w))
+    # Scale-out: the same Redis store with the other number of service processes behind the one Envoy.
+    w2 = 1 if w == 2 else 2
+    out.append(Spec(f"extproc-redis-{t}-{w2}w", f"Envoy + extproc, Redis, {where}, {w2} process" + ("es" if w2 > 1 else ""),
+                    "envoy", "extproc", "redis", t, w2, ablation=True))
     out.append(Spec("litellm", "LiteLLM proxy (master key, no DB)", "litellm"))
     return out
 
@@ -584,7 +618,8 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
     m = machine()
     envoy, direct = find(outs, "envoy"), find(outs, "direct")
     best = headline(outs)
-    redis = next((o for o in outs if o.spec.filter == "extproc" and o.spec.store == "redis" and not o.error), None)
+    redis_all = [o for o in outs if o.spec.filter == "extproc" and o.spec.store == "redis" and not o.error]
+    redis = next((o for o in redis_all if best is None or _setup(o.spec) == _setup(best.spec)), redis_all[0] if redis_all else None)
     lite = find(outs, "litellm")
     a = bench.args
     L: list[str] = []
@@ -619,6 +654,8 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
         L.append(f"Headline: `{best.spec.id}`, the embedded-store variant with the highest c=32 throughput in this run; the no-op "
                  "baseline and the Redis configuration were then run with the same transport and number of processes.")
         L.append("")
+    # -- the second load generator
+    L += wrk_section(outs, envoy, a.duration)
     # -- added latency
     if envoy is not None:
         L.append("## Added latency and throughput kept, against Envoy without the filter")
@@ -668,6 +705,12 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
         if noop is not None:
             ratio = o.get("json_c32", "rps") / noop.get("json_c32", "rps")
             rows.append((f"keeps ≥ 70% of the no-op ext_proc's c=32 throughput (`{noop.spec.id}`)", f"{100 * ratio:.0f}%", ratio >= 0.7))
+        if envoy is not None and "wrk_c1" in o.cells and "wrk_c1" in envoy.cells:
+            add = o.get("wrk_c1", "p50_ms") - envoy.get("wrk_c1", "p50_ms")
+            rows.append(("wrk: adds ≤ 1.5 ms p50 at c=1 over Envoy without the filter", f"{add:+.2f} ms", add <= 1.5))
+        if noop is not None and "wrk_c32" in o.cells and "wrk_c32" in noop.cells:
+            ratio = o.get("wrk_c32", "rps") / noop.get("wrk_c32", "rps")
+            rows.append((f"wrk: keeps ≥ 70% of the no-op's c=32 throughput (`{noop.spec.id}`)", f"{100 * ratio:.0f}%", ratio >= 0.7))
         if direct is not None and lite is not None:
             ours = o.get("json_c1", "p50_ms") - direct.get("json_c1", "p50_ms")
             theirs = lite.get("json_c1", "p50_ms") - direct.get("json_c1", "p50_ms")
@@ -699,6 +742,7 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
                      f"{100 * (o.get('json_c32', 'rps') / base.get('json_c32', 'rps') - 1):+.0f}% | "
                      f"{_d(o.get('sse_c1', 'ttfb_p50_ms') - base.get('sse_c1', 'ttfb_p50_ms'))} ms |")
         L.append("")
+    L += optimisations_table()
     n4, n1 = find(outs, "noop-tcp-1w"), find(outs, "noop-1rt-tcp-1w")
     if n4 is not None and n1 is not None:
         per_rt = (n4.get("json_c1", "p50_ms") - n1.get("json_c1", "p50_ms")) / 3
@@ -733,6 +777,7 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
              "the machine meanwhile (not part of the benchmark): the closer to 0, the cleaner the numbers. The client shares "
              "the machine with the system under test; every configuration pays the same client.")
     L.append("")
+    L += cpu_per_call_section(outs, best, redis)
     # -- evidence
     checks = [o for o in outs if o.ledger]
     if checks:
@@ -746,7 +791,8 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
             if "error" in g:
                 L.append(f"- `{o.spec.id}`: ledger not read ({g['error']})")
             else:
-                L.append(f"- `{o.spec.id}`: {g['client_200s']} responses, ledger {g['ledger']} — {'match' if g['match'] else '**MISMATCH**'}")
+                cut = f" (wrk cut off at most {g['cut_by_wrk']} in flight at its deadlines)" if g.get("cut_by_wrk") else ""
+                L.append(f"- `{o.spec.id}`: {g['client_200s']} responses, ledger {g['ledger']}{cut} — {'match' if g['match'] else '**MISMATCH**'}")
         L.append("")
     L.append("## Notes")
     L.append("")
@@ -768,6 +814,95 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
     L.append("- Machine noise: other processes shared the 2 cores during this run if the load average above is well over 0; "
              "compare rows of one run only.")
     return "\n".join(L) + "\n"
+
+
+OPTIMISATIONS = HERE / "optimisations.md"
+
+
+def optimisations_table() -> list[str]:
+    """The code changes, each measured in process before and after it (bench/optimisations.md, kept by hand)."""
+    if not OPTIMISATIONS.exists():
+        return []
+    text = OPTIMISATIONS.read_text().strip().splitlines()
+    body = [line for line in text if not line.startswith("# ")]  # its own title is replaced by this section's
+    while body and not body[0].strip():
+        body.pop(0)
+    return [*body, ""]
+
+
+def wrk_seconds(duration: float) -> float:
+    return max(2.0, round(duration / 2))
+
+
+def wrk_section(outs: list[Outcome], envoy: Outcome | None, bench_duration: float) -> list[str]:
+    L = ["## Second load generator: wrk", ""]
+    measured = [o for o in outs if not o.error and "wrk_c32" in o.cells]
+    if not measured:
+        L += [f"**{wrk.missing_note()}.**" if wrk.binary() is None else "**wrk was not run (`--no-wrk`).**", ""]
+        return L
+    L.append("The same JSON request, driven by `wrk -t 1` (C, epoll; body and headers from a generated Lua script) in the same closed "
+             f"loop, 1 and 32 connections, {wrk_seconds(bench_duration):g} s cells (half of bench/load.py's, to keep `make bench` under "
+             "10 minutes), right after bench/load.py's cells. wrk measures total latency only.")
+    L.append("")
+    L.append("| configuration | c=1 p50 | c=1 p99 | c=1 rps | c=32 p50 | c=32 p99 | c=32 rps | + c=1 p50 vs Envoy | c=32 rps vs no-op | errors |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for o in measured:
+        noop = noop_for(outs, o.spec) if o.spec.filter == "extproc" else None
+        vs_noop = f"{100 * o.get('wrk_c32', 'rps') / noop.get('wrk_c32', 'rps'):.0f}%" if noop and "wrk_c32" in noop.cells else "–"
+        add = _d(o.get("wrk_c1", "p50_ms") - envoy.get("wrk_c1", "p50_ms")) if envoy is not None and o is not envoy else "–"
+        errs = int(o.cells["wrk_c1"].get("errors", 0)) + int(o.cells["wrk_c32"].get("errors", 0))
+        L.append(f"| `{o.spec.id}` | {_f(o.get('wrk_c1', 'p50_ms'))} | {_f(o.get('wrk_c1', 'p99_ms'))} | {_f(o.get('wrk_c1', 'rps'), 0)} | "
+                 f"{_f(o.get('wrk_c32', 'p50_ms'))} | {_f(o.get('wrk_c32', 'p99_ms'))} | {_f(o.get('wrk_c32', 'rps'), 0)} | {add} | {vs_noop} | {errs} |")
+    L.append("")
+    return L
+
+
+GATEWAY = ("envoy", "ext_proc", "redis")  # what an operator sizes: the proxy, the service, the store
+
+
+def cpu_per_call(o: Outcome, cell: str) -> dict[str, float] | None:
+    """CPU-ms per completed call, per component, over one cell (None if not measured)."""
+    cpu, n = o.cpu_s.get(cell), int(o.cells.get(cell, {}).get("requests", 0))
+    if not cpu or not n:
+        return None
+    return {k: 1000 * v / n for k, v in cpu.items()}
+
+
+def cpu_per_call_section(outs: list[Outcome], best: Outcome | None, redis: Outcome | None) -> list[str]:
+    L = ["## CPU per call and sizing (JSON, c=32)", ""]
+    L.append("CPU-ms per completed call for each component: utime+stime from /proc/<pid>/stat (the process and its children) "
+             "before and after the cell, divided by the calls completed in it. `store` is redis-server; the embedded store "
+             "(SQLite) runs inside the service and is counted there. calls/s per core = 1000 / CPU-ms.")
+    L.append("")
+    L.append("| configuration | load generator | calls | Envoy ms | service ms | store ms | gateway total ms | calls/s per core (gateway) "
+             "| service calls/s per core |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for o in outs:
+        if o.error or o.spec.kind != "envoy" or o.spec.filter is None:
+            continue
+        for cell, gen in (("json_c32", "bench/load.py"), ("wrk_c32", "wrk")):
+            per = cpu_per_call(o, cell)
+            if per is None:
+                continue
+            total = sum(per.get(k, 0.0) for k in GATEWAY)
+            store = f"{per['redis']:.3f}" if o.spec.store == "redis" and "redis" in per and o.spec.filter == "extproc" else "–"
+            svc = per.get("ext_proc", 0.0)
+            L.append(f"| `{o.spec.id}` | {gen} | {o.cells[cell]['requests']} | {per.get('envoy', 0.0):.3f} | {svc:.3f} | {store} | "
+                     f"{total:.3f} | {1000 / total:.0f} | {1000 / svc:.0f} |" if total and svc else
+                     f"| `{o.spec.id}` | {gen} | {o.cells[cell]['requests']} | – | – | – | – | – | – |")
+    L.append("")
+    for o in [x for x in (best, redis) if x is not None]:
+        per = cpu_per_call(o, "json_c32")
+        if per is None or not per.get("ext_proc"):
+            continue
+        env, svc, st = per.get("envoy", 0.0), per["ext_proc"], per.get("redis", 0.0) if o.spec.store == "redis" else 0.0
+        store_txt = (f", Redis {st:.2f} ms ({1000 / st:,.0f} calls/s per core)" if st else ", the embedded store inside the service")
+        L.append(f"Sizing (`{o.spec.id}`): per metered JSON call the service uses {svc:.2f} CPU-ms ({1000 / svc:,.0f} calls/s per core), "
+                 f"Envoy {env:.2f} ms ({1000 / env:,.0f} calls/s per core){store_txt}. For N calls/s: "
+                 f"service cores ≈ N × {svc / 1000:.5f}, Envoy cores ≈ N × {env / 1000:.5f}"
+                 + (f", Redis cores ≈ N × {st / 1000:.5f}" if st else "") + "; add headroom for p99, as the table above shows at full load.")
+        L.append("")
+    return L
 
 
 def chart(bench: Bench, path: Path) -> str:
@@ -818,6 +953,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated configuration ids (see --list)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument("--no-wrk", action="store_true", help="bench/load.py only, even if wrk is installed")
     ap.add_argument("--no-install-litellm", action="store_true", help="do not create bench/out/litellm-venv if LiteLLM is missing")
     ap.add_argument("--out", default=str(HERE / "results.md"))
     args = ap.parse_args(argv)
@@ -841,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
         md += f"\nChart: {note}\n"
     out.write_text(md)
     raw = {"machine": machine(), "args": vars(args), "elapsed_s": round(elapsed, 1),
-           "outcomes": [{"spec": asdict(o.spec), "cells": o.cells, "cpu_c32": o.cpu_c32, "ext_proc_per_process": o.ext_proc_per_process, "error": o.error, "ledger": o.ledger} for o in bench.outcomes]}
+           "outcomes": [{"spec": asdict(o.spec), "cells": o.cells, "cpu_c32": o.cpu_c32, "cpu_s": o.cpu_s, "ext_proc_per_process": o.ext_proc_per_process, "error": o.error, "ledger": o.ledger} for o in bench.outcomes]}
     out.with_suffix(".json").write_text(json.dumps(raw, indent=2))
     print(md)
     bench.log(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.json')}")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 class Kind(str, enum.Enum):
@@ -97,26 +97,30 @@ class LineState:
         return self.limit - self.spent - self.reserved
 
 
-def over(line: Line, st: LineState) -> bool:
-    """Would this line exceed its limit if the amount were taken? (what advisory lines warn about)"""
+def over(line: Line, st: LineState, amount: int | None = None) -> bool:
+    """Would this line exceed its limit if the amount (default: the line's) were taken? (what advisory lines warn about)"""
+    if amount is None:
+        amount = line.amount
     if line.kind is Kind.DURATION:
         return st.spent >= st.limit
     if line.kind is Kind.CONCURRENCY:
-        return st.reserved + line.amount > st.limit
-    return st.spent + st.reserved + line.amount > st.limit
+        return st.reserved + amount > st.limit
+    return st.spent + st.reserved + amount > st.limit
 
 
-def blocks(line: Line, st: LineState) -> bool:
-    """The mode-specific refusal rule for one line (counters: amount + headroom must fit)."""
+def blocks(line: Line, st: LineState, amount: int | None = None) -> bool:
+    """The mode-specific refusal rule for one line: taking its amount (plus, on counters, its
+    headroom), or exactly `amount` when given (the early check's probe)."""
     if line.mode is Mode.ADVISORY:
         return False
     if line.kind is not Kind.COUNTER:
-        return over(line, st)
+        return over(line, st, amount)
     if line.mode is Mode.ACTUALS_ONLY:
         return st.spent >= st.limit
+    need = line.amount + line.headroom if amount is None else amount
     if line.mode is Mode.SOFT_GATE:
-        return st.spent + st.reserved + line.amount + line.headroom > st.limit + line.margin
-    return st.spent + st.reserved + line.amount + line.headroom > st.limit
+        return st.spent + st.reserved + need > st.limit + line.margin
+    return st.spent + st.reserved + need > st.limit
 
 
 def rolling_need(line: Line, st: LineState) -> int:
@@ -153,7 +157,7 @@ def exhausted(line: Line, st: LineState) -> bool:
     """Would the smallest request be refused by this line in state `st`? The same answer
     as the store's check with the `PROBE` estimate (soft_gate margin included), whatever
     amount `line` carried when `st` was read."""
-    return blocks(replace(line, amount=probe_amount(line.dimension), headroom=0), st)
+    return blocks(line, st, probe_amount(line.dimension))
 
 
 def frees_with_time(line: Line) -> bool:

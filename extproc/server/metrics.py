@@ -50,6 +50,21 @@ RESERVED_TO_CHARGED = Histogram(
 OVERRUNS = Counter("extproc_overruns_total", "Settlements that charged more than the call's reservation (ledger meta: overrun)")
 
 
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+_CHILDREN_MAX = 4096  # label sets are budgets x windows of the policy: bounded, but a reload can add new ones
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, remembered: prometheus-client validates and locks on every call."""
+    key = (id(metric), labels)
+    got = _CHILDREN.get(key)
+    if got is None:
+        if len(_CHILDREN) >= _CHILDREN_MAX:
+            _CHILDREN.clear()
+        got = _CHILDREN[key] = metric.labels(*labels)
+    return got
+
+
 def settled(d: Any, done: Any, seconds: float) -> None:
     """Record one settled call (`engine.holds.Settled` of the hold of decision `d`)."""
     INFLIGHT.dec()
@@ -61,11 +76,11 @@ def settled(d: Any, done: Any, seconds: float) -> None:
     if done.overrun:
         OVERRUNS.inc()
     if not done.stored:
-        STORE_ERRORS.labels("settle").inc()
+        child(STORE_ERRORS, "settle").inc()
     elif not done.replayed:
         for lim, st in zip(d.limits, d.states, strict=False):
             if lim.spec.dimension == "cost" and lim.scope != "run":
-                SPEND.labels(lim.budget).inc(done.cost)
+                child(SPEND, lim.budget).inc(done.cost)
                 window = lim.spec.window_id
-                BUDGET_LIMIT.labels(lim.budget, window).set(st.limit)
-                BUDGET_SPENT.labels(lim.budget, window).set(st.spent + done.cost)
+                child(BUDGET_LIMIT, lim.budget, window).set(st.limit)
+                child(BUDGET_SPENT, lim.budget, window).set(st.spent + done.cost)

@@ -1,0 +1,151 @@
+"""What one metered JSON call costs the service in CPU, in process: no Envoy, no sockets.
+
+Drives `ExternalProcessor.Process` (the real servicer: protobuf in, Session,
+protobuf out) with the four messages Envoy sends for a metered OpenAI chat call
+(request headers, buffered request body, response headers, buffered response
+body), then waits for the background close, over a real store (SQLite by
+default, `--store redis://...` for Redis). Reports CPU µs per call: the whole
+process (event loop plus the store's thread) and the event-loop thread alone.
+gRPC's own transport (HTTP/2 framing, cygrpc) is not in it: the no-op
+ext_proc's figures in results.md price that.
+
+    python -m bench.callcost [--calls 2000] [--store redis://127.0.0.1:6379/0] [--cprofile]
+
+For an instruction count that does not depend on what else runs on the
+machine, run it under callgrind twice and subtract (start-up cancels out):
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null python -m bench.callcost --calls 0
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null python -m bench.callcost --calls 300
+    (instructions per call = (Ir[300] - Ir[0]) / 300, Ir from valgrind's "Collected" line)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import pstats
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from extproc.app import open_store
+from extproc.engine.budget import Engine
+from extproc.policy.loader import PolicyHolder
+from extproc.server.callers import CallerGate
+from extproc.server.ext_proc import ExternalProcessor
+from extproc.server.services import Services
+
+from . import load
+from .run import API_KEY, write_policy
+
+RESPONSE = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello " * 16}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 14, "completion_tokens": 16, "total_tokens": 30},
+    },
+    separators=(",", ":"),
+).encode()
+
+
+def _headers(pairs: list[tuple[str, str]], end_of_stream: bool = False) -> ep.HttpHeaders:
+    msg = ep.HttpHeaders(end_of_stream=end_of_stream)
+    for k, v in pairs:
+        msg.headers.headers.append(base_pb2.HeaderValue(key=k, raw_value=v.encode()))
+    return msg
+
+
+def messages(i: int) -> list[ep.ProcessingRequest]:
+    """What Envoy sends for call `i` (its own x-request-id), with the headers Envoy adds."""
+    body = load.chat_body()
+    req = [(":authority", "127.0.0.1:10000"), (":path", load.CHAT_PATH), (":method", "POST"), (":scheme", "http"),
+           ("content-type", "application/json"), ("content-length", str(len(body))), ("authorization", f"Bearer {API_KEY}"),
+           ("x-forwarded-proto", "http"), ("x-request-id", f"00000000-0000-4000-8000-{i:012d}")]
+    resp = [(":status", "200"), ("content-type", "application/json"), ("content-length", str(len(RESPONSE))),
+            ("date", "Wed, 02 Dec 2026 05:00:00 GMT"), ("server", "uvicorn"), ("x-envoy-upstream-service-time", "1")]
+    return [
+        ep.ProcessingRequest(request_headers=_headers(req)),
+        ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)),
+        ep.ProcessingRequest(response_headers=_headers(resp)),
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=RESPONSE, end_of_stream=True)),
+    ]
+
+
+class _Context:
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+
+async def _feed(msgs: list[ep.ProcessingRequest]) -> AsyncIterator[ep.ProcessingRequest]:
+    for m in msgs:
+        yield m
+
+
+async def one_call(proc: ExternalProcessor, services: Services, i: int) -> list[ep.ProcessingResponse]:
+    # Envoy's bytes are parsed by grpc from the wire: count the parse too.
+    wire = [m.SerializeToString() for m in messages(i)]
+    out = [r async for r in proc.Process(_feed([ep.ProcessingRequest.FromString(w) for w in wire]), _Context())]  # type: ignore[arg-type]
+    for r in out:
+        r.SerializeToString()
+    if services.background:
+        await asyncio.wait(list(services.background))
+    return out
+
+
+async def measure(store_url: str, calls: int, warmup: int, profile: cProfile.Profile | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = write_policy(Path(tmp) / "policy.yaml")
+        url = store_url or f"sqlite:{tmp}/callcost.db"
+        store = open_store(url)
+        services = Services(PolicyHolder.from_file(policy), Engine(store))
+        proc = ExternalProcessor(services, CallerGate(None, True))
+        try:
+            for i in range(warmup):
+                out = await one_call(proc, services, i)
+            if warmup:
+                assert len(out) == 4 and not out[0].HasField("immediate_response"), out[0]
+                names = [h.header.key for h in out[3].response_body.response.header_mutation.set_headers]
+                assert "x-budget-cost-usd" in names, names
+            cpu0, thr0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
+            if profile is not None:
+                profile.enable()
+            for i in range(warmup, warmup + calls):
+                await one_call(proc, services, i)
+            if profile is not None:
+                profile.disable()
+            cpu, thr, wall = time.process_time() - cpu0, time.thread_time() - thr0, time.perf_counter() - wall0
+        finally:
+            await store.close()
+    n = max(1, calls)
+    return {"calls": calls, "cpu_us_per_call": round(1e6 * cpu / n, 1), "loop_thread_cpu_us_per_call": round(1e6 * thr / n, 1),
+            "wall_us_per_call": round(1e6 * wall / n, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--store", default="", help="a store URL (default: SQLite in a temporary directory)")
+    ap.add_argument("--cprofile", action="store_true", help="profile the measured calls (slower; shares, not absolute times)")
+    ap.add_argument("--top", type=int, default=30)
+    a = ap.parse_args()
+    prof = cProfile.Profile() if a.cprofile else None
+    print(json.dumps(asyncio.run(measure(a.store, a.calls, a.warmup, prof))))
+    if prof is not None:
+        st = pstats.Stats(prof)
+        st.sort_stats("tottime").print_stats(a.top)
+        st.sort_stats("cumtime").print_stats(a.top)
+
+
+if __name__ == "__main__":
+    main()
