@@ -47,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from bench import growth_cost
 from extproc.stack import envoy_binary, free_port, render_envoy_config, shipped_envoy_config
 
 from . import load, wrk
@@ -972,6 +973,10 @@ def main(argv: list[str] | None = None) -> int:
     load_after = Path("/proc/loadavg").read_text().split()[0]
     out = Path(args.out)
     md = report(bench, elapsed, load_before, load_after)
+    try:  # the cost of growing reservations during a stream (issue 12), beside the table
+        md += "\n" + "\n".join(asyncio.run(growth_cost.run(2000, 1.0, 3))) + "\n"
+    except Exception as e:  # a failed side measurement is reported, not fatal
+        md += f"\n## Cost of extensions\n\n**not measured**: {type(e).__name__}: {e}\n"
     note = chart(bench, out.with_suffix(".png"))
     if note:
         md += f"\nChart: {note}\n"
