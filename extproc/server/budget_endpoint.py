@@ -51,6 +51,12 @@ async def answer(s: Services, policy: Policy, path: str, headers: Mapping[str, s
         "run_chain": [*wf.ancestors, run_id] if wf is not None else ([run_id] if run_id else []),
         "price_table_version": policy.prices.version,
         "budgets": render.budget_rows(snap.limits, snap.states, snap.now_ms),
+        # what a streamed call of each model reserves for output (per choice) before it grows; absent: its worst case
+        "expected_output_tokens": {
+            name: n
+            for name, spec in policy.prices.models.items()
+            if (n := s.expected_output(policy, who.principal, name, spec)) is not None
+        },
     }
     return json_reply(200, json.dumps(doc).encode())
 
@@ -67,7 +73,9 @@ def decision_doc(logged: LoggedDecision) -> dict[str, Any]:
         "selected_model": c.name,
         "scopes": sorted({lim.budget for lim in d.limits}),
         "estimate": {"cost_usd": nano_to_usd(c.cost), "input_tokens": c.input_tokens, "output_tokens": c.output_tokens},
-        "effective_max_output": c.output_tokens,
+        "reservation": "expected" if c.right_sized else "worst_case",  # expected: grows with the stream up to the max
+        "worst_case_usd": nano_to_usd(c.worst_cost or c.cost),
+        "effective_max_output": c.output_cap,
         "output_clamped": plan.clamped,
         "price_source": c.price_source,
         "blocking_scope": d.blocking.budget if d.blocking else None,

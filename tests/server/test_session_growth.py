@@ -142,3 +142,12 @@ async def test_history_right_sizes_the_next_calls(tmp_path):
     assert 0.264 <= float(headers["x-budget-reserved-usd"]) < 0.265
     await s.close()
     await store.close()
+
+
+async def test_the_budget_endpoint_says_what_a_stream_reserves_before_it_grows(tmp_path):
+    svc, store = services(tmp_path)
+    s = Session(svc)
+    r = await s.request_headers({":path": "/v1/budget", ":method": "GET", "authorization": f"Bearer {KEY}"}, True)
+    doc = json.loads(r.immediate.body)
+    assert doc["expected_output_tokens"] == {"m": 50 + 64, "j": 50 + 64}  # the policy's hint plus the end margin
+    await store.close()
