@@ -13,12 +13,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# One pytest worker per core (pytest-xdist); each test module runs whole on one worker, so a
+# module's shared stack starts once. PYTEST_ARGS="-n 0" runs in one process.
+XDIST := -n auto --dist loadscope
+
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # The fast tier: every test that starts no Envoy and no redis-server.
 unit: install
-	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not integration" $(PYTEST_ARGS)
 
 # ruff (rules in pyproject.toml) over the code, tests and benchmarks; mypy --strict over extproc/.
 lint: install
