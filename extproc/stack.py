@@ -235,14 +235,24 @@ class Stack:
         return proc
 
     def start_backends(self) -> None:
+        """The mock backend serves every cluster in `backends` from one process (one port and
+        counters per cluster); a `backend_command` runs once per cluster."""
         for name in self.backends:
-            port = free_port()
-            self.backend_ports[name] = port
-            args = [a.format(port=port, name=name) for a in self.backend_command] or [
-                sys.executable, "-m", "extproc", "mock-backend", "--port", str(port), "--name", name,
-                "--token-delay-ms", str(self.token_delay_ms)]
-            proc = self._spawn(f"mock-{name}", args)
-            wait_http(f"http://127.0.0.1:{port}{self.backend_ready_path}", 30, proc)
+            self.backend_ports[name] = free_port()
+        if self.backend_command:
+            spawned = [(self._spawn(f"mock-{n}", [a.format(port=p, name=n) for a in self.backend_command]), [p])
+                       for n, p in self.backend_ports.items()]
+        elif self.backends:
+            first, *rest = self.backends
+            args = [sys.executable, "-m", "extproc", "mock-backend", "--port", str(self.backend_ports[first]),
+                    "--name", first, "--token-delay-ms", str(self.token_delay_ms)]
+            args += [a for n in rest for a in ("--also", f"{n}={self.backend_ports[n]}")]
+            spawned = [(self._spawn(f"mock-{first}", args), list(self.backend_ports.values()))]
+        else:
+            spawned = []
+        for proc, ports in spawned:
+            for port in ports:
+                wait_http(f"http://127.0.0.1:{port}{self.backend_ready_path}", 30, proc)
 
     def start_service(self) -> None:
         assert self.grpc is not None and self.store is not None
