@@ -39,8 +39,37 @@ def shipped_envoy_config() -> Path:
     return Path(__file__).parent / "data" / "envoy.yaml"
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free now, for a child to bind in a moment. Picked below the kernel's
+    ephemeral range, so no outgoing connection and no other process's `bind(0)` takes it in
+    between; never twice by one process; and under pytest-xdist only ports = worker index
+    (mod the worker count), so two workers never hand out the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker) % count if worker.isdigit() and count > 0 else 0
+    ports = range(10000 + index, min(_ephemeral_low(), 65536), max(count, 1))
+    for _ in range(1000 if ports else 0):
+        port = secrets.choice(ports)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # a machine with (almost) no room below the ephemeral range
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
