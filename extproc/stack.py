@@ -52,8 +52,8 @@ def _ephemeral_low() -> int:
 def free_port() -> int:
     """A loopback port free now, for a child to bind in a moment. Picked below the kernel's
     ephemeral range, so no outgoing connection and no other process's `bind(0)` takes it in
-    between; never twice by one process; and under pytest-xdist only ports = worker index
-    (mod the worker count), so two workers never hand out the same port."""
+    between; never twice by one process; and under pytest-xdist only ports whose remainder by
+    the worker count is the worker's index, so two workers never hand out the same port."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     index = int(worker) % count if worker.isdigit() and count > 0 else 0
@@ -266,22 +266,22 @@ class Stack:
     def start_backends(self) -> None:
         """The mock backend serves every cluster in `backends` from one process (one port and
         counters per cluster); a `backend_command` runs once per cluster."""
-        for name in self.backends:
-            self.backend_ports[name] = free_port()
+        ports = {name: free_port() for name in self.backends}
+        self.backend_ports.update(ports)
         if self.backend_command:
             spawned = [(self._spawn(f"mock-{n}", [a.format(port=p, name=n) for a in self.backend_command]), [p])
-                       for n, p in self.backend_ports.items()]
-        elif self.backends:
-            first, *rest = self.backends
-            args = [sys.executable, "-m", "extproc", "mock-backend", "--port", str(self.backend_ports[first]),
-                    "--name", first, "--token-delay-ms", str(self.token_delay_ms)]
-            args += [a for n in rest for a in ("--also", f"{n}={self.backend_ports[n]}")]
-            spawned = [(self._spawn(f"mock-{first}", args), list(self.backend_ports.values()))]
+                       for n, p in ports.items()]
+        elif ports:
+            (first, first_port), *rest = ports.items()
+            args = [sys.executable, "-m", "extproc", "mock-backend", "--port", str(first_port), "--name", first,
+                    "--token-delay-ms", str(self.token_delay_ms)]
+            args += [a for n, p in rest for a in ("--also", f"{n}={p}")]
+            spawned = [(self._spawn(f"mock-{first}", args), list(ports.values()))]
         else:
             spawned = []
-        for proc, ports in spawned:
-            for port in ports:
-                wait_http(f"http://127.0.0.1:{port}{self.backend_ready_path}", 30, proc)
+        for proc, serves in spawned:
+            for p in serves:
+                wait_http(f"http://127.0.0.1:{p}{self.backend_ready_path}", 30, proc)
 
     def start_service(self) -> None:
         assert self.grpc is not None and self.store is not None
