@@ -13,9 +13,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# One pytest worker per core (pytest-xdist); each test module runs whole on one worker, so a
-# module's shared stack starts once. PYTEST_ARGS="-n 0" runs in one process.
-XDIST := -n auto --dist loadscope
+# pytest-xdist: one worker per core plus one, since about a third of the suite waits (paced
+# streams, sampler intervals, reservation TTLs) rather than computes; each test module runs whole
+# on one worker, so a module's shared stack starts once. PYTEST_ARGS="-n 0" runs in one process.
+XDIST := -n $(shell echo $$(( $$(nproc) + 1 ))) --dist loadscope
 
 test: install
 	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
