@@ -13,12 +13,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# pytest-xdist: one worker per core plus one, since about a third of the suite waits (paced
+# streams, sampler intervals, reservation TTLs) rather than computes; each test module runs whole
+# on one worker, so a module's shared stack starts once. PYTEST_ARGS="-n 0" runs in one process.
+XDIST := -n $(shell echo $$(( $$(nproc) + 1 ))) --dist loadscope
+
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # The fast tier: every test that starts no Envoy and no redis-server.
 unit: install
-	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not integration" $(PYTEST_ARGS)
 
 # ruff (rules in pyproject.toml) over the code, tests and benchmarks; mypy --strict over extproc/.
 lint: install

@@ -109,11 +109,18 @@ def _serve(args: argparse.Namespace) -> int:
     return status
 
 
+def _name_port(text: str) -> tuple[str, int]:
+    name, sep, port = text.rpartition("=")
+    if not sep or not name or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=PORT, got {text!r}")
+    return name, int(port)
+
+
 def _mock_backend(args: argparse.Namespace) -> int:
     from .mock_backend import MockConfig, run
 
     config = MockConfig(token_delay_ms=args.token_delay_ms, name=args.name, gpus=args.gpus, tdp_watts=args.tdp_watts)
-    run(args.host, args.port, config, metrics_port=args.metrics_port)
+    run(args.host, args.port, config, metrics_port=args.metrics_port, also=dict(args.also))
     return 0
 
 
@@ -286,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tdp-watts", type=float, default=700.0)
     m.add_argument("--metrics-port", type=int, default=None,
                    help="also serve only /metrics on this port (like a DCGM exporter beside the inference port)")
+    m.add_argument("--also", action="append", type=_name_port, default=[], metavar="NAME=PORT",
+                   help="serve another backend named NAME on PORT from this process (its own counters); repeatable")
     m.set_defaults(fn=_mock_backend)
 
     st = sub.add_parser("stack", help="run mock backend + service + Envoy locally until SIGINT/SIGTERM")

@@ -39,8 +39,37 @@ def shipped_envoy_config() -> Path:
     return Path(__file__).parent / "data" / "envoy.yaml"
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free now, for a child to bind in a moment. Picked below the kernel's
+    ephemeral range, so no outgoing connection and no other process's `bind(0)` takes it in
+    between; never twice by one process; and under pytest-xdist only ports whose remainder by
+    the worker count is the worker's index, so two workers never hand out the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker) % count if worker.isdigit() and count > 0 else 0
+    ports = range(10000 + index, min(_ephemeral_low(), 65536), max(count, 1))
+    for _ in range(1000 if ports else 0):
+        port = secrets.choice(ports)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # a machine with (almost) no room below the ephemeral range
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -235,14 +264,24 @@ class Stack:
         return proc
 
     def start_backends(self) -> None:
-        for name in self.backends:
-            port = free_port()
-            self.backend_ports[name] = port
-            args = [a.format(port=port, name=name) for a in self.backend_command] or [
-                sys.executable, "-m", "extproc", "mock-backend", "--port", str(port), "--name", name,
-                "--token-delay-ms", str(self.token_delay_ms)]
-            proc = self._spawn(f"mock-{name}", args)
-            wait_http(f"http://127.0.0.1:{port}{self.backend_ready_path}", 30, proc)
+        """The mock backend serves every cluster in `backends` from one process (one port and
+        counters per cluster); a `backend_command` runs once per cluster."""
+        ports = {name: free_port() for name in self.backends}
+        self.backend_ports.update(ports)
+        if self.backend_command:
+            spawned = [(self._spawn(f"mock-{n}", [a.format(port=p, name=n) for a in self.backend_command]), [p])
+                       for n, p in ports.items()]
+        elif ports:
+            (first, first_port), *rest = ports.items()
+            args = [sys.executable, "-m", "extproc", "mock-backend", "--port", str(first_port), "--name", first,
+                    "--token-delay-ms", str(self.token_delay_ms)]
+            args += [a for n, p in rest for a in ("--also", f"{n}={p}")]
+            spawned = [(self._spawn(f"mock-{first}", args), list(ports.values()))]
+        else:
+            spawned = []
+        for proc, serves in spawned:
+            for p in serves:
+                wait_http(f"http://127.0.0.1:{p}{self.backend_ready_path}", 30, proc)
 
     def start_service(self) -> None:
         assert self.grpc is not None and self.store is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
 
@@ -44,9 +45,13 @@ async def serve(
         await runner.cleanup()
 
 
-def run(host: str, port: int, config: MockConfig, *, metrics_port: int | None = None) -> None:
+def run(
+    host: str, port: int, config: MockConfig, *, metrics_port: int | None = None, also: dict[str, int] | None = None
+) -> None:
     """Blocking entry point for ``extproc mock-backend``: one log line, clean exit on SIGINT/SIGTERM.
-    ``metrics_port``: also serve only /metrics there (the DCGM exporter's port)."""
+    ``metrics_port``: also serve only /metrics there (the DCGM exporter's port). ``also``: more
+    backends from this process, {name: port}, each its own app (counters, name) with ``config``'s
+    other settings: one process start (and BPE load) for the several clusters of a stack."""
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -54,19 +59,24 @@ def run(host: str, port: int, config: MockConfig, *, metrics_port: int | None = 
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
-        runner, bound = await _start(host, port, config)
-        runners = [runner]
+        runners: list[web.AppRunner] = []
         try:
+            listening = []
+            for cfg, p in [(config, port), *((dataclasses.replace(config, name=n), q) for n, q in (also or {}).items())]:
+                runner, bound = await _start(host, p, cfg)
+                runners.append(runner)
+                listening.append((cfg, bound))
             if metrics_port is not None:
-                runners.append(web.AppRunner(make_metrics_app(runner.app), access_log=None, handle_signals=False))
+                runners.append(web.AppRunner(make_metrics_app(runners[0].app), access_log=None, handle_signals=False))
                 await runners[-1].setup()
                 await web.TCPSite(runners[-1], host, metrics_port).start()
-            print(
-                f"mock-backend {config.name!r} listening on http://{host}:{bound} "
-                f"(token_delay_ms={config.token_delay_ms:g}, gpus={config.gpus})",
-                file=sys.stderr,
-                flush=True,
-            )
+            for cfg, bound in listening:
+                print(
+                    f"mock-backend {cfg.name!r} listening on http://{host}:{bound} "
+                    f"(token_delay_ms={cfg.token_delay_ms:g}, gpus={cfg.gpus})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             await stop.wait()
         finally:
             for r in reversed(runners):

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from extproc.money import Price, usd_to_nano
+from extproc.stack import Stack
 from tests.integration.conftest import ledger, sha
 
 pytestmark = pytest.mark.integration
@@ -44,6 +45,16 @@ def chat(content: str = "hello there", **kw) -> dict:
 
 def auth(key: str = KEY) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def default_stack(tmp_path_factory):
+    """One stack on policy() for the tests that only need it to answer (each asks the backend's
+    hit count from a reset, and $1.00 of key budget covers every call they make)."""
+    d = tmp_path_factory.mktemp("skeleton")
+    (d / "policy.yaml").write_text(policy())
+    with Stack(policy=str(d / "policy.yaml"), workdir=d / "stack", store=f"sqlite:{d / 'budget.db'}") as s:
+        yield s
 
 
 @pytest.mark.parametrize("store", ["embedded", "redis"])
@@ -122,8 +133,8 @@ async def test_streaming_call_is_settled_on_real_usage_and_really_streams(make_s
         ("unknown_model", 400, "model_not_priced"),
     ],
 )
-async def test_bad_requests_get_clear_4xx_envelopes_and_service_keeps_serving(make_stack, case, status, code):
-    stack = make_stack(policy())
+async def test_bad_requests_get_clear_4xx_envelopes_and_service_keeps_serving(default_stack, case, status, code):
+    stack = default_stack
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as c:
         await c.post(f"{stack.backend_url()}/stats/reset")
         if case == "malformed_json":

@@ -11,6 +11,7 @@ import sys
 import time
 
 import aiohttp
+import httpx
 import pytest
 
 from extproc.mock_backend import MockConfig, serve
@@ -65,3 +66,30 @@ def test_run_exits_cleanly_on_signal(sig: signal.Signals) -> None:
     assert out == b""
     lines = err.decode().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], lines
+
+
+def test_one_process_serves_other_backends_with_their_own_name_and_counters() -> None:
+    """`extproc mock-backend --also NAME=PORT`: what Stack starts for its two clusters."""
+    port, other = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "mock-backend", "--port", str(port), "--name", "big", "--also", f"small={other}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_healthy(port, proc)
+        _wait_healthy(other, proc)
+        body = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(timeout=10) as c:
+            r = c.post(f"http://127.0.0.1:{other}/v1/chat/completions", json=body)
+            assert r.status_code == 200 and r.headers["x-mock-backend"] == "small"
+            assert c.get(f"http://127.0.0.1:{port}/healthz").headers["x-mock-backend"] == "big"
+            assert c.get(f"http://127.0.0.1:{other}/stats").json()["hits"] == 1
+            assert c.get(f"http://127.0.0.1:{port}/stats").json()["hits"] == 0
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+    assert [line.split()[1] for line in err.decode().splitlines()] == ["'big'", "'small'"]

@@ -68,7 +68,10 @@ class ReplayServer:
     exchanges: dict[str, dict[str, Any]] = field(default_factory=load_corpus)
     port: int = 0
     received: dict[str, dict[str, Any]] = field(default_factory=dict)
-    pause_s: float = 0.003
+    # 1 ms keeps the pieces apart as well as 3 ms did (Envoy's ext_proc stream_msgs_sent for the
+    # 13.5 kB oai-chat-sse-usage-n2 cut every 7 bytes: 1935 of 1938 pieces at 1 ms, 1922 at 3 ms,
+    # 686 with no pause) at 40 % of the time; the corpus's bytes:7 cases sleep 25 s, not 76 s.
+    pause_s: float = 0.001
 
     def start(self) -> ReplayServer:
         ready = threading.Event()

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from extproc.stack import free_port  # one port picker for the whole suite (see its docstring)
+
 
 def with_redis(local: str) -> list[Any]:
     """Fixture params: the local store, then Redis and Redis Cluster (real redis-server
@@ -25,10 +27,6 @@ def with_redis(local: str) -> list[Any]:
     return [local, pytest.param("redis", marks=pytest.mark.integration), pytest.param("cluster", marks=pytest.mark.integration)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cluster_port() -> int:
