@@ -77,6 +77,8 @@ async def scenario(stack: Stack, policy_path: str) -> bool:
         say(f"   the backends saw {hits} calls in all (1 + 1 + {served}): refused calls cost nothing and reached nothing.")
         ok &= hits == 2 + served
 
+        ok &= await streamed_fan_out(c)
+
         say("\n4. carol calls llama-3.1-8b on the self-hosted GPU backend; its price comes from the GPU's cost rate.")
         rate = None
         for _ in range(40):  # the first DCGM sample arrives within a couple of seconds
@@ -101,6 +103,27 @@ async def scenario(stack: Stack, policy_path: str) -> bool:
     return ok
 
 
+async def streamed_fan_out(c: httpx.AsyncClient) -> bool:
+    """The same fan-out streamed: reservations right-sized from what bob's calls really produce."""
+    say("\n3b. bob's agent streams instead (no max_tokens): 3 calls, then the same 20 in parallel.")
+    say("   A stream reserves its input plus what bob's recent calls really produced, and the reservation")
+    say("   grows with the stream before each chunk is released (cut cleanly if it cannot).")
+    bob = {"authorization": f"Bearer {KEYS['bob']}", "x-mock-delay-ms": "0"}
+    body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "plan step"}]}
+
+    async def one() -> tuple[int, str, bool]:
+        async with c.stream("POST", "/v1/chat/completions", headers=bob, json=body) as s:
+            text = (await s.aread()).decode()
+            return s.status_code, s.headers.get("x-budget-reserved-usd", ""), '"finish_reason":"stop"' in text.replace(" ", "")
+
+    for _ in range(3):
+        await one()
+    results = await asyncio.gather(*(one() for _ in range(20)))
+    served = sum(status == 200 and whole for status, _, whole in results)
+    say(f"   -> {served} of 20 served whole; each reserved ${results[-1][1]} instead of the $0.16+ worst case.")
+    return served == 20
+
+
 async def nested_runs(c: httpx.AsyncClient) -> bool:
     """A planner run with three sub-agents, one stuck retrying, until the tree's budget is spent."""
     say("\n5. carol's planner (run 'plan') starts three sub-agents that name it as their parent")
@@ -111,7 +134,7 @@ async def nested_runs(c: httpx.AsyncClient) -> bool:
     ok = r.status_code == 200
 
     async def sub_agent(name: str) -> tuple[int, httpx.Response]:
-        headers = {**carol, "x-run-id": name, "x-parent-run-id": "plan", "x-mock-output-tokens": "2000"}
+        headers = {**carol, "x-run-id": name, "x-parent-run-id": "plan", "x-mock-output-tokens": "2000", "x-mock-delay-ms": "0"}
         for served in range(50):  # about $0.02 a step
             r = await c.post("/v1/chat/completions", headers=headers, json={"model": "gpt-4o", "max_tokens": 2000, **step})
             if r.status_code != 200:

@@ -20,6 +20,7 @@ def test_demo_runs_and_prints_budgets_and_cost_rates():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     assert "refused with 429" in out and "insufficient_quota" in out
+    assert "20 of 20 served whole" in out  # the streamed fan-out: right-sized reservations
     assert "limit        spent   reserved    remaining" in out
     assert "key:bob total" in out and "team:research total" in out
     assert "Backend cost rates" in out and "source=dcgm" in out
