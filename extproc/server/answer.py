@@ -22,10 +22,11 @@ from typing import Any
 from ..engine.calls import Plan
 from ..engine.growth import Cut, StreamGrowth, cut_of
 from ..engine.holds import CallHold
-from ..errors import StoreUnavailable
+from ..errors import StoreUnavailable, UpstreamError
 from ..money import nano_to_usd
 from ..policy.model import Policy
 from ..protocols.assemble import assembler_for
+from ..protocols.envelopes import error_body
 from ..protocols.usage import Usage
 from . import headers as H
 from . import metrics, render
@@ -53,11 +54,13 @@ class StreamedAnswer:
         assembler: Any = None,  # protocols.assemble.Assembler: a JSON call streamed upstream
         client_usage: bool = False,
         fail_open: bool = False,
+        envelope: str = "openai",
     ) -> None:
         self.reader, self.hold, self.growth, self.clock = reader, hold, growth, clock
         self.assembler = assembler
         self.client_usage = client_usage  # the client asked for the usage chunk itself
         self.fail_open = fail_open
+        self.schema_envelope = envelope  # the API's error envelope (openai | anthropic)
 
     async def chunk(self, data: bytes) -> Piece:
         """One chunk of the answer (not the last): what to forward, or where the stream ends."""
@@ -78,7 +81,7 @@ class StreamedAnswer:
         if r.malformed_events:  # never silent: a skipped frame could be unbilled spend
             log.warning("stream %s had %d malformed event(s): %s", rid, r.malformed_events, r.last_error)
         if self.assembler is not None:
-            return bytes(self.assembler.body())
+            return self._assembled()
         return bytes(out)
 
     def cost_comment(self, cost: int, source: str) -> bytes:
@@ -119,6 +122,17 @@ class StreamedAnswer:
         metrics.EXTENSIONS.labels("refused").inc()
         return cut_of(self.hold.decision, result.blocked, closed=result.reason is not None)
 
+    def _assembled(self, *, cut: bool = False, usage: Usage | None = None) -> bytes:
+        """The JSON answer assembled from the stream; an error in the API's envelope when the
+        stream cannot make one (an error event, past the size bound): the headers (200) are
+        already on their way, and a crash here would reset the client's connection."""
+        try:
+            return bytes(self.assembler.body(cut=cut, usage=usage))
+        except UpstreamError as e:
+            log.warning("%s: the streamed answer could not be assembled: %s", self.hold.decision.hold.reservation_id, e)
+            why = f"The backend's streamed answer could not be returned as JSON: {e}"
+            return error_body(self.schema_envelope, status=502, message=why, type="server_error", code="upstream_unassemblable")
+
     def usage_so_far(self) -> Usage | None:
         """What the call used up to a cut (charged, and told to a client that asked for usage)."""
         usage, _ = self.hold.stream_outcome(self.reader, ended=False)
@@ -128,7 +142,7 @@ class StreamedAnswer:
         metrics.CUTS.labels(cut.reason).inc()
         usage = self.usage_so_far()
         if self.assembler is not None:
-            return bytes(self.assembler.body(cut=True, usage=usage))
+            return self._assembled(cut=True, usage=usage)
         tail = self.reader.cut(reason=cut.reason, scope=cut.scope, usage=usage, include_usage=self.client_usage)
         return forwarded + (tail or b"")
 
@@ -166,5 +180,5 @@ def open(
     client_usage = facts.stream and facts.include_usage
     return StreamedAnswer(
         reader, hold, growth, clock=services.engine.clock, assembler=assembler, client_usage=client_usage,
-        fail_open=policy.failure_mode == "fail_open",
+        fail_open=policy.failure_mode == "fail_open", envelope=schema.envelope,
     )  # fmt: skip

@@ -151,3 +151,18 @@ async def test_the_budget_endpoint_says_what_a_stream_reserves_before_it_grows(t
     doc = json.loads(r.immediate.body)
     assert doc["expected_output_tokens"] == {"m": 50 + 64, "j": 50 + 64}  # the policy's hint plus the end margin
     await store.close()
+
+
+async def test_a_streamed_answer_that_cannot_be_assembled_ends_in_the_api_error_envelope(tmp_path):
+    svc, store = services(tmp_path)
+    s = Session(svc)
+    await s.request_headers(CHAT, False)
+    await s.request_body(body("j", stream=False))
+    await s.response_headers({":status": "200", "content-type": "text/event-stream"})
+    error = {"error": {"message": "the model crashed", "type": "server_error"}}
+    r = await s.response_body(sse(chunk(" hello"), error), True)  # an error event mid-stream: no JSON answer to make
+    doc = json.loads(r.body)
+    assert doc["error"]["code"] == "upstream_unassemblable" and "the model crashed" in doc["error"]["message"]
+    line = await key_line(store, svc)
+    assert line.reserved == 0 and len(await store.ledger()) == 1  # settled, not left to expire
+    await store.close()
