@@ -183,8 +183,8 @@ class Session(Gate):
         if "text/event-stream" in headers.get("content-type", "") and self.schema is not None and self.plan is not None:
             self.answer = answer.open(self.s, self.policy, self.schema, self.hold, self.plan, self.strip_usage, self.content_encoding)
             reply.stream_response = True
-            if self.upstream_stream:  # the client asked for JSON: it gets the body assembled from the stream
-                reply.set_headers.append(("content-type", "application/json"))
+            if self.upstream_stream:  # the client asked for JSON: the body assembled from the (decoded) stream
+                reply.set_headers += [("content-type", "application/json"), ("content-encoding", "identity")]
         return reply
 
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Reply:

@@ -38,6 +38,8 @@ pytestmark = pytest.mark.integration
 
 TOKEN_DELAY_MS = 20
 CUT_AFTER = 5  # body chunks: the first carries the stream's head, each later one a token
+UNCUT_TOKENS = 500  # uncut, a stream would go on 10 s past the cut: every bound below is far from that
+PROMPT_MS = 1000  # "promptly": under a loaded CI the client's and the backend's own scheduling add to this
 
 CHAT_END = (
     b'data: {"id":"chatcmpl-cut","object":"chat.completion.chunk","created":0,"model":"gpt-4o",'
@@ -216,17 +218,18 @@ def backend_stream(stack: Stack, request_id: str) -> dict[str, Any]:
 
 
 def check_cut(stack: Stack, call: dict[str, Any], client_end: float, resets_before: int) -> None:
-    """The client's response ended within 100 ms of the cut; Envoy reset the upstream request and
-    the backend stopped generating within about one token of the cut."""
+    """The client's response ended promptly after the cut (on a quiet machine within ~10 ms), not
+    when the backend would have finished; Envoy reset the upstream request and the backend stopped
+    generating within a few tokens of the cut (on a quiet machine, one)."""
     end_ms = 1000 * (client_end - call["cut_at"])
     rec = backend_stream(stack, call["request_id"])
     after_cut = rec["tokens"] + rec["after_disconnect"] - call["tokens_seen"]
     stop_ms = 1000 * (rec["ended_at"] - call["cut_at"])
     print(f"\n{call['path']}: client saw the end {end_ms:.1f} ms after the cut; backend stopped {stop_ms:.0f} ms "
           f"after it, having generated {after_cut} token(s) after it ({TOKEN_DELAY_MS} ms per token)")
-    assert end_ms < 100
+    assert end_ms < PROMPT_MS
     assert rec["disconnected"]
-    assert after_cut <= 2 and stop_ms < 100 + 2 * TOKEN_DELAY_MS
+    assert after_cut <= PROMPT_MS // TOKEN_DELAY_MS and stop_ms < PROMPT_MS
     assert envoy_stat(stack, "cluster.backend.upstream_cx_destroy_local_with_active_rq") > resets_before
 
 
@@ -238,9 +241,9 @@ def test_openai_stream_cut_ends_clean_and_stops_the_backend(env) -> None:
     stream = client.chat.completions.create(
         model="gpt-4o",
         messages=[{"role": "user", "content": "count"}],
-        max_tokens=50,
+        max_tokens=UNCUT_TOKENS,
         stream=True,
-        extra_headers={"x-test-call": call, "x-test-cut-after": str(CUT_AFTER)},
+        extra_headers={"x-test-call": call, "x-test-cut-after": str(CUT_AFTER), "x-mock-output-tokens": str(UNCUT_TOKENS)},
     )
     chunks = list(stream)
     end = time.time()
@@ -256,9 +259,9 @@ def test_anthropic_stream_cut_ends_clean_and_stops_the_backend(env) -> None:
     resets = envoy_stat(stack, "cluster.backend.upstream_cx_destroy_local_with_active_rq")
     with client.messages.stream(
         model="claude-sonnet-4-5",
-        max_tokens=50,
+        max_tokens=UNCUT_TOKENS,
         messages=[{"role": "user", "content": "count"}],
-        extra_headers={"x-test-call": call, "x-test-cut-after": str(CUT_AFTER)},
+        extra_headers={"x-test-call": call, "x-test-cut-after": str(CUT_AFTER), "x-mock-output-tokens": str(UNCUT_TOKENS)},
     ) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
@@ -305,8 +308,8 @@ def test_json_client_cut_mid_stream(env) -> None:
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="sk-test", max_retries=0)
     resets = envoy_stat(stack, "cluster.backend.upstream_cx_destroy_local_with_active_rq")
     done = client.chat.completions.create(
-        model="gpt-4o", messages=[{"role": "user", "content": "count"}], max_tokens=50,
-        extra_headers={"x-test-call": call, "x-test-cut-after": str(CUT_AFTER)},
+        model="gpt-4o", messages=[{"role": "user", "content": "count"}], max_tokens=UNCUT_TOKENS,
+        extra_headers={"x-test-call": call, "x-test-cut-after": str(CUT_AFTER), "x-mock-output-tokens": str(UNCUT_TOKENS)},
     )
     end = time.time()
     assert done.object == "chat.completion" and done.choices[0].finish_reason == "length"

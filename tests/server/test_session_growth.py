@@ -118,6 +118,7 @@ async def test_a_json_call_streamed_upstream_gets_its_json_assembled(tmp_path):
     assert forwarded["stream"] is True and forwarded["stream_options"] == {"include_usage": True}
     h = await s.response_headers({":status": "200", "content-type": "text/event-stream"})
     assert h.stream_response and ("content-type", "application/json") in h.set_headers
+    assert ("content-encoding", "identity") in h.set_headers  # the JSON is sent decoded, whatever the stream's coding
     r = await s.response_body(sse(*[chunk(" hello")] * 5), False)
     assert r.body == b""  # withheld until the JSON is whole
     usage = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "j", "choices": [],
