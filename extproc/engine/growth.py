@@ -102,14 +102,23 @@ class StreamGrowth:
     (times the model's token safety factor) plus a lookahead of twice the
     largest chunk seen; else how far to grow."""
 
-    def __init__(self, *, reserved: int, cap: int, step_tokens: int, safety: Decimal, deadline_ms: int | None) -> None:
+    def __init__(
+        self, *, reserved: int, cap: int, step_tokens: int, safety: Decimal, deadline_ms: int | None,
+        touch_every_ms: int | None = None, now_ms: int = 0,
+    ) -> None:  # fmt: skip
         self.reserved = reserved  # output tokens reserved, all choices
         self.cap = cap  # the most the backend may generate (the cap forwarded to it)
         self.step_tokens = step_tokens
         self.safety = safety
         self.deadline_ms = deadline_ms
+        self.touch_every_ms = touch_every_ms  # half the reservation TTL: a long stream's hold never expires
+        self.touched_ms = now_ms  # when the store last pushed the hold's TTL
         self.largest_chunk = 0
         self.extensions = 0
+
+    def stale(self, now_ms: int) -> bool:
+        """The hold's TTL needs pushing (a long stream that has not grown for half its TTL)."""
+        return self.touch_every_ms is not None and now_ms - self.touched_ms >= self.touch_every_ms
 
     def past_deadline(self, now_ms: int) -> bool:
         return self.deadline_ms is not None and now_ms >= self.deadline_ms
@@ -128,6 +137,8 @@ class StreamGrowth:
         output = counted if self.safety == 1 else math.ceil(counted * self.safety)
         return output <= self.reserved or counted >= self.cap
 
-    def grew(self, reserved: int) -> None:
-        self.reserved = reserved
-        self.extensions += 1
+    def grew(self, reserved: int, now_ms: int) -> None:
+        self.touched_ms = now_ms
+        if reserved != self.reserved:
+            self.reserved = reserved
+            self.extensions += 1

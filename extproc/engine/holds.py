@@ -67,6 +67,11 @@ class CallHold:
             result = await self._extend_output(need.tokens)
         return result
 
+    async def touch(self) -> ExtendResult:
+        """Push the hold's TTL (an empty extension; run deadlines and a closed run still refuse)."""
+        assert self.policy is not None
+        return await self.engine.extend(self.policy, self.decision.hold, {})
+
     async def _extend_output(self, tokens: int) -> ExtendResult:
         c, policy = self.chosen, self.policy
         assert c is not None and policy is not None

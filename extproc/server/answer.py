@@ -99,13 +99,14 @@ class StreamedAnswer:
         growth = self.growth
         if growth is None:
             return None
-        if growth.past_deadline(self.clock()):
+        now = self.clock()
+        if growth.past_deadline(now):
             return cut_of(self.hold.decision, _duration_line(self.hold), closed=False)
         need = growth.need(self.reader.counted_output_tokens, chunk_tokens)
-        if need is None:
+        if need is None and not growth.stale(now):
             return None
-        try:
-            result = await self.hold.grow(need)
+        try:  # grow, or (a long stream that has not grown for half its TTL) just push the TTL
+            result = await (self.hold.grow(need) if need is not None else self.hold.touch())
         except StoreUnavailable as e:
             metrics.EXTENSIONS.labels("error").inc()
             if self.fail_open:
@@ -114,7 +115,7 @@ class StreamedAnswer:
                 return None
             return Cut("budget_store_unavailable", "")
         if result.ok:
-            growth.grew(self.hold.reserved_output)
+            growth.grew(self.hold.reserved_output, now)
             if result.deadline_ms is not None:
                 growth.deadline_ms = result.deadline_ms
             metrics.EXTENSIONS.labels("ok").inc()
@@ -176,6 +177,8 @@ def open(
         step_tokens=policy.streaming.extend_step_tokens,
         safety=chosen.spec.token_safety_factor,
         deadline_ms=hold.decision.deadline_ms,
+        touch_every_ms=policy.reservation_ttl_seconds * 500,
+        now_ms=services.engine.clock(),
     )
     client_usage = facts.stream and facts.include_usage
     return StreamedAnswer(

@@ -47,14 +47,14 @@ def test_growth_asks_before_the_output_reaches_the_reservation() -> None:
     assert g.need(900, 10) is None  # 900 + max(16, 20) <= 1000
     need = g.need(990, 10)
     assert need == Need(tokens=1010, step=1256)  # at least the lookahead; the step (or a quarter) if it fits
-    g.grew(1256)
+    g.grew(1256, 0)
     assert g.need(1200, 10) is None and g.extensions == 1
 
 
 def test_growth_never_asks_past_the_cap() -> None:
     g = StreamGrowth(reserved=1000, cap=1100, step_tokens=256, safety=Decimal(1), deadline_ms=None)
     assert g.need(1000, 10) == Need(tokens=1020, step=1100)
-    g.grew(1100)
+    g.grew(1100, 0)
     assert g.need(1100, 10) is None  # the backend stops at the cap it was given
     assert g.covers(1100)
 
@@ -71,3 +71,10 @@ def test_worst_case_holds_never_grow_but_still_see_the_deadline() -> None:
     g = StreamGrowth(reserved=4096, cap=4096, step_tokens=256, safety=Decimal(1), deadline_ms=5_000)
     assert g.need(4090, 50) is None
     assert not g.past_deadline(4_999) and g.past_deadline(5_000)
+
+
+def test_a_long_stream_that_does_not_grow_is_due_a_touch_every_half_ttl() -> None:
+    g = StreamGrowth(reserved=4096, cap=4096, step_tokens=256, safety=Decimal(1), deadline_ms=None, touch_every_ms=300_000, now_ms=0)
+    assert not g.stale(299_999) and g.stale(300_000)
+    g.grew(4096, 300_000)  # a touch: the TTL pushed, nothing grown
+    assert g.extensions == 0 and not g.stale(500_000) and g.stale(600_000)

@@ -167,3 +167,22 @@ async def test_a_streamed_answer_that_cannot_be_assembled_ends_in_the_api_error_
     line = await key_line(store, svc)
     assert line.reserved == 0 and len(await store.ledger()) == 1  # settled, not left to expire
     await store.close()
+
+
+async def test_a_long_stream_pushes_its_ttl_so_the_reaper_never_expires_it(tmp_path):
+    from extproc.policy.loader import PolicyHolder, parse_policy
+
+    now = [1_000_000]
+    store = EmbeddedStore(tmp_path / "b.db")
+    text = POLICY.replace("{limit}", "1.00") + "reservation_ttl_seconds: 2\n"
+    svc = Services(PolicyHolder(parse_policy(text)), Engine(store, clock=lambda: now[0]))
+    s, _ = await started(svc, body())
+    for _ in range(4):  # 6 s of a stream that never needs to grow, past three TTLs
+        now[0] += 1500
+        await s.response_body(sse(chunk(" hello")), False)
+        assert await store.expire(now_ms=now[0]) == 0  # touched every half TTL: nothing to reap
+    r = await s.response_body(sse(chunk("", "stop")) + b"data: [DONE]\n\n", True)
+    assert b"x-budget-cost-usd" in r.body
+    (entry,) = await store.ledger()
+    assert entry.outcome.value == "settled" and entry.meta["usage_source"] == "counted"
+    await store.close()
