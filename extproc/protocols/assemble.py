@@ -93,7 +93,7 @@ from collections import deque
 from typing import Any
 
 from extproc.errors import UpstreamError
-from extproc.protocols.usage import Usage
+from extproc.protocols.usage import Usage, anthropic_usage_object, openai_usage_object, responses_usage_object
 
 DEFAULT_MAX_ASSEMBLED_BYTES = 16 << 20
 """What one assembler may hold (text, tool arguments, items) before it gives up."""
@@ -135,46 +135,11 @@ def _index(value: Any) -> int | None:
 # --- usage in each API's shape ------------------------------------------------------
 
 
-def _openai_usage_object(u: Usage) -> dict[str, Any]:
-    prompt_details: dict[str, Any] = {"cached_tokens": u.cached_input_tokens, "audio_tokens": u.audio_input_tokens}
-    if u.cache_write_tokens:
-        prompt_details["cache_write_tokens"] = u.cache_write_tokens
-    return {
-        "prompt_tokens": u.total_input,
-        "completion_tokens": u.output_tokens,
-        "total_tokens": u.total,
-        "prompt_tokens_details": prompt_details,
-        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens, "audio_tokens": u.audio_output_tokens},
-    }
-
-
-def _responses_usage_object(u: Usage) -> dict[str, Any]:
-    return {
-        "input_tokens": u.total_input,
-        "input_tokens_details": {"cached_tokens": u.cached_input_tokens, "cache_write_tokens": u.cache_write_tokens},
-        "output_tokens": u.output_tokens,
-        "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
-        "total_tokens": u.total,
-    }
-
-
-def _anthropic_usage_object(u: Usage) -> dict[str, Any]:
-    obj: dict[str, Any] = {
-        "input_tokens": u.input_tokens,
-        "cache_creation_input_tokens": u.cache_write_tokens,
-        "cache_read_input_tokens": u.cached_input_tokens,
-        "output_tokens": u.output_tokens,
-    }
-    if u.web_search_calls or u.web_fetch_calls:
-        obj["server_tool_use"] = {"web_search_requests": u.web_search_calls, "web_fetch_requests": u.web_fetch_calls}
-    return obj
-
-
 _USAGE_OBJECTS = {
-    "openai.chat": _openai_usage_object,
-    "openai.completions": _openai_usage_object,
-    "openai.responses": _responses_usage_object,
-    "anthropic.messages": _anthropic_usage_object,
+    "openai.chat": openai_usage_object,
+    "openai.completions": openai_usage_object,
+    "openai.responses": responses_usage_object,
+    "anthropic.messages": anthropic_usage_object,
 }
 
 

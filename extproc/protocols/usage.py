@@ -312,9 +312,7 @@ def openai_usage_object(u: Usage) -> dict[str, Any]:
 
 def responses_usage_object(u: Usage) -> dict[str, Any]:
     """Responses API `usage`: `input_tokens` includes cache reads and writes."""
-    details: dict[str, int] = {"cached_tokens": u.cached_input_tokens}
-    if u.cache_write_tokens:
-        details["cache_write_tokens"] = u.cache_write_tokens
+    details = {"cached_tokens": u.cached_input_tokens, "cache_write_tokens": u.cache_write_tokens}  # the SDK requires both
     return {
         "input_tokens": u.total_input,
         "input_tokens_details": details,
