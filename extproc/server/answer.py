@@ -118,7 +118,7 @@ class StreamedAnswer:
             growth.grew(self.hold.reserved_output, now)
             if result.deadline_ms is not None:
                 growth.deadline_ms = result.deadline_ms
-            metrics.EXTENSIONS.labels("ok").inc()
+            metrics.EXTENSIONS.labels("ok" if need is not None else "touch").inc()
             return None
         metrics.EXTENSIONS.labels("refused").inc()
         return cut_of(self.hold.decision, result.blocked, closed=result.reason is not None)

@@ -41,7 +41,10 @@ FAIL_OPEN = Counter("extproc_fail_open_total", "Requests let through unmetered b
 CALLERS_REFUSED = Counter(
     "extproc_grpc_callers_refused_total", "gRPC calls refused before any work: missing, wrong or placeholder caller token", ["reason"]
 )
-EXTENSIONS = Counter("extproc_extensions_total", "Reservation growths of right-sized streams by outcome (ok, refused, error)", ["outcome"])
+EXTENSIONS = Counter(
+    "extproc_extensions_total", "Reservation growths of streams by outcome (ok, refused, error; touch: a long stream's TTL pushed)",
+    ["outcome"],
+)
 CUTS = Counter("extproc_stream_cuts_total", "Streams the service ended because a budget could not grow (by reason)", ["reason"])
 RESERVED_TO_CHARGED = Histogram(
     "extproc_reserved_to_charged_ratio", "Peak reserved / charged cost per settled call (false-refusal risk: high means over-reserving)",
