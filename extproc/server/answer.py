@@ -37,10 +37,12 @@ log = logging.getLogger("extproc.answer")
 @dataclass(frozen=True, slots=True)
 class Piece:
     """What to send for one chunk: `body` (None: the chunk as it came), and whether the
-    response ends here (`cut`: the service ended it, in the API's terms)."""
+    response ends here (`cut`: the service ended it, in the API's terms, having told the client
+    `usage`, which is what the call is charged)."""
 
     body: bytes | None
     cut: Cut | None = None
+    usage: Usage | None = None
 
 
 class StreamedAnswer:
@@ -69,7 +71,8 @@ class StreamedAnswer:
         out = reader.feed(data)
         cut = await self._cover(reader.counted_output_tokens - before)
         if cut is not None:
-            return Piece(self._ending(out, cut), cut)
+            usage, _ = self.hold.stream_outcome(reader, ended=False)  # what was delivered
+            return Piece(self._ending(out, cut, usage), cut, usage)
         if self.assembler is not None:
             return Piece(b"")
         return Piece(None if out is data else out)
@@ -134,14 +137,8 @@ class StreamedAnswer:
             why = f"The backend's streamed answer could not be returned as JSON: {e}"
             return error_body(self.schema_envelope, status=502, message=why, type="server_error", code="upstream_unassemblable")
 
-    def usage_so_far(self) -> Usage | None:
-        """What the call used up to a cut (charged, and told to a client that asked for usage)."""
-        usage, _ = self.hold.stream_outcome(self.reader, ended=False)
-        return usage
-
-    def _ending(self, forwarded: bytes, cut: Cut) -> bytes:
+    def _ending(self, forwarded: bytes, cut: Cut, usage: Usage | None) -> bytes:
         metrics.CUTS.labels(cut.reason).inc()
-        usage = self.usage_so_far()
         if self.assembler is not None:
             return self._assembled(cut=True, usage=usage)
         tail = self.reader.cut(reason=cut.reason, scope=cut.scope, usage=usage, include_usage=self.client_usage)

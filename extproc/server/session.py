@@ -203,7 +203,7 @@ class Session(Gate):
             piece = await self.answer.chunk(chunk)
             if piece.cut is None:
                 return Reply(body=piece.body)
-            cost = await self._settle(self.answer.usage_so_far(), source="cut")
+            cost = await self._settle(piece.usage, source="cut")
             return Reply(body=piece.body, end_stream=True, metadata=self._metadata(cost))
         out = self.answer.last(chunk, self.reservation_id)
         cost = await self._settle_stream(ended=True)
