@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from ..policy.model import ModelSpec, StreamingSpec
+from ..stores.base import RunRefusal
 from .budget import Decision
 
 HISTORY_KEYS = 50_000  # (principal, model) pairs remembered; the least recently used go first
@@ -69,21 +70,27 @@ def expected_output(history: OutputHistory, streaming: StreamingSpec, spec: Mode
 
 @dataclass(frozen=True, slots=True)
 class Cut:
-    """The stream must end now. `reason`: budget_exhausted | run_deadline | run_closed;
-    `scope`: the budget that did not fit ("key:bob")."""
+    """The stream must end now. `reason`: budget_exhausted | run_deadline | run_closed |
+    run_expired | budget_store_unavailable; `scope`: the budget that did not fit ("key:bob")."""
 
     reason: str
     scope: str
 
 
-def cut_of(decision: Decision, blocked: int | None, *, closed: bool = False) -> Cut:
-    """Name what refused an extension (a line of the decision, or the run)."""
-    if closed:
-        return Cut("run_closed", f"run:{decision.run}" if decision.run else "run")
+def cut_of(decision: Decision, blocked: int | None, *, run_refusal: RunRefusal | None = None) -> Cut:
+    """Name what refused an extension: the run itself (closed, expired), else a line of the decision."""
+    if run_refusal is not None:
+        return Cut(run_refusal.value, f"run:{decision.run}" if decision.run else "run")
     if blocked is None or blocked >= len(decision.limits):
         return Cut("budget_exhausted", "")
     lim = decision.limits[blocked]
     return Cut("run_deadline" if lim.spec.dimension == "duration" else "budget_exhausted", lim.budget)
+
+
+def deadline_cut(decision: Decision) -> Cut:
+    """The cut of a stream whose run's wall-clock limit passed (seen without a store call)."""
+    line = next((i for i, lim in enumerate(decision.limits) if lim.spec.dimension == "duration"), None)
+    return cut_of(decision, line)
 
 
 @dataclass(frozen=True, slots=True)

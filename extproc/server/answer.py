@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine.calls import Plan
-from ..engine.growth import Cut, StreamGrowth, cut_of
+from ..engine.growth import Cut, StreamGrowth, cut_of, deadline_cut
 from ..engine.holds import CallHold
 from ..errors import StoreUnavailable, UpstreamError
 from ..money import nano_to_usd
@@ -104,7 +104,7 @@ class StreamedAnswer:
             return None
         now = self.clock()
         if growth.past_deadline(now):
-            return cut_of(self.hold.decision, _duration_line(self.hold), closed=False)
+            return deadline_cut(self.hold.decision)
         need = growth.need(self.reader.counted_output_tokens, chunk_tokens)
         if need is None and not growth.stale(now):
             return None
@@ -124,7 +124,7 @@ class StreamedAnswer:
             metrics.EXTENSIONS.labels("ok" if need is not None else "touch").inc()
             return None
         metrics.EXTENSIONS.labels("refused").inc()
-        return cut_of(self.hold.decision, result.blocked, closed=result.reason is not None)
+        return cut_of(self.hold.decision, result.blocked, run_refusal=result.reason)
 
     def _assembled(self, *, cut: bool = False, usage: Usage | None = None) -> bytes:
         """The JSON answer assembled from the stream; an error in the API's envelope when the
@@ -143,13 +143,6 @@ class StreamedAnswer:
             return self._assembled(cut=True, usage=usage)
         tail = self.reader.cut(reason=cut.reason, scope=cut.scope, usage=usage, include_usage=self.client_usage)
         return forwarded + (tail or b"")
-
-
-def _duration_line(hold: CallHold) -> int | None:
-    for i, lim in enumerate(hold.decision.limits):
-        if lim.spec.dimension == "duration":
-            return i
-    return None
 
 
 def open(

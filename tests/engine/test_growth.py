@@ -78,3 +78,15 @@ def test_a_long_stream_that_does_not_grow_is_due_a_touch_every_half_ttl() -> Non
     assert not g.stale(299_999) and g.stale(300_000)
     g.grew(4096, 300_000)  # a touch: the TTL pushed, nothing grown
     assert g.extensions == 0 and not g.stale(500_000) and g.stale(600_000)
+
+
+def test_a_refusal_by_the_run_names_why() -> None:
+    from extproc.engine.budget import Decision, Hold
+    from extproc.engine.growth import cut_of
+    from extproc.rules import Mode
+    from extproc.stores.base import RunRefusal
+
+    d = Decision(True, "id", Hold("t", "r"), (), (), None, (), None, {}, Mode.HARD_GATE, run="bob/r1")
+    assert cut_of(d, None, run_refusal=RunRefusal.EXPIRED).scope == "run:bob/r1"
+    assert cut_of(d, None, run_refusal=RunRefusal.EXPIRED).reason == "run_expired"
+    assert cut_of(d, None, run_refusal=RunRefusal.CLOSED).reason == "run_closed"
