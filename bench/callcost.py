@@ -6,7 +6,7 @@ protobuf out) with the four messages Envoy sends for a metered OpenAI chat call
 body), then waits for the background close, over a real store (SQLite by
 default, `--store redis://...` for Redis). Reports CPU µs per call: the whole
 process (event loop plus the store's thread) and the event-loop thread alone.
-gRPC's own transport (HTTP/2 framing, cygrpc) is not in it: the no-op
+gRPC's own transport (HTTP/2 framing, grpclib) is not in it: the no-op
 ext_proc's figures in results.md price that.
 
     python -m bench.callcost [--calls 2000] [--store redis://127.0.0.1:6379/0] [--cprofile]
@@ -81,22 +81,29 @@ def messages(i: int) -> list[ep.ProcessingRequest]:
     ]
 
 
-class _Context:
-    def invocation_metadata(self) -> tuple[()]:
-        return ()
+class _Stream:
+    """What `Process` uses of grpclib's server stream: the messages in (parsed from their wire bytes, as the
+    transport does), the replies out (serialised, as the transport does), no metadata."""
 
+    metadata = None
 
-async def _feed(msgs: list[ep.ProcessingRequest]) -> AsyncIterator[ep.ProcessingRequest]:
-    for m in msgs:
-        yield m
+    def __init__(self, wire: list[bytes]) -> None:
+        self.wire = wire
+        self.sent: list[ep.ProcessingResponse] = []
+
+    async def __aiter__(self) -> AsyncIterator[ep.ProcessingRequest]:
+        for w in self.wire:
+            yield ep.ProcessingRequest.FromString(w)
+
+    async def send_message(self, message: ep.ProcessingResponse) -> None:
+        message.SerializeToString()
+        self.sent.append(message)
 
 
 async def one_call(proc: ExternalProcessor, services: Services, i: int) -> list[ep.ProcessingResponse]:
-    # Envoy's bytes are parsed by grpc from the wire: count the parse too.
-    wire = [m.SerializeToString() for m in messages(i)]
-    out = [r async for r in proc.Process(_feed([ep.ProcessingRequest.FromString(w) for w in wire]), _Context())]  # type: ignore[arg-type]
-    for r in out:
-        r.SerializeToString()
+    stream = _Stream([m.SerializeToString() for m in messages(i)])
+    await proc.Process(stream)  # type: ignore[arg-type]
+    out = stream.sent
     if services.background:
         await asyncio.wait(list(services.background))
     return out

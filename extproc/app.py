@@ -15,10 +15,6 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc as azg
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
-
 from .engine.alerts import Alerter
 from .engine.budget import Engine
 from .policy.loader import PolicyHolder
@@ -26,6 +22,7 @@ from .server.admin import load_token, make_admin_app, make_metrics_app, start_ad
 from .server.callers import CallerGate
 from .server.ext_authz import Authorization
 from .server.ext_proc import ExternalProcessor
+from .server.grpc_server import DEFAULT_SOCKET_MODE, GrpcServer
 from .server.health import StoreHealth
 from .server.services import Services
 from .server.webhooks import aiohttp_post
@@ -82,21 +79,6 @@ async def _watch_policy(holder: PolicyHolder, interval: float) -> None:
             holder.reload()
 
 
-# The Unix socket's mode. gRPC creates it with the process umask (0755 by uid 10001), and
-# the pod's Envoy runs as another user (uid 101) with no group in common, so every call was
-# refused (503). 0666: the socket lives in the pod-private emptyDir that only this pod's
-# containers mount, so that directory is the access boundary. Narrower: give the pod a shared
-# fsGroup (the kubelet makes the emptyDir setgid, so the socket gets that group) and serve
-# with --socket-mode 0660.
-DEFAULT_SOCKET_MODE = 0o666
-
-
-def unix_socket_path(grpc_addr: str) -> str:
-    """The file of a gRPC unix: address (unix:path or unix:///abs/path)."""
-    path = grpc_addr.removeprefix("unix:")
-    return path[2:] if path.startswith("//") else path
-
-
 def _cost_rates(holder: PolicyHolder, store_url: str) -> CostRates | None:
     """Live cost rates of the policy's self-hosted backends (None when it has none)."""
     spec = holder.current.self_hosted
@@ -138,18 +120,10 @@ async def serve(
     rates = _cost_rates(holder, store_url)
     services = Services(holder, engine, rates=rates)
     services.alerts = Alerter(engine, services.spawn, post=aiohttp_post)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    epg.add_ExternalProcessorServicer_to_server(ExternalProcessor(services, callers), server)
-    azg.add_AuthorizationServicer_to_server(Authorization(services, callers), server)
     health = StoreHealth(engine.ping)  # no caller token: probes carry none (see server/health.py)
-    health.add_to(server)
+    server = GrpcServer([ExternalProcessor(services, callers), Authorization(services, callers)], always=[health])
     await health.start()
-    bound = server.add_insecure_port(grpc_addr)
-    if not grpc_addr.startswith("unix:") and bound == 0:
-        raise OSError(f"cannot bind gRPC address {grpc_addr}")
-    await server.start()
-    if grpc_addr.startswith("unix:"):
-        os.chmod(unix_socket_path(grpc_addr), DEFAULT_SOCKET_MODE if socket_mode is None else socket_mode)
+    await server.start(grpc_addr, socket_mode=DEFAULT_SOCKET_MODE if socket_mode is None else socket_mode)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -177,7 +151,7 @@ async def serve(
     # shutdown_grace seconds to finish before they are cancelled.
     log.info("stopping: %g s for the calls in flight", shutdown_grace)
     await health.stop()
-    await server.stop(grace=shutdown_grace)
+    await server.stop(shutdown_grace)
     for runner in (admin_runner, metrics_runner):
         if runner is not None:
             await runner.cleanup()

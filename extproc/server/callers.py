@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
 from ..errors import ConfigError
 from . import metrics
@@ -81,12 +82,12 @@ class CallerGate:
         self._refused(reason)
         return None
 
-    async def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
-        """Whether the call is authenticated; a refused call is aborted with UNAUTHENTICATED here."""
-        admitted = self.admit(context.invocation_metadata() or ())
+    def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
+        """Whether the call is authenticated; a refused call ends here with UNAUTHENTICATED."""
+        admitted = self.admit(metadata or ())
         if admitted is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong caller token ({CALLER_TOKEN_KEY})")
-        return bool(admitted)
+            raise GRPCError(Status.UNAUTHENTICATED, f"missing or wrong caller token ({CALLER_TOKEN_KEY})")
+        return admitted
 
     def _refused(self, reason: str) -> None:
         metrics.CALLERS_REFUSED.labels(reason).inc()

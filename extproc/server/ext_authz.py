@@ -9,14 +9,12 @@ a step cap or a run deadline is already spent. Nothing is reserved.
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
+import grpclib.const
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as az
-from envoy.service.auth.v3 import external_auth_pb2_grpc as azg
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
+from grpclib.server import Stream
 
 from .callers import CallerGate
 from .gate import Gate
@@ -25,13 +23,27 @@ from .services import Services
 _OK = status_pb2.Status(code=code_pb2.OK)
 
 
-class Authorization(azg.AuthorizationServicer):  # type: ignore[misc]  # generated servicer: no stubs
+class Authorization:
+    """`envoy.service.auth.v3.Authorization/Check` as a grpclib handler (see grpc_server.py)."""
+
     def __init__(self, services: Services, callers: CallerGate) -> None:
         self.services = services
         self.callers = callers
 
-    async def Check(self, request: az.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> az.CheckResponse:
-        authenticated = await self.callers.authenticate(context)
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return {
+            "/envoy.service.auth.v3.Authorization/Check": grpclib.const.Handler(
+                self._check, grpclib.const.Cardinality.UNARY_UNARY, az.CheckRequest, az.CheckResponse
+            )
+        }
+
+    async def _check(self, stream: Stream[az.CheckRequest, az.CheckResponse]) -> None:
+        authenticated = self.callers.authenticate(stream.metadata.items() if stream.metadata else None)
+        request = await stream.recv_message()
+        assert request is not None  # a unary call carries its request
+        await stream.send_message(await self.Check(request, authenticated))
+
+    async def Check(self, request: az.CheckRequest, authenticated: bool) -> az.CheckResponse:
         http = request.attributes.request.http
         headers = dict(http.headers)
         if http.header_map.headers:

@@ -26,13 +26,13 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, Protocol
 
-import grpc
+import grpclib.const
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
+from grpclib.server import Stream
 
 from .callers import CallerGate
 from .reply import Reply
@@ -206,18 +206,25 @@ async def exchange(session: Phases, request_iterator: AsyncIterator[ep.Processin
             return
 
 
-class ExternalProcessor(epg.ExternalProcessorServicer):  # type: ignore[misc]  # generated servicer: no stubs
+class ExternalProcessor:
+    """`envoy.service.ext_proc.v3.ExternalProcessor/Process` as a grpclib handler (see grpc_server.py)."""
+
     def __init__(self, services: Services, callers: CallerGate) -> None:
         self.services = services
         self.callers = callers
 
-    async def Process(
-        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[ep.ProcessingResponse]:
-        authenticated = await self.callers.authenticate(context)
+    async def Process(self, stream: Stream[ep.ProcessingRequest, ep.ProcessingResponse]) -> None:
+        authenticated = self.callers.authenticate(stream.metadata.items() if stream.metadata else None)
         session = Session(self.services, caller_authenticated=authenticated)
         try:
-            async for resp in exchange(session, request_iterator):
-                yield resp
+            async for resp in exchange(session, stream):
+                await stream.send_message(resp)
         finally:
             self.services.spawn(session.close())
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return {
+            "/envoy.service.ext_proc.v3.ExternalProcessor/Process": grpclib.const.Handler(
+                self.Process, grpclib.const.Cardinality.STREAM_STREAM, ep.ProcessingRequest, ep.ProcessingResponse
+            )
+        }

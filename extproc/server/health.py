@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+import grpclib.const
+from grpc_health.v1 import health_pb2
+from grpclib.exceptions import GRPCError
 
 log = logging.getLogger("extproc.health")
 
@@ -28,21 +30,28 @@ SERVICES = ("", "envoy.service.ext_proc.v3.ExternalProcessor", "envoy.service.au
 LIVENESS = "liveness"  # SERVING while the process serves gRPC at all, whatever the store says
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 class StoreHealth:
-    """The health servicer and the periodic probe that sets its status."""
+    """The health service (a grpclib handler: Check and Watch) and the periodic probe that sets its status."""
 
     def __init__(self, ping: Callable[[], Awaitable[None]], *, interval: float = 2.0, timeout: float = 1.0) -> None:
         self.ping = ping
         self.interval = interval
         self.timeout = timeout
-        self.servicer = health.aio.HealthServicer()
         self.serving: bool | None = None  # unknown until the first probe
+        self._status: dict[str, int] = {}
+        self._changed = asyncio.Event()  # set and replaced on every change: wakes the watchers
+        self._shutting_down = False
         self._task: asyncio.Task[None] | None = None
 
-    def add_to(self, server: grpc.aio.Server) -> None:
-        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+    def set(self, service: str, status: int) -> None:
+        if self._shutting_down or self._status.get(service) == status:
+            return
+        self._status[service] = status
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def probe(self) -> bool:
         """Ping the store once and publish the result; True when it answered in time."""
@@ -57,12 +66,12 @@ class StoreHealth:
             log.warning("store reachable again, health SERVING")
         self.serving = ok
         for name in SERVICES:
-            await self.servicer.set(name, SERVING if ok else NOT_SERVING)
+            self.set(name, SERVING if ok else NOT_SERVING)
         return ok
 
     async def start(self) -> None:
         """Probe once now (the server must not say SERVING before it knows), then every `interval`."""
-        await self.servicer.set(LIVENESS, SERVING)
+        self.set(LIVENESS, SERVING)
         await self.probe()
         self._task = asyncio.create_task(self._loop())
 
@@ -75,4 +84,34 @@ class StoreHealth:
         """Say NOT_SERVING to every watcher (graceful shutdown) and stop probing."""
         if self._task is not None:
             self._task.cancel()
-        await self.servicer.enter_graceful_shutdown()
+        for name in list(self._status):
+            self.set(name, NOT_SERVING)
+        self._shutting_down = True
+
+    # -- grpc.health.v1.Health ----------------------------------------------------
+
+    async def Check(self, stream: Any) -> None:
+        request = await stream.recv_message()
+        status = self._status.get(request.service)
+        if status is None:
+            raise GRPCError(grpclib.const.Status.NOT_FOUND, f"unknown service {request.service!r}")
+        await stream.send_message(health_pb2.HealthCheckResponse(status=status))
+
+    async def Watch(self, stream: Any) -> None:
+        request = await stream.recv_message()
+        last = None
+        while True:
+            changed = self._changed
+            status = self._status.get(request.service, SERVICE_UNKNOWN)
+            if status != last:
+                await stream.send_message(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            await changed.wait()
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        req, resp = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+        unary, streaming = grpclib.const.Cardinality.UNARY_UNARY, grpclib.const.Cardinality.UNARY_STREAM
+        return {
+            "/grpc.health.v1.Health/Check": grpclib.const.Handler(self.Check, unary, req, resp),
+            "/grpc.health.v1.Health/Watch": grpclib.const.Handler(self.Watch, streaming, req, resp),
+        }
