@@ -10,8 +10,9 @@ CommonResponse, so what this costs is the gRPC round trips and nothing else,
 except the one header every request needs to be routed at all: the shipped
 Envoy config routes only requests marked `x-extproc-route` (closed world), so
 the no-op marks each request on its headers, as extproc does.
-Runs on grpc.aio like extproc, with `grpc.so_reuseport` so several processes
-can share one TCP port.
+Runs on grpc.aio (the baseline issue 14 named), or with `--transport grpclib`
+on grpclib, the transport extproc serves on (server/grpc_server.py): the floor
+for the same transport. Both share one TCP port across processes (SO_REUSEPORT).
 
     python -m bench.noop_ext_proc --grpc 127.0.0.1:50052 [--workers 2]
 """
@@ -23,12 +24,16 @@ import asyncio
 import multiprocessing
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
+import grpclib.const
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
+
+from extproc.server.grpc_server import GrpcServer
 
 SSE_MODES = {
     "duplex": pm.ProcessingMode(
@@ -86,23 +91,46 @@ class NoopProcessor(epg.ExternalProcessorServicer):
             yield resp
 
 
-async def serve(addr: str, one_round_trip: bool = False, sse_mode: str = "duplex") -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    epg.add_ExternalProcessorServicer_to_server(NoopProcessor(one_round_trip, sse_mode), server)
-    if server.add_insecure_port(addr) == 0 and not addr.startswith("unix:"):
-        raise OSError(f"cannot bind {addr}")
-    await server.start()
+class NoopHandler:
+    """The same answers as a grpclib handler."""
+
+    def __init__(self, processor: NoopProcessor) -> None:
+        self.processor = processor
+
+    async def Process(self, stream: Any) -> None:
+        async for resp in self.processor.Process(stream, None):
+            await stream.send_message(resp)
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return {"/envoy.service.ext_proc.v3.ExternalProcessor/Process": grpclib.const.Handler(
+            self.Process, grpclib.const.Cardinality.STREAM_STREAM, ep.ProcessingRequest, ep.ProcessingResponse)}
+
+
+async def serve(addr: str, one_round_trip: bool = False, sse_mode: str = "duplex", transport: str = "grpcio") -> None:
+    processor = NoopProcessor(one_round_trip, sse_mode)
+    if transport == "grpclib":
+        lib = GrpcServer([NoopHandler(processor)], always=[])
+        await lib.start(addr, socket_mode=0o666)
+    else:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        epg.add_ExternalProcessorServicer_to_server(processor, server)
+        if server.add_insecure_port(addr) == 0 and not addr.startswith("unix:"):
+            raise OSError(f"cannot bind {addr}")
+        await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(f"noop ext_proc listening {addr}", flush=True)
     await stop.wait()
-    await server.stop(grace=1)
+    if transport == "grpclib":
+        await lib.stop(1)
+    else:
+        await server.stop(grace=1)
 
 
-def _run(addr: str, one_round_trip: bool = False, sse_mode: str = "duplex") -> None:
-    asyncio.run(serve(addr, one_round_trip, sse_mode))
+def _run(addr: str, one_round_trip: bool = False, sse_mode: str = "duplex", transport: str = "grpcio") -> None:
+    asyncio.run(serve(addr, one_round_trip, sse_mode, transport))
 
 
 def main() -> None:
@@ -111,14 +139,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="processes sharing the TCP port (SO_REUSEPORT)")
     ap.add_argument("--one-round-trip", action="store_true", help="skip every phase after the request headers")
     ap.add_argument("--sse-mode", choices=sorted(SSE_MODES), default="duplex", help="the body mode an SSE answer is switched to")
+    ap.add_argument("--transport", choices=["grpcio", "grpclib"], default="grpcio", help="the gRPC server library")
     a = ap.parse_args()
     if a.workers <= 1:
-        _run(a.grpc, a.one_round_trip, a.sse_mode)
+        _run(a.grpc, a.one_round_trip, a.sse_mode, a.transport)
         return
     if a.grpc.startswith("unix:"):
         raise SystemExit("--workers > 1 needs a TCP address (a Unix socket path cannot be shared)")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_run, args=(a.grpc, a.one_round_trip, a.sse_mode), daemon=True) for _ in range(a.workers)]
+    procs = [ctx.Process(target=_run, args=(a.grpc, a.one_round_trip, a.sse_mode, a.transport), daemon=True) for _ in range(a.workers)]
     for p in procs:
         p.start()
 
