@@ -202,8 +202,8 @@ async def exchange(session: Phases, request_iterator: AsyncIterator[ep.Processin
         else:  # other trailers: nothing to decide
             reply = Reply()
         yield to_proto(phase, reply)
-        if reply.immediate is not None:
-            return
+        if reply.immediate is not None or (phase == "response_body" and req.response_body.end_of_stream):
+            return  # a buffered response body is the last message Envoy sends: end the stream cleanly
 
 
 class ExternalProcessor:
