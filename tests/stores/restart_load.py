@@ -1,8 +1,8 @@
 """Load for the restart tests: concurrent reserve -> settle | release | (left open)
 through the Engine, reporting every settle that returned.
 
-Run as a child process (`python -m tests.stores.restart_load DB_PATH`) it drives
-an embedded store until it is killed, printing "settled <rid> <cost>" after each
+Run as a child process (`python -m tests.stores.restart_load STORE_URL`, sqlite:PATH or
+journal:DIR) it drives that store until it is killed, printing "settled <rid> <cost>" after each
 settle returns. The Redis restart test imports `run_load` and drives it in-process.
 """
 
@@ -76,10 +76,10 @@ async def run_load(
     await asyncio.gather(*(worker(w) for w in range(tasks)))
 
 
-async def _child(db: str) -> None:
-    from extproc.stores.embedded import EmbeddedStore
+async def _child(url: str) -> None:
+    from extproc.app import open_store
 
-    engine = Engine(EmbeddedStore(db))
+    engine = Engine(open_store(url))
 
     def report(rid: str, cost: int) -> None:
         sys.stdout.write(f"settled {rid} {cost}\n")
