@@ -144,6 +144,7 @@ class JournalStore:
         self._kv_exp: dict[str, int] = {}
         self._events: dict[str, list[tuple[int, int]]] = {}
         self._live: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # reserved: (expires_at, record)
+        self._parsed: dict[tuple[str, str], list[Line]] = {}  # a live record's lines, parsed (a cache, not state)
         self._closed: dict[tuple[str, str], tuple[str, int, str]] = {}  # settled/released/expired: (state, forget_at, json)
         self._refused: dict[tuple[str, str], tuple[str, int, str]] = {}  # refused: ("refused", forget_at, json)
         self._runs: dict[tuple[str, str], Run] = {}
@@ -314,10 +315,19 @@ class JournalStore:
 
     def _a_live(self, op: list[Any]) -> None:
         self._live[(op[1], op[2])] = (op[3], op[4])
+        self._parsed.pop((op[1], op[2]), None)
+
+    def _lines(self, tag: str, rid: str, data: dict[str, Any]) -> list[Line]:
+        """A live reservation's lines: as reserve / extend left them, else parsed from its record."""
+        lines = self._parsed.get((tag, rid))
+        if lines is None:
+            lines = self._parsed[(tag, rid)] = [line_from_wire(d) for d in data["lines"]]
+        return lines
 
     def _a_closed(self, op: list[Any]) -> None:
         key = (op[1], op[2])
         self._live.pop(key, None)
+        self._parsed.pop(key, None)
         memory = self._refused if op[3] == "refused" else self._closed
         memory.pop(key, None)  # re-inserted last: each memory stays in (about) expiry order
         memory[key] = (op[3], op[4], op[5])
@@ -325,6 +335,7 @@ class JournalStore:
     def _a_drop(self, op: list[Any]) -> None:
         key = (op[1], op[2])
         self._live.pop(key, None)
+        self._parsed.pop(key, None)
         self._closed.pop(key, None)
         self._refused.pop(key, None)
 
@@ -363,8 +374,10 @@ class JournalStore:
     # -- counters ------------------------------------------------------------------
 
     def _add(self, k: str, delta: int) -> None:
+        """`_do(["k", k, v + delta])`, inlined: the hot path's commonest effect."""
         if delta:
-            self._do(["k", k, self._kv.get(k, 0) + delta])
+            v = self._kv[k] = self._kv.get(k, 0) + delta
+            self._ops.append(["k", k, v])
 
     def _read_states(self, tag: str, lines: Sequence[Line], now_ms: int) -> tuple[list[LineState], list[int | None]]:
         """Every line's state (after trimming rolling windows), and the first reservation (ms)
@@ -561,6 +574,7 @@ class JournalStore:
             run=None if run is None else [run.key, run.owner, run.ttl_ms, run.max_active, run.memory_ms],
         )
         self._do(["l", tag, rid, now_ms + ttl_ms, record])
+        self._parsed[(tag, rid)] = list(lines)
         return res
 
     def _close(
@@ -572,7 +586,7 @@ class JournalStore:
         state, data = found
         if state != Outcome.RESERVED.value:
             return SettleResult(Outcome(state), data.get("charged", {}), replayed=True)
-        lines = [line_from_wire(d) for d in data["lines"]]
+        lines = self._lines(tag, rid, data)
         reserved = data.get("estimate") or normalize_usage(data["meta"].get("estimate") or usage_of_lines(lines))
         if outcome is Outcome.EXPIRED:
             charged = dict(reserved)
@@ -612,7 +626,7 @@ class JournalStore:
             self._resv(tag, rid, now_ms)  # forgets a closed record past its memory, as the embedded store does
             return ExtendResult(False, False, ())
         data = live[1]
-        lines = [line_from_wire(d) for d in data["lines"]]
+        lines = self._lines(tag, rid, data)
         run, reason = data.get("run"), None
         if run is not None:
             row = self._runs.get((tag, run[0]))
@@ -654,6 +668,7 @@ class JournalStore:
         for dim, d in delta.items():
             estimate[dim] = estimate.get(dim, 0) + d
         self._do(["l", tag, rid, now_ms + ttl_ms, {**data, "lines": [line_to_wire(l) for l in grown], "estimate": estimate}])
+        self._parsed[(tag, rid)] = grown
         return ExtendResult(True, True, tuple(after), None, None, deadline)
 
     def _expire(self, now_ms: int, limit: int) -> int:
