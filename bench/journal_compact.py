@@ -24,6 +24,8 @@ from typing import Any
 from extproc.stores.base import Kind, Line, RunRef
 from extproc.stores.journal import JournalStore
 
+from .hostile import _max_stall_ms
+
 NOW = 1_700_000_000_000
 
 
@@ -56,27 +58,17 @@ async def measure(calls: int, runs: int) -> dict[str, Any]:
         rss = _rss_mb() - rss0
         journal_bytes = store._jbytes
 
-        gaps: list[float] = []
-        done = asyncio.Event()
+        copy_ms = 0.0
 
-        async def ticker() -> None:
-            last = time.perf_counter()
-            while not done.is_set():
+        async def compact() -> None:
+            nonlocal copy_ms
+            t0 = time.perf_counter()
+            store._compact()
+            copy_ms = (time.perf_counter() - t0) * 1000
+            while store._compacting:
                 await asyncio.sleep(0.001)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
 
-        tick = asyncio.create_task(ticker())
-        await asyncio.sleep(0.01)
-        t0 = time.perf_counter()
-        store._compact()
-        copy_ms = (time.perf_counter() - t0) * 1000
-        while store._compacting:
-            await asyncio.sleep(0.001)
-        write_ms = (time.perf_counter() - t0) * 1000
-        done.set()
-        await tick
+        worst_gap_ms, write_ms = await _max_stall_ms(compact)
         snap_mb = max(path.glob("snapshot-*.log")).stat().st_size / 2**20
         await store.close()
 
@@ -87,7 +79,7 @@ async def measure(calls: int, runs: int) -> dict[str, Any]:
     return {
         "calls": calls, "runs": runs, "journal_mb": round(journal_bytes / 2**20, 1),
         "rss_bytes_per_call": round(rss * 2**20 / calls), "copy_on_loop_ms": round(copy_ms, 1),
-        "worst_loop_gap_ms": round(max(gaps) * 1000, 1), "snapshot_ms": round(write_ms), "snapshot_mb": round(snap_mb, 1),
+        "worst_loop_gap_ms": round(worst_gap_ms, 1), "snapshot_ms": round(write_ms), "snapshot_mb": round(snap_mb, 1),
         "reopen_ms": round(open_ms),
     }  # fmt: skip
 
