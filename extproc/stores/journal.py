@@ -3,8 +3,9 @@
 Single process only. State lives in Python dicts; each operation is one
 synchronous piece of Python on the event loop (no await between reading and
 writing), so a reservation is atomic by construction, and no thread hop is
-paid on the hot path. The semantics are the embedded store's, line for line
-(the contract suite in tests/stores runs on both).
+paid on the hot path. The semantics are the embedded store's: both decide
+with `local.py` over the same kv keys (the contract suite in tests/stores runs
+on both).
 
 Durability is the embedded store's (SQLite WAL, synchronous=NORMAL): every
 operation's effects are handed to the OS with one write() before it returns,
@@ -52,14 +53,12 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
 from ..errors import StoreUnavailable
-from ..rules import blocks, over, rolling_need
 from . import _json as json
 from .base import (
     CLOSED_MEMORY_MS,
@@ -69,7 +68,6 @@ from .base import (
     LedgerEntry,
     Line,
     LineState,
-    Mode,
     Outcome,
     ReserveResult,
     RunRef,
@@ -79,12 +77,28 @@ from .base import (
     Window,
     chain_json,
     extension_delta,
-    normalize_usage,
     own_line_keys,
     run_state_of,
-    usage_of_lines,
 )
-from .embedded import _earliest_deadline, _entry, _replay_reserve, _result_json
+from .local import (
+    LEDGER_COLUMNS,
+    charges,
+    closable,
+    closed_records,
+    decide,
+    earliest_deadline,
+    extended,
+    extension_blocked,
+    line_states,
+    read_ledger,
+    read_ledger_page,
+    replay_reserve,
+    reservation_record,
+    result_json,
+    retry_after,
+    taken,
+    trim_ledger,
+)
 from .wire import (
     CREDIT,
     EVENTS,
@@ -97,7 +111,6 @@ from .wire import (
     RUN_KEY_KINDS,
     SPENT,
     line_from_wire,
-    line_to_wire,
 )
 
 log = logging.getLogger("extproc.store")
@@ -117,11 +130,10 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE INDEX IF NOT EXISTS ledger_closed ON ledger (closed_at);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
 """
-_LEDGER_COLUMNS = "seq, tag, rid, outcome, reserved_at, closed_at, data"
 
 # A run's record: (owner, state, created_at, seen_at, expires_at, purge_at, own line keys, chain json).
 Run = tuple[str, str, int, int, int, int, list[str], str]
-Ledgered = tuple[int, str, str, str, int, int, str]  # a ledger row, in _LEDGER_COLUMNS order
+Ledgered = tuple[int, str, str, str, int, int, str]  # a ledger row, in LEDGER_COLUMNS order
 
 
 class JournalStore:
@@ -215,13 +227,17 @@ class JournalStore:
                 os.truncate(self._journal(g), good)
         for p in self.path.glob("*.tmp"):
             p.unlink()
-        for g in self._gens("snapshot"):
-            if g < gen:
-                self._snapshot(g).unlink()
+        self._drop_before(gen)
+        return max([gen, *journals]) or 1
+
+    def _drop_before(self, gen: int) -> None:
+        """Delete the journals and snapshots that snapshot `gen` replaces."""
         for g in self._gens("journal"):
             if g < gen:
                 self._journal(g).unlink()
-        return max([gen, *journals]) or 1
+        for g in self._gens("snapshot"):
+            if g < gen:
+                self._snapshot(g).unlink()
 
     def _replay_file(self, path: Path) -> tuple[int, int, bool]:
         """Apply the records of every whole line of `path`, one line at a time: its size, the
@@ -392,32 +408,10 @@ class JournalStore:
     def _read_states(self, tag: str, lines: Sequence[Line], now_ms: int) -> tuple[list[LineState], list[int | None]]:
         """Every line's state (after trimming rolling windows), and the first reservation (ms)
         of each duration line (None before it and on other lines)."""
-        kv = self._kv
-        out: list[LineState] = []
-        firsts: list[int | None] = []
         for line in lines:
-            k = line.key
             if line.window is Window.ROLLING and line.kind is Kind.COUNTER:
                 self._trim(tag, line, now_ms)
-            override = kv.get(f"{tag}|{LIMIT}|{k}")
-            limit = (line.limit if override is None else override) + kv.get(f"{tag}|{CREDIT}|{k}", 0)
-            if line.run:
-                low = kv.get(f"{tag}|{LOWERED}|{k}")
-                if low is not None and low < limit:
-                    limit = low
-                if line.lower is not None and line.lower < limit:
-                    limit = line.lower
-            if line.kind is Kind.DURATION:
-                t0 = kv.get(f"{tag}|{FIRST}|{k}")
-                firsts.append(t0)
-                out.append(LineState(k, limit, 0 if t0 is None else (now_ms - t0) // 1000, 0))
-                continue
-            firsts.append(None)
-            spent = 0
-            if line.kind is Kind.COUNTER:
-                spent = kv.get(f"{tag}|{ROLLING_SUM}|{k}" if line.window is Window.ROLLING else f"{tag}|{SPENT}|{k}|{line.period}", 0)
-            out.append(LineState(k, limit, spent, kv.get(f"{tag}|{RESERVED}|{k}", 0)))
-        return out, firsts
+        return line_states(tag, lines, self._kv, now_ms)
 
     def _trim(self, tag: str, line: Line, now_ms: int) -> None:
         """Drop rolling charges that left the window (ts <= now - window) from the running sum."""
@@ -431,19 +425,7 @@ class JournalStore:
         self._add(f"{tag}|{ROLLING_SUM}|{line.key}", -gone)
 
     def _retry_after(self, tag: str, line: Line, st: LineState, now_ms: int) -> int | None:
-        if line.kind is Kind.CONCURRENCY:
-            return 1000 if line.amount <= st.limit else None
-        if line.kind is not Kind.COUNTER or line.window is not Window.ROLLING:
-            return None
-        need = rolling_need(line, st)
-        if need > st.spent:
-            return None  # frees only when reservations close, or never
-        freed = 0
-        for ts, amount in self._events.get(f"{tag}|{EVENTS}|{line.key}", ()):
-            freed += amount
-            if freed >= need:
-                return max(1, ts + line.window_ms - now_ms)
-        return None
+        return retry_after(line, st, now_ms, lambda: self._events.get(f"{tag}|{EVENTS}|{line.key}", ()))
 
     # -- runs --------------------------------------------------------------------
 
@@ -534,55 +516,31 @@ class JournalStore:
         return rec[0], data
 
     def _evaluate(self, tag: str, rid: str, lines: Sequence[Line], now_ms: int, run: RunRef | None) -> ReserveResult:
-        reason, retry, active = self._run_check(tag, run, now_ms) if run is not None else (None, None, None)
+        checked = self._run_check(tag, run, now_ms) if run is not None else (None, None, None)
         states, firsts = self._read_states(tag, lines, now_ms)
-        blocked: int | None = None
-        warned: list[int] = []
-        for i, (line, st) in enumerate(zip(lines, states, strict=True)):
-            if line.mode is Mode.ADVISORY:
-                if over(line, st):
-                    warned.append(i)
-            elif blocked is None and blocks(line, st):
-                blocked = i
-        if reason is not None:
-            blocked = None
-        elif blocked is not None:
-            retry = self._retry_after(tag, lines[blocked], states[blocked], now_ms)
-        ok = reason is None and blocked is None
-        deadline = _earliest_deadline(lines, states, firsts, now_ms)
-        return ReserveResult(ok, rid, tuple(states), blocked, tuple(warned), retry, False, reason, active, deadline)
+        return decide(rid, lines, states, firsts, now_ms, checked, lambda i: self._retry_after(tag, lines[i], states[i], now_ms))
 
     def _reserve(
         self, tag: str, rid: str, lines: Sequence[Line], now_ms: int, ttl_ms: int, meta: dict[str, Any], run: RunRef | None
     ) -> ReserveResult:
         prior = self._resv(tag, rid, now_ms)
         if prior is not None:
-            return _replay_reserve(rid, prior[1])
+            return replay_reserve(rid, prior[1])
         res = self._evaluate(tag, rid, lines, now_ms, run)
         if run is not None and res.reason is None:
             self._touch_run(tag, run, lines, now_ms)
         if not res.ok:
-            self._do(["c", tag, rid, "refused", now_ms + REFUSAL_MEMORY_MS, json.dumps(_result_json(res))])
+            self._do(["c", tag, rid, "refused", now_ms + REFUSAL_MEMORY_MS, json.dumps(result_json(res))])
             return res
-        after = []
-        for line, st in zip(lines, res.states, strict=True):
+        for line in lines:
             if line.kind is Kind.DURATION:
                 k = f"{tag}|{FIRST}|{line.key}"
                 if k not in self._kv:
                     self._do(["k", k, now_ms])
-                after.append(st)
             else:
                 self._add(f"{tag}|{RESERVED}|{line.key}", line.amount)
-                after.append(LineState(st.key, st.limit, st.spent, st.reserved + line.amount))
-        res = ReserveResult(True, rid, tuple(after), None, res.warned, deadline_ms=res.deadline_ms)
-        record = _result_json(res)
-        record.update(
-            lines=[line_to_wire(l) for l in lines],
-            meta=meta,
-            estimate=normalize_usage(meta.get("estimate") or usage_of_lines(lines)),
-            created_at=now_ms,
-            run=None if run is None else [run.key, run.owner, run.ttl_ms, run.max_active, run.memory_ms],
-        )
+        res = taken(res, lines)
+        record = reservation_record(res, lines, meta, now_ms, run)
         self._do(["l", tag, rid, now_ms + ttl_ms, record])
         self._parsed[(tag, rid)] = list(lines)
         return res
@@ -590,20 +548,11 @@ class JournalStore:
     def _close(
         self, tag: str, rid: str, outcome: Outcome, usage: Mapping[str, int] | None, now_ms: int, extra_meta: Mapping[str, Any] | None
     ) -> SettleResult:
-        found = self._resv(tag, rid, now_ms)
-        if found is None or found[0] == "refused":
-            return SettleResult(Outcome.RELEASED, {}, found=False)
-        state, data = found
-        if state != Outcome.RESERVED.value:
-            return SettleResult(Outcome(state), data.get("charged", {}), replayed=True)
+        data = closable(self._resv(tag, rid, now_ms))
+        if isinstance(data, SettleResult):
+            return data
         lines = self._lines(tag, rid, data)
-        reserved = data.get("estimate") or normalize_usage(data["meta"].get("estimate") or usage_of_lines(lines))
-        if outcome is Outcome.EXPIRED:
-            charged = dict(reserved)
-        elif outcome is Outcome.RELEASED:
-            charged = {}
-        else:
-            charged = normalize_usage(usage or {})
+        reserved, charged = charges(data, lines, outcome, usage)
         for line in lines:
             if line.kind is Kind.DURATION:
                 continue
@@ -620,14 +569,9 @@ class JournalStore:
                 if line.window is Window.CALENDAR and line.period_ttl_s > 0 and sk not in self._kv_exp:
                     # kept from the bucket's first charge: that already outlives the period by one more period
                     self._do(["x", sk, now_ms + line.period_ttl_s * 1000])
-        meta = dict(data["meta"])
-        if extra_meta:
-            meta.update(extra_meta)
-        closed = {k: data.get(k) for k in ("ok", "blocked", "retry_after_ms", "warned", "states", "deadline_ms")}
-        closed.update(charged=charged, closed_at=now_ms)
-        self._do(["c", tag, rid, outcome.value, now_ms + CLOSED_MEMORY_MS, json.dumps(closed)])
-        entry = {"reserved": reserved, "charged": charged, "meta": meta, "lines": [l.key for l in lines]}
-        self._do(["L", self._seq, tag, rid, outcome.value, data["created_at"], now_ms, json.dumps(entry)])
+        closed, entry = closed_records(data, lines, reserved, charged, now_ms, extra_meta)
+        self._do(["c", tag, rid, outcome.value, now_ms + CLOSED_MEMORY_MS, closed])
+        self._do(["L", self._seq, tag, rid, outcome.value, data["created_at"], now_ms, entry])
         return SettleResult(outcome, charged)
 
     def _extend(self, tag: str, rid: str, delta: Mapping[str, int], now_ms: int, ttl_ms: int) -> ExtendResult:
@@ -647,37 +591,19 @@ class JournalStore:
             elif row[4] <= now_ms:
                 reason = RunRefusal.EXPIRED
         states, firsts = self._read_states(tag, lines, now_ms)
-        blocked = None
-        if reason is None:
-            for i, (line, st) in enumerate(zip(lines, states, strict=True)):
-                if line.kind is Kind.COUNTER and line.dimension in delta:
-                    probe = replace(line, amount=delta[line.dimension], headroom=0)
-                elif line.kind is Kind.DURATION:
-                    probe = replace(line, amount=0)
-                else:
-                    continue
-                if blocks(probe, st):
-                    blocked = i
-                    break
+        blocked = extension_blocked(lines, states, delta) if reason is None else None
         if run is not None and reason is None:
             r = self._runs[(tag, run[0])]
             exp = now_ms + run[2]
             self._put_run(tag, run[0], (r[0], r[1], r[2], now_ms, exp, exp + run[4], r[6], r[7]))
-        deadline = _earliest_deadline(lines, states, firsts, now_ms)
+        deadline = earliest_deadline(lines, states, firsts, now_ms)
         if reason is not None or blocked is not None:
             return ExtendResult(False, True, tuple(states), blocked, reason, deadline)
-        grown, after = [], []
-        for line, st in zip(lines, states, strict=True):
-            d = delta.get(line.dimension, 0) if line.kind is Kind.COUNTER else 0
-            if d:
-                self._add(f"{tag}|{RESERVED}|{line.key}", d)
-                line, st = replace(line, amount=line.amount + d), replace(st, reserved=st.reserved + d)
-            grown.append(line)
-            after.append(st)
-        estimate = dict(data.get("estimate") or {})
-        for dim, d in delta.items():
-            estimate[dim] = estimate.get(dim, 0) + d
-        self._do(["l", tag, rid, now_ms + ttl_ms, {**data, "lines": [line_to_wire(l) for l in grown], "estimate": estimate}])
+        grown, after, record = extended(data, lines, states, delta)
+        for line in lines:
+            if line.kind is Kind.COUNTER:
+                self._add(f"{tag}|{RESERVED}|{line.key}", delta.get(line.dimension, 0))
+        self._do(["l", tag, rid, now_ms + ttl_ms, record])
         self._parsed[(tag, rid)] = grown
         return ExtendResult(True, True, tuple(after), None, None, deadline)
 
@@ -815,7 +741,7 @@ class JournalStore:
             return
         try:
             self._db.execute("BEGIN")
-            self._db.executemany(f"INSERT OR IGNORE INTO ledger ({_LEDGER_COLUMNS}) VALUES (?,?,?,?,?,?,?)", batch)
+            self._db.executemany(f"INSERT OR IGNORE INTO ledger ({LEDGER_COLUMNS}) VALUES (?,?,?,?,?,?,?)", batch)
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('through', MAX(?, COALESCE((SELECT v FROM meta WHERE k='through'), 0)))",
                              (batch[-1][0],))  # fmt: skip
             self._db.execute("COMMIT")
@@ -848,29 +774,18 @@ class JournalStore:
         return await asyncio.wrap_future(self._pool.submit(go))
 
     async def ledger(self, *, since_ms: int = 0, limit: int | None = None, tag: str | None = None) -> list[LedgerEntry]:
-        sql = f"SELECT {_LEDGER_COLUMNS} FROM ledger WHERE closed_at>=?"
-        args: list[Any] = [since_ms]
-        if tag is not None:
-            sql += " AND tag=?"
-            args.append(tag)
-        sql += " ORDER BY closed_at, seq LIMIT ?"
-        args.append(-1 if limit is None else limit)
-        rows = await self._ledger_io(lambda: self._db.execute(sql, args).fetchall())
-        return [_entry(*row) for row in rows]
+        return await self._ledger_io(lambda: read_ledger(self._db, since_ms, limit, tag))
 
     async def ledger_page(
         self, *, since_ms: int = 0, after: str | None = None, limit: int = 1000
     ) -> tuple[list[LedgerEntry], str | None]:
         """Up to `limit` entries closed at or after `since_ms`, in append order, after the
         cursor `after`; and the cursor of the next page (None at the end)."""
-        sql = f"SELECT {_LEDGER_COLUMNS} FROM ledger WHERE seq>? AND closed_at>=? ORDER BY seq LIMIT ?"
-        rows = await self._ledger_io(lambda: self._db.execute(sql, (int(after or 0), since_ms, limit)).fetchall())
-        return [_entry(*row) for row in rows], (str(rows[-1][0]) if len(rows) == limit else None)
+        return await self._ledger_io(lambda: read_ledger_page(self._db, since_ms, after, limit))
 
     async def trim_ledger(self, *, before_ms: int, limit: int = 10_000) -> int:
         """Drop up to `limit` of the oldest entries closed before `before_ms` (the retention)."""
-        sql = "DELETE FROM ledger WHERE seq IN (SELECT seq FROM ledger WHERE closed_at<? ORDER BY seq LIMIT ?)"
-        return await self._ledger_io(lambda: self._db.execute(sql, (before_ms, limit)).rowcount)
+        return await self._ledger_io(lambda: trim_ledger(self._db, before_ms, limit))
 
     # -- compaction ----------------------------------------------------------------
 
@@ -945,12 +860,7 @@ class JournalStore:
         os.replace(tmp, self._snapshot(gen))
         _fsync_dir(self.path)
         os.close(old_fd)
-        for g in self._gens("journal"):
-            if g < gen:
-                self._journal(g).unlink()
-        for g in self._gens("snapshot"):
-            if g < gen:
-                self._snapshot(g).unlink()
+        self._drop_before(gen)
 
     # -- health and shutdown --------------------------------------------------------
 
