@@ -46,6 +46,7 @@ import asyncio
 import bisect
 import contextlib
 import fcntl
+import heapq
 import logging
 import os
 import sqlite3
@@ -54,7 +55,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -115,6 +116,7 @@ from .wire import (
 
 log = logging.getLogger("extproc.store")
 T = TypeVar("T")
+K = TypeVar("K")
 
 COMPACT_BYTES = 64 << 20  # a journal this long is compacted into a snapshot
 FSYNC_INTERVAL_S = 1.0  # the journal is fsynced at most this long after a write (and on close)
@@ -134,6 +136,41 @@ CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT
 # A run's record: (owner, state, created_at, seen_at, expires_at, purge_at, own line keys, chain json).
 Run = tuple[str, str, int, int, int, int, list[str], str]
 Ledgered = tuple[int, str, str, str, int, int, str]  # a ledger row, in LEDGER_COLUMNS order
+
+
+class _Schedule(Generic[K]):
+    """When each key is next due: a heap with one live entry per key, which housekeeping pops
+    instead of scanning every record. A record whose due time moved later keeps its entry; the
+    entry is checked against the record when it comes up and put back for the new time."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, K]] = []
+        self._at: dict[K, int] = {}  # the time of each key's live entry
+
+    def add(self, key: K, at: int) -> None:
+        """`key` is due at `at` (or at its earlier entry, checked then)."""
+        cur = self._at.get(key)
+        if cur is None or at < cur:
+            self._at[key] = at
+            heapq.heappush(self._heap, (at, key))
+
+    def due(self, now_ms: int, when: Callable[[K], int | None], limit: int | None = None) -> list[K]:
+        """Up to `limit` keys due by `now_ms`, earliest first; `when(key)` is the record's due time
+        now (None: the record is gone). A key due later is put back, not returned."""
+        out: list[K] = []
+        while self._heap and self._heap[0][0] <= now_ms and (limit is None or len(out) < limit):
+            at, key = heapq.heappop(self._heap)
+            if self._at.get(key) != at:
+                continue  # a stale entry: the key has an earlier one
+            del self._at[key]
+            cur = when(key)
+            if cur is None:
+                continue
+            if cur > now_ms:
+                self.add(key, cur)
+            else:
+                out.append(key)
+        return out
 
 
 class JournalStore:
@@ -163,6 +200,10 @@ class JournalStore:
         self._by_owner: dict[tuple[str, str], set[str]] = {}  # (tag, owner) -> run keys
         self._leases: dict[str, tuple[str, int]] = {}
         self._alerts: dict[str, int] = {}
+        # derived indexes (not state): when calendar buckets, runs and alert markers are due
+        self._exp_due: _Schedule[str] = _Schedule()
+        self._purge_due: _Schedule[tuple[str, str]] = _Schedule()
+        self._alert_due: _Schedule[str] = _Schedule()
         self._seq = 1  # the next ledger entry's seq
         self._pending: list[Ledgered] = []  # ledger entries not yet handed to ledger.db
         self._through = 0  # ledger.db holds every entry up to this seq
@@ -319,6 +360,7 @@ class JournalStore:
             self._kv_exp.pop(op[1], None)
         else:
             self._kv_exp[op[1]] = op[2]
+            self._exp_due.add(op[1], op[2])
 
     def _a_event(self, op: list[Any]) -> None:
         evs = self._events.setdefault(op[1], [])
@@ -368,6 +410,7 @@ class JournalStore:
     def _a_run(self, op: list[Any]) -> None:
         tag, key, row = op[1], op[2], tuple(op[3:])
         self._runs[(tag, key)] = row
+        self._purge_due.add((tag, key), row[5])
         self._by_owner.setdefault((tag, row[0]), set()).add(key)
 
     def _a_unrun(self, op: list[Any]) -> None:
@@ -393,6 +436,7 @@ class JournalStore:
 
     def _a_alert(self, op: list[Any]) -> None:
         self._alerts[op[1]] = op[2]
+        self._alert_due.add(op[1], op[2])
 
     def _a_unalert(self, op: list[Any]) -> None:
         self._alerts.pop(op[1], None)
@@ -483,9 +527,13 @@ class JournalStore:
                 if cur is None or line.lower < cur:
                     self._do(["k", k, line.lower])
 
+    def _purge_at(self, key: tuple[str, str]) -> int | None:
+        row = self._runs.get(key)
+        return None if row is None else row[5]
+
     def _purge_runs(self, now_ms: int, limit: int) -> None:
-        due = [(tag, key, row) for (tag, key), row in self._runs.items() if row[5] <= now_ms][:limit]
-        for tag, key, row in due:
+        for tag, key in self._purge_due.due(now_ms, self._purge_at, limit):
+            row = self._runs[(tag, key)]
             keys = row[6]
             if any(self._kv.get(f"{tag}|{RESERVED}|{k}") for k in keys):
                 self._put_run(tag, key, (*row[:5], now_ms + PURGE_RETRY_MS, *row[6:]))
@@ -619,11 +667,11 @@ class JournalStore:
                 gone.append(key)
             for tag, rid in gone:
                 self._do(["d", tag, rid])
-        for k in [k for k, at in self._kv_exp.items() if at <= now_ms]:
+        for k in self._exp_due.due(now_ms, self._kv_exp.get):
             if k in self._kv:
                 self._do(["k", k, None])
             self._do(["x", k, None])
-        for k in [k for k, until in self._alerts.items() if until <= now_ms]:
+        for k in self._alert_due.due(now_ms, self._alerts.get):
             self._do(["A", k])
         self._purge_runs(now_ms, limit)
         return len(due)
