@@ -27,7 +27,9 @@ operations, so replaying them does not run the rules: a change of the rules'
 code cannot change what a journal replays to. A torn last line (a crash in the
 middle of a write) fails its checksum or has no newline and is cut off.
 
-Compaction: once the journal passes `compact_bytes`, a new journal starts, the
+Compaction: once the journal passes `compact_bytes` and twice the last
+snapshot's size (so writing snapshots costs at most about half as much as
+writing the journal, however large the state grows), a new journal starts, the
 state is copied (shallowly: records are immutable) on the loop, and the store's
 thread writes the snapshot (temporary file, fsync, rename) and deletes the
 older files. Opening loads the newest snapshot and replays every journal from
@@ -118,7 +120,7 @@ log = logging.getLogger("extproc.store")
 T = TypeVar("T")
 K = TypeVar("K")
 
-COMPACT_BYTES = 64 << 20  # a journal this long is compacted into a snapshot
+COMPACT_BYTES = 64 << 20  # a journal this long (and twice the last snapshot) is compacted into a snapshot
 FSYNC_INTERVAL_S = 1.0  # the journal is fsynced at most this long after a write (and on close)
 LEDGER_BATCH = 512  # ledger entries appended to ledger.db in one transaction
 _AFTER = 1 << 63  # sorts after every amount: (ts, _AFTER) follows every charge at ts
@@ -218,6 +220,7 @@ class JournalStore:
         self._closed_store = False
         self._compacting = False
         self._jbytes = 0
+        self._compact_at = compact_bytes  # max(compact_bytes, 2 x the last snapshot): set by _compacted, _recover
         self._last_fsync = time.monotonic()
         self._background: list[Future[Any]] = []
         try:
@@ -259,6 +262,7 @@ class JournalStore:
             size, good, ended = self._replay_file(self._snapshot(gen))
             if good != size or not ended:
                 raise ValueError(f"snapshot {self._snapshot(gen).name} is incomplete")
+            self._compact_at = max(self._compact_bytes, 2 * size)
         journals = [g for g in self._gens("journal") if g >= gen]
         for g in journals:
             size, good, _ = self._replay_file(self._journal(g))
@@ -336,7 +340,7 @@ class JournalStore:
         if now - self._last_fsync >= self._fsync_interval:
             self._last_fsync = now
             self._background.append(self._pool.submit(self._fsync, self._fd))
-        if self._jbytes >= self._compact_bytes and not self._compacting:
+        if self._jbytes >= self._compact_at and not self._compacting:
             self._compact()
         if len(self._background) > 64:
             self._background = [f for f in self._background if not f.done()]
@@ -855,10 +859,12 @@ class JournalStore:
         fut.add_done_callback(self._compacted)
         self._background.append(fut)
 
-    def _compacted(self, fut: Future[None]) -> None:
-        self._compacting = False
+    def _compacted(self, fut: Future[int]) -> None:
         if (e := fut.exception()) is not None:
             log.error("journal store %s: compaction failed (the journal keeps growing): %s", self.path, e)
+        else:
+            self._compact_at = max(self._compact_bytes, 2 * fut.result())
+        self._compacting = False
 
     def _state_copy(self) -> tuple[Any, ...]:
         """Everything a snapshot holds, copied shallowly (records are replaced, never changed in place)."""
@@ -889,8 +895,11 @@ class JournalStore:
         for k, until in alerts.items():
             yield ["a", k, until]
 
-    def _write_snapshot(self, gen: int, state: tuple[Any, ...], old_fd: int, pending: list[Ledgered]) -> None:
-        """On the thread: flush the ledger, write snapshot `gen` (tmp, fsync, rename), drop older files."""
+    def _write_snapshot(self, gen: int, state: tuple[Any, ...], old_fd: int, pending: list[Ledgered]) -> int:
+        """On the thread: close the old journal, flush the ledger, write snapshot `gen` (tmp, fsync,
+        rename), drop older files. Returns the snapshot's size."""
+        self._fsync(old_fd)
+        os.close(old_fd)
         self._flush_ledger(pending)
         tmp = self._snapshot(gen).with_suffix(".tmp")
         with open(tmp, "wb") as f:
@@ -907,8 +916,8 @@ class JournalStore:
             os.fsync(f.fileno())
         os.replace(tmp, self._snapshot(gen))
         _fsync_dir(self.path)
-        os.close(old_fd)
         self._drop_before(gen)
+        return self._snapshot(gen).stat().st_size
 
     # -- health and shutdown --------------------------------------------------------
 
