@@ -78,8 +78,11 @@ async def run_load(
 
 async def _child(url: str) -> None:
     from extproc.app import open_store
+    from extproc.stores import parse_url
+    from extproc.stores.journal import JournalStore
 
-    engine = Engine(open_store(url))
+    kind, path = parse_url(url)  # the journal store compacts every 64 KiB: the kill may land in a compaction
+    engine = Engine(JournalStore(path, compact_bytes=1 << 16) if kind == "journal" else open_store(url))
 
     def report(rid: str, cost: int) -> None:
         sys.stdout.write(f"settled {rid} {cost}\n")
