@@ -290,19 +290,22 @@ class JournalStore:
         after the last newline are a torn write (a crash in the middle of it: orjson writes no
         raw newline, so only the end of a record can be missing); a whole line with a bad
         checksum is damage, an error."""
-        data = path.read_bytes()
         pos, ended = 0, False
-        while (end := data.find(b"\n", pos)) >= 0:
-            payload = data[pos + 9 : end]
-            if end - pos < 10 or data[pos + 8 : pos + 9] != b" " or data[pos : pos + 8] != b"%08x" % zlib.crc32(payload):
-                raise ValueError(f"{path.name} is damaged at byte {pos} (a record fails its checksum)")
-            ops = orjson.loads(payload)
-            ended = ops == [["end"]]
-            if not ended:
-                for op in ops:
-                    self._apply[op[0]](op)
-            pos = end + 1
-        return len(data), pos, ended
+        with open(path, "rb") as f:  # line by line: a journal can be larger than the memory to spare
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                payload = line[9:-1]
+                if len(line) < 11 or line[8:9] != b" " or line[:8] != b"%08x" % zlib.crc32(payload):
+                    raise ValueError(f"{path.name} is damaged at byte {pos} (a record fails its checksum)")
+                ops = orjson.loads(payload)
+                ended = ops == [["end"]]
+                if not ended:
+                    for op in ops:
+                        self._apply[op[0]](op)
+                pos += len(line)
+            size = os.fstat(f.fileno()).st_size
+        return size, pos, ended
 
     # -- recording effects -------------------------------------------------------
 
