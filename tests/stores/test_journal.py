@@ -175,3 +175,20 @@ def test_serve_refuses_several_workers_on_a_journal_store(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "keeps its counters in one process: it cannot serve --workers 2" in err, err
     assert not (tmp_path / "j").exists()  # refused before anything opened the store
+
+
+async def test_a_write_is_fsynced_after_the_interval_even_if_none_follows(tmp_path):
+    store = JournalStore(tmp_path / "j", fsync_interval_s=0.05)
+    synced: list[int] = []
+    store._fsync = synced.append  # records the fsyncs (run on the store's thread)
+    try:
+        assert (await take(store, "t", "r", [cost("c", 100, 1)])).ok
+        assert synced == []
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if synced:
+                break
+        await asyncio.wrap_future(store._pool.submit(int))
+        assert synced == [store._fd]
+    finally:
+        await store.close()
