@@ -235,6 +235,10 @@ class JournalStore:
             raise StoreUnavailable(f"journal store {self.path}: {e}") from e
         try:
             self._db = sqlite3.connect(self.path / "ledger.db", isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            os.close(self._lock_fd)
+            raise StoreUnavailable(f"journal store {self.path}/ledger.db: {e}") from e
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_LEDGER_SCHEMA)
@@ -244,6 +248,7 @@ class JournalStore:
             self._fd = os.open(self._journal(self._gen), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._jbytes = os.fstat(self._fd).st_size
         except (OSError, sqlite3.Error, ValueError) as e:
+            self._db.close()
             os.close(self._lock_fd)
             raise StoreUnavailable(f"journal store {self.path}: {e}") from e
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extproc-journal")
