@@ -4,12 +4,13 @@ Drives `ExternalProcessor.Process` (the real servicer: protobuf in, Session,
 protobuf out) with the four messages Envoy sends for a metered OpenAI chat call
 (request headers, buffered request body, response headers, buffered response
 body), then waits for the background close, over a real store (SQLite by
-default, `--store redis://...` for Redis). Reports CPU µs per call: the whole
+default, `--store journal:` for the journal store, `--store redis://...` for
+Redis; `sqlite:` / `journal:` with no path take a fresh temporary one). Reports CPU µs per call: the whole
 process (event loop plus the store's thread) and the event-loop thread alone.
 gRPC's own transport (HTTP/2 framing, grpclib) is not in it: the no-op
 ext_proc's figures in results.md price that.
 
-    python -m bench.callcost [--calls 2000] [--store redis://127.0.0.1:6379/0] [--cprofile]
+    python -m bench.callcost [--calls 2000] [--store journal: | redis://127.0.0.1:6379/0] [--cprofile]
 
 For an instruction count that does not depend on what else runs on the
 machine, run it under callgrind twice and subtract (start-up cancels out):
@@ -112,7 +113,9 @@ async def one_call(proc: ExternalProcessor, services: Services, i: int) -> list[
 async def measure(store_url: str, calls: int, warmup: int, profile: cProfile.Profile | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         policy = write_policy(Path(tmp) / "policy.yaml")
-        url = store_url or f"sqlite:{tmp}/callcost.db"
+        url = store_url or "sqlite:"
+        if url in ("sqlite:", "journal:"):  # a fresh store: ids of an earlier run would replay
+            url += f"{tmp}/callcost.db" if url == "sqlite:" else f"{tmp}/callcost"
         store = open_store(url)
         services = Services(PolicyHolder.from_file(policy), Engine(store))
         proc = ExternalProcessor(services, CallerGate(None, True))
@@ -142,7 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--store", default="", help="a store URL (default: SQLite in a temporary directory)")
+    ap.add_argument("--store", default="", help="a store URL (default: SQLite in a temporary directory; journal: for the journal store)")
     ap.add_argument("--cprofile", action="store_true", help="profile the measured calls (slower; shares, not absolute times)")
     ap.add_argument("--top", type=int, default=30)
     a = ap.parse_args()

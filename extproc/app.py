@@ -42,6 +42,10 @@ def open_store(url: str) -> Store:
         from .stores.embedded import EmbeddedStore
 
         return EmbeddedStore(target)
+    if kind == "journal":
+        from .stores.journal import JournalStore
+
+        return JournalStore(target)
     from .stores.redis_store import RedisStore
 
     return RedisStore(target, cluster=kind == "cluster")

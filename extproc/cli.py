@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -44,8 +45,17 @@ def _serve_one(
 
 def _check_serve_settings(args: argparse.Namespace) -> None:
     """Refuse to start (once, before any worker) on unsafe or unreadable settings."""
+    from .errors import ConfigError
     from .server.admin import load_token
     from .server.callers import CallerGate
+    from .stores import parse_url
+
+    with contextlib.suppress(ValueError):  # an unknown URL is refused when the store opens
+        if args.workers > 1 and parse_url(args.store)[0] == "journal":
+            raise ConfigError(
+                f"--store {args.store} keeps its counters in one process: it cannot serve --workers {args.workers} "
+                "(use --workers 1, or sqlite:PATH / redis:// for several worker processes)"
+            )
 
     CallerGate.configure(args.grpc, args.caller_token_file, allow_unauthenticated=args.allow_unauthenticated_callers)
     if args.admin:
@@ -256,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the ext_proc gRPC service")
     s.add_argument("--policy", required=True, help="policy YAML file")
-    s.add_argument("--store", default=DEFAULT_STORE, help="sqlite:PATH (default %(default)s), redis://HOST:PORT, redis+cluster://HOST:PORT")
+    s.add_argument("--store", default=DEFAULT_STORE,
+                   help="sqlite:PATH (default %(default)s), journal:DIR (one process), redis://HOST:PORT, redis+cluster://HOST:PORT")
     s.add_argument("--grpc", default="127.0.0.1:50051", help="host:port or unix:/path (default %(default)s)")
     s.add_argument("--socket-mode", type=_octal_mode, default=None,
                    help="file mode of a unix: --grpc socket, octal (default 0666: the pod-private emptyDir is the "

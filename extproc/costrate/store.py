@@ -3,12 +3,12 @@
 Kept apart from ``extproc.stores`` (whose interface is budgets and the ledger):
 a rate is a last-writer-wins value plus a sampler lease, nothing atomic across
 keys. Open one with ``open_rate_publisher(url)`` using the same URL as the
-budget store (``sqlite:PATH``, ``redis://…``, ``redis+cluster://…``).
+budget store (``sqlite:PATH``, ``journal:DIR``, ``redis://…``, ``redis+cluster://…``).
 
 Layout. Redis: ``extproc:costrate:{<backend>}`` holds the rate as JSON (Decimals
 as strings); ``extproc:costrate:{<backend>}:lease`` holds the sampling owner with
 a TTL. SQLite: table ``cost_rates(backend PRIMARY KEY, data, owner, lease_until)``
-in the store's file.
+in the store's file (``cost_rates.db`` in a journal store's directory).
 """
 
 from __future__ import annotations
@@ -137,4 +137,7 @@ def open_rate_publisher(url: str) -> RedisRatePublisher | SQLiteRatePublisher:
     kind, target = parse_url(url)
     if kind == "sqlite":
         return SQLiteRatePublisher(target)
+    if kind == "journal":  # the journal store's files are its own: the rates get a SQLite file beside them
+        Path(target).mkdir(parents=True, exist_ok=True)
+        return SQLiteRatePublisher(Path(target) / "cost_rates.db")
     return RedisRatePublisher(target, cluster=kind == "cluster")

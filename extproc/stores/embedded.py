@@ -19,8 +19,9 @@ request. WAL checkpoints (which fsync) run on the thread too, every
 CHECKPOINT_EVERY writes, never inside an inline commit.
 
 The refusal rules are `extproc.rules` (the Redis scripts run the same rules,
-held to them by shared vectors); line wire format and key kinds are
-`wire.py`; the contract suite (tests/stores) holds both stores to the same
+held to them by shared vectors); line states, the decision on them and the
+records a reservation leaves are `local.py` (shared with the journal store);
+line wire format and key kinds are `wire.py`; the contract suite (tests/stores) holds both stores to the same
 behaviour. Key layout of the `kv` table, per budget tree `tag` and line key `K`:
 
     tag|lim|K  admin limit override     tag|cr|K   admin credits
@@ -36,12 +37,10 @@ import contextlib
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import StoreUnavailable
-from ..rules import blocks, deadline_ms, over, rolling_need
 from . import _json as json
 from .base import (
     CLOSED_MEMORY_MS,
@@ -51,7 +50,6 @@ from .base import (
     LedgerEntry,
     Line,
     LineState,
-    Mode,
     Outcome,
     ReserveResult,
     RunRef,
@@ -61,10 +59,27 @@ from .base import (
     Window,
     chain_json,
     extension_delta,
-    normalize_usage,
     own_line_keys,
     run_state_of,
-    usage_of_lines,
+)
+from .local import (
+    charges,
+    closable,
+    closed_records,
+    decide,
+    earliest_deadline,
+    extended,
+    extension_blocked,
+    line_states,
+    read_ledger,
+    read_ledger_page,
+    replay_reserve,
+    reservation_record,
+    result_json,
+    retry_after,
+    state_keys,
+    taken,
+    trim_ledger,
 )
 from .wire import (
     CREDIT,
@@ -78,7 +93,6 @@ from .wire import (
     RUN_KEY_KINDS,
     SPENT,
     line_from_wire,
-    line_to_wire,
 )
 
 _SCHEMA = """
@@ -236,44 +250,14 @@ class EmbeddedStore:
         """`_states`, and the first reservation (ms) of each duration line (None before it and on other lines)."""
         keys: list[str] = []
         for line in lines:
-            k = line.key
             if line.window is Window.ROLLING and line.kind is Kind.COUNTER:
                 self._trim(tag, line, now_ms)
-            keys += (f"{tag}|{LIMIT}|{k}", f"{tag}|{CREDIT}|{k}")
-            if line.run:
-                keys.append(f"{tag}|{LOWERED}|{k}")
-            if line.kind is Kind.DURATION:
-                keys.append(f"{tag}|{FIRST}|{k}")
-                continue
-            keys.append(f"{tag}|{RESERVED}|{k}")
-            if line.kind is Kind.COUNTER:
-                keys.append(f"{tag}|{ROLLING_SUM}|{k}" if line.window is Window.ROLLING else f"{tag}|{SPENT}|{k}|{line.period}")
+            keys += state_keys(tag, line)
         got: dict[str, int] = {}
         for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
             chunk = keys[i : i + 500]
             got.update(self._db.execute(f"SELECT k, v FROM kv WHERE k IN ({','.join('?' * len(chunk))})", chunk).fetchall())
-        out: list[LineState] = []
-        firsts: list[int | None] = []
-        for line in lines:
-            k = line.key
-            t0 = got.get(f"{tag}|{FIRST}|{k}") if line.kind is Kind.DURATION else None
-            firsts.append(t0)
-            override = got.get(f"{tag}|{LIMIT}|{k}")
-            limit = (line.limit if override is None else override) + got.get(f"{tag}|{CREDIT}|{k}", 0)
-            if line.run:
-                low = got.get(f"{tag}|{LOWERED}|{k}")
-                if low is not None and low < limit:
-                    limit = low
-                if line.lower is not None and line.lower < limit:
-                    limit = line.lower
-            if line.kind is Kind.DURATION:
-                out.append(LineState(k, limit, 0 if t0 is None else (now_ms - t0) // 1000, 0))
-                continue
-            spent = 0
-            if line.kind is Kind.COUNTER:
-                spent = got.get(f"{tag}|{ROLLING_SUM}|{k}" if line.window is Window.ROLLING else f"{tag}|{SPENT}|{k}|{line.period}", 0)
-            out.append(LineState(k, limit, spent, got.get(f"{tag}|{RESERVED}|{k}", 0)))
-        return out, firsts
+        return line_states(tag, lines, got, now_ms)
 
     def _trim(self, tag: str, line: Line, now_ms: int) -> None:
         """Drop rolling charges that left the window (ts <= now - window) from the running sum."""
@@ -285,19 +269,8 @@ class EmbeddedStore:
             self._add(f"{tag}|{ROLLING_SUM}|{line.key}", -gone)
 
     def _retry_after(self, tag: str, line: Line, st: LineState, now_ms: int) -> int | None:
-        if line.kind is Kind.CONCURRENCY:
-            return 1000 if line.amount <= st.limit else None
-        if line.kind is not Kind.COUNTER or line.window is not Window.ROLLING:
-            return None
-        need = rolling_need(line, st)
-        if need > st.spent:
-            return None  # frees only when reservations close, or never
-        freed = 0
-        for ts, amount in self._db.execute("SELECT ts, amount FROM events WHERE k=? ORDER BY ts", (f"{tag}|{EVENTS}|{line.key}",)):
-            freed += amount
-            if freed >= need:
-                return max(1, int(ts) + line.window_ms - now_ms)
-        return None
+        sql = "SELECT ts, amount FROM events WHERE k=? ORDER BY ts"
+        return retry_after(line, st, now_ms, lambda: self._db.execute(sql, (f"{tag}|{EVENTS}|{line.key}",)))
 
     # -- runs --------------------------------------------------------------------
 
@@ -388,80 +361,47 @@ class EmbeddedStore:
     def _evaluate(
         self, tag: str, rid: str, lines: Sequence[Line], now_ms: int, run: RunRef | None
     ) -> ReserveResult:
-        reason, retry, active = self._run_check(tag, run, now_ms) if run is not None else (None, None, None)
+        checked = self._run_check(tag, run, now_ms) if run is not None else (None, None, None)
         states, firsts = self._read_states(tag, lines, now_ms)
-        blocked: int | None = None
-        warned: list[int] = []
-        for i, (line, st) in enumerate(zip(lines, states, strict=True)):
-            if line.mode is Mode.ADVISORY:
-                if over(line, st):
-                    warned.append(i)
-            elif blocked is None and blocks(line, st):
-                blocked = i
-        if reason is not None:
-            blocked = None
-        elif blocked is not None:
-            retry = self._retry_after(tag, lines[blocked], states[blocked], now_ms)
-        ok = reason is None and blocked is None
-        deadline = _earliest_deadline(lines, states, firsts, now_ms)
-        return ReserveResult(ok, rid, tuple(states), blocked, tuple(warned), retry, False, reason, active, deadline)
+        return decide(rid, lines, states, firsts, now_ms, checked, lambda i: self._retry_after(tag, lines[i], states[i], now_ms))
 
     def _reserve(
         self, tag: str, rid: str, lines: Sequence[Line], now_ms: int, ttl_ms: int, meta: Mapping[str, Any], run: RunRef | None
     ) -> ReserveResult:
         prior = self._resv(tag, rid, now_ms)
         if prior is not None:
-            return _replay_reserve(rid, prior[1])
+            return replay_reserve(rid, prior[1])
         res = self._evaluate(tag, rid, lines, now_ms, run)
         if run is not None and res.reason is None:
             self._touch_run(tag, run, lines, now_ms)
         if not res.ok:
             self._db.execute(
                 "INSERT OR REPLACE INTO resv VALUES (?,?,?,?,?,?)",
-                (tag, rid, "refused", now_ms, now_ms + REFUSAL_MEMORY_MS, json.dumps(_result_json(res))),
+                (tag, rid, "refused", now_ms, now_ms + REFUSAL_MEMORY_MS, json.dumps(result_json(res))),
             )
             return res
-        after, deltas = [], []
-        for line, st in zip(lines, res.states, strict=True):
+        deltas = []
+        for line in lines:
             if line.kind is Kind.DURATION:
                 self._db.execute("INSERT OR IGNORE INTO kv (k, v) VALUES (?, ?)", (f"{tag}|{FIRST}|{line.key}", now_ms))
-                after.append(st)
             else:
                 deltas.append((f"{tag}|{RESERVED}|{line.key}", line.amount))
-                after.append(LineState(st.key, st.limit, st.spent, st.reserved + line.amount))
         self._add_many(deltas)
-        res = ReserveResult(True, rid, tuple(after), None, res.warned, deadline_ms=res.deadline_ms)
-        record = _result_json(res)
-        record.update(
-            lines=[line_to_wire(l) for l in lines],
-            meta=dict(meta),
-            estimate=normalize_usage(meta.get("estimate") or usage_of_lines(lines)),
-            created_at=now_ms,
-            run=None if run is None else [run.key, run.owner, run.ttl_ms, run.max_active, run.memory_ms],
-        )
+        res = taken(res, lines)
         self._db.execute(
             "INSERT OR REPLACE INTO resv VALUES (?,?,?,?,?,?)",
-            (tag, rid, Outcome.RESERVED.value, now_ms, now_ms + ttl_ms, json.dumps(record)),
+            (tag, rid, Outcome.RESERVED.value, now_ms, now_ms + ttl_ms, json.dumps(reservation_record(res, lines, meta, now_ms, run))),
         )
         return res
 
     def _close(
         self, tag: str, rid: str, outcome: Outcome, usage: Mapping[str, int] | None, now_ms: int, extra_meta: Mapping[str, Any] | None
     ) -> SettleResult:
-        found = self._resv(tag, rid, now_ms)
-        if found is None or found[0] == "refused":
-            return SettleResult(Outcome.RELEASED, {}, found=False)
-        state, data = found
-        if state != Outcome.RESERVED.value:
-            return SettleResult(Outcome(state), data.get("charged", {}), replayed=True)
+        data = closable(self._resv(tag, rid, now_ms))
+        if isinstance(data, SettleResult):
+            return data
         lines = [line_from_wire(d) for d in data["lines"]]
-        reserved = data.get("estimate") or normalize_usage(data["meta"].get("estimate") or usage_of_lines(lines))
-        if outcome is Outcome.EXPIRED:
-            charged = dict(reserved)
-        elif outcome is Outcome.RELEASED:
-            charged = {}
-        else:
-            charged = normalize_usage(usage or {})
+        reserved, charged = charges(data, lines, outcome, usage)
         deltas = []
         for line in lines:
             if line.kind is Kind.DURATION:
@@ -480,19 +420,14 @@ class EmbeddedStore:
                     # kept from the bucket's first charge: that already outlives the period by one more period
                     self._db.execute("INSERT OR IGNORE INTO kv_exp VALUES (?, ?)", (sk, now_ms + line.period_ttl_s * 1000))
         self._add_many(deltas)
-        meta = dict(data["meta"])
-        if extra_meta:
-            meta.update(extra_meta)
-        closed = {k: data.get(k) for k in ("ok", "blocked", "retry_after_ms", "warned", "states", "deadline_ms")}
-        closed.update(charged=charged, closed_at=now_ms)
+        closed, entry = closed_records(data, lines, reserved, charged, now_ms, extra_meta)
         self._db.execute(
             "UPDATE resv SET state=?, expires_at=?, data=? WHERE tag=? AND rid=?",
-            (outcome.value, now_ms + CLOSED_MEMORY_MS, json.dumps(closed), tag, rid),
+            (outcome.value, now_ms + CLOSED_MEMORY_MS, closed, tag, rid),
         )
-        entry = {"reserved": reserved, "charged": charged, "meta": meta, "lines": [l.key for l in lines]}
         self._db.execute(
             "INSERT INTO ledger (tag, rid, outcome, reserved_at, closed_at, data) VALUES (?,?,?,?,?,?)",
-            (tag, rid, outcome.value, data["created_at"], now_ms, json.dumps(entry)),
+            (tag, rid, outcome.value, data["created_at"], now_ms, entry),
         )
         return SettleResult(outcome, charged)
 
@@ -512,40 +447,18 @@ class EmbeddedStore:
             elif row[1] <= now_ms:
                 reason = RunRefusal.EXPIRED
         states, firsts = self._read_states(tag, lines, now_ms)
-        blocked = None
-        if reason is None:
-            for i, (line, st) in enumerate(zip(lines, states, strict=True)):
-                if line.kind is Kind.COUNTER and line.dimension in delta:
-                    probe = replace(line, amount=delta[line.dimension], headroom=0)
-                elif line.kind is Kind.DURATION:
-                    probe = replace(line, amount=0)
-                else:
-                    continue
-                if blocks(probe, st):
-                    blocked = i
-                    break
+        blocked = extension_blocked(lines, states, delta) if reason is None else None
         if run is not None and reason is None:
             exp = now_ms + run[2]
             self._db.execute(
                 "UPDATE runs SET seen_at=?, expires_at=?, purge_at=? WHERE tag=? AND key=?",
                 (now_ms, exp, exp + run[4], tag, run[0]),
             )
-        deadline = _earliest_deadline(lines, states, firsts, now_ms)
+        deadline = earliest_deadline(lines, states, firsts, now_ms)
         if reason is not None or blocked is not None:
             return ExtendResult(False, True, tuple(states), blocked, reason, deadline)
-        grown, after, deltas = [], [], []
-        for line, st in zip(lines, states, strict=True):
-            d = delta.get(line.dimension, 0) if line.kind is Kind.COUNTER else 0
-            if d:
-                deltas.append((f"{tag}|{RESERVED}|{line.key}", d))
-                line, st = replace(line, amount=line.amount + d), replace(st, reserved=st.reserved + d)
-            grown.append(line)
-            after.append(st)
-        self._add_many(deltas)
-        estimate = dict(data.get("estimate") or {})
-        for dim, d in delta.items():
-            estimate[dim] = estimate.get(dim, 0) + d
-        data.update(lines=[line_to_wire(l) for l in grown], estimate=estimate)
+        _, after, data = extended(data, lines, states, delta)
+        self._add_many([(f"{tag}|{RESERVED}|{line.key}", delta.get(line.dimension, 0)) for line in lines if line.kind is Kind.COUNTER])
         self._db.execute(
             "UPDATE resv SET expires_at=?, data=? WHERE tag=? AND rid=?", (now_ms + ttl_ms, json.dumps(data), tag, rid)
         )
@@ -640,35 +553,18 @@ class EmbeddedStore:
         return await self._write(go)
 
     async def ledger(self, *, since_ms: int = 0, limit: int | None = None, tag: str | None = None) -> list[LedgerEntry]:
-        sql = "SELECT seq, tag, rid, outcome, reserved_at, closed_at, data FROM ledger WHERE closed_at>=?"
-        args: list[Any] = [since_ms]
-        if tag is not None:
-            sql += " AND tag=?"
-            args.append(tag)
-        sql += " ORDER BY closed_at, seq LIMIT ?"
-        args.append(-1 if limit is None else limit)
-        rows = await self._read(lambda: self._db.execute(sql, args).fetchall())
-        return [_entry(*row) for row in rows]
+        return await self._read(lambda: read_ledger(self._db, since_ms, limit, tag))
 
     async def ledger_page(
         self, *, since_ms: int = 0, after: str | None = None, limit: int = 1000
     ) -> tuple[list[LedgerEntry], str | None]:
         """Up to `limit` entries closed at or after `since_ms`, in append order, after the
         cursor `after`; and the cursor of the next page (None at the end)."""
-        sql = "SELECT seq, tag, rid, outcome, reserved_at, closed_at, data FROM ledger WHERE seq>? AND closed_at>=? ORDER BY seq LIMIT ?"
-        rows = await self._read(lambda: self._db.execute(sql, (int(after or 0), since_ms, limit)).fetchall())
-        return [_entry(*row) for row in rows], (str(rows[-1][0]) if len(rows) == limit else None)
+        return await self._read(lambda: read_ledger_page(self._db, since_ms, after, limit))
 
     async def trim_ledger(self, *, before_ms: int, limit: int = 10_000) -> int:
         """Drop up to `limit` of the oldest entries closed before `before_ms` (the retention)."""
-
-        def go() -> int:
-            cur = self._db.execute(
-                "DELETE FROM ledger WHERE seq IN (SELECT seq FROM ledger WHERE closed_at<? ORDER BY seq LIMIT ?)", (before_ms, limit)
-            )
-            return cur.rowcount
-
-        return await self._write(go, bulk=True)
+        return await self._write(lambda: trim_ledger(self._db, before_ms, limit), bulk=True)
 
     async def lead(self, name: str, owner: str, *, now_ms: int, ttl_ms: int) -> bool:
         """Take or renew the lease `name` for `owner` until now + ttl; False while another owner holds it."""
@@ -698,43 +594,3 @@ class EmbeddedStore:
     async def close(self) -> None:
         await self._read(self._db.close)
         self._pool.shutdown(wait=True)
-
-
-def _entry(seq: int, tag: str, rid: str, outcome: str, reserved_at: int, closed_at: int, data: str) -> LedgerEntry:
-    d = json.loads(data)
-    return LedgerEntry(
-        str(seq), tag, rid, Outcome(outcome), d["reserved"], d["charged"], d["meta"], reserved_at, closed_at, tuple(d["lines"])
-    )
-
-def _result_json(r: ReserveResult) -> dict[str, Any]:
-    return {
-        "ok": r.ok,
-        "blocked": r.blocked,
-        "retry_after_ms": r.retry_after_ms,
-        "warned": list(r.warned),
-        "reason": None if r.reason is None else r.reason.value,
-        "active_runs": r.active_runs,
-        "states": [[s.key, s.limit, s.spent, s.reserved] for s in r.states],
-        "deadline_ms": r.deadline_ms,
-    }
-
-
-def _replay_reserve(rid: str, rec: dict[str, Any]) -> ReserveResult:
-    reason = rec.get("reason")
-    return ReserveResult(
-        rec["ok"],
-        rid,
-        tuple(LineState(*s) for s in rec["states"]),
-        rec.get("blocked"),
-        tuple(rec.get("warned", ())),
-        rec.get("retry_after_ms"),
-        replayed=True,
-        reason=None if reason is None else RunRefusal(reason),
-        active_runs=rec.get("active_runs"),
-        deadline_ms=rec.get("deadline_ms"),
-    )
-
-
-def _earliest_deadline(lines: Sequence[Line], states: Sequence[LineState], firsts: Sequence[int | None], now_ms: int) -> int | None:
-    found = [d for line, st, t0 in zip(lines, states, firsts, strict=True) if (d := deadline_ms(line, st.limit, t0, now_ms)) is not None]
-    return min(found, default=None)

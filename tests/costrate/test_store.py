@@ -125,7 +125,10 @@ async def test_unreachable_redis_is_store_unavailable():
         await p.close()
 
 
-def test_store_urls():
+async def test_store_urls(tmp_path):
     assert isinstance(open_rate_publisher("redis://127.0.0.1:1/0"), RedisRatePublisher)
+    beside = open_rate_publisher(f"journal:{tmp_path}/j")  # a journal store's directory: a file of its own
+    assert isinstance(beside, SQLiteRatePublisher) and (tmp_path / "j" / "cost_rates.db").exists()
+    await beside.close()
     with pytest.raises(ValueError, match="unknown store URL"):
         open_rate_publisher("memcached://x")

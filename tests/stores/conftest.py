@@ -1,4 +1,4 @@
-"""Every test in tests/stores runs against every store: embedded, Redis, Redis Cluster."""
+"""Every test in tests/stores runs against every store: embedded, journal, Redis, Redis Cluster."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from extproc.stores.embedded import EmbeddedStore
+from extproc.stores.journal import JournalStore
 from extproc.stores.redis_store import RedisStore
 from tests.support.redis_server import RedisCluster, RedisServer, with_redis
 
@@ -26,11 +27,13 @@ def redis_cluster():
     cluster.stop()
 
 
-@pytest.fixture(params=with_redis("embedded"))
+@pytest.fixture(params=["journal", *with_redis("embedded")])
 async def store(request, tmp_path):
     kind = request.param
     if kind == "embedded":
         s = EmbeddedStore(tmp_path / "budget.db")
+    elif kind == "journal":
+        s = JournalStore(tmp_path / "journal")
     elif kind == "redis":
         server = request.getfixturevalue("redis_server")
         _flush([server.port])

@@ -1,8 +1,8 @@
 """Load for the restart tests: concurrent reserve -> settle | release | (left open)
 through the Engine, reporting every settle that returned.
 
-Run as a child process (`python -m tests.stores.restart_load DB_PATH`) it drives
-an embedded store until it is killed, printing "settled <rid> <cost>" after each
+Run as a child process (`python -m tests.stores.restart_load STORE_URL`, sqlite:PATH or
+journal:DIR) it drives that store until it is killed, printing "settled <rid> <cost>" after each
 settle returns. The Redis restart test imports `run_load` and drives it in-process.
 """
 
@@ -76,10 +76,13 @@ async def run_load(
     await asyncio.gather(*(worker(w) for w in range(tasks)))
 
 
-async def _child(db: str) -> None:
-    from extproc.stores.embedded import EmbeddedStore
+async def _child(url: str) -> None:
+    from extproc.app import open_store
+    from extproc.stores import parse_url
+    from extproc.stores.journal import JournalStore
 
-    engine = Engine(EmbeddedStore(db))
+    kind, path = parse_url(url)  # the journal store compacts every 64 KiB: the kill may land in a compaction
+    engine = Engine(JournalStore(path, compact_bytes=1 << 16) if kind == "journal" else open_store(url))
 
     def report(rid: str, cost: int) -> None:
         sys.stdout.write(f"settled {rid} {cost}\n")

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from extproc.stores.base import Kind, Line, Mode, Outcome, Window, normalize_usage
 from extproc.stores.embedded import EmbeddedStore
+from extproc.stores.journal import JournalStore
 from extproc.stores.redis_store import RedisStore
 from tests.support.redis_server import with_redis
 
@@ -74,11 +75,13 @@ programs = st.lists(st.lists(op, min_size=1, max_size=10), min_size=2, max_size=
 limits = st.lists(st.integers(0, 250), min_size=len(BASE), max_size=len(BASE))
 
 
-@pytest.fixture(params=with_redis("embedded"))
+@pytest.fixture(params=["journal", *with_redis("embedded")])
 def open_store(request):
     kind = request.param
     if kind == "embedded":
         return lambda: EmbeddedStore(Path(tempfile.mkdtemp(prefix="prop-")) / "budget.db")
+    if kind == "journal":
+        return lambda: JournalStore(Path(tempfile.mkdtemp(prefix="prop-")) / "journal")
     if kind == "redis":
         server = request.getfixturevalue("redis_server")
         ports, url, cluster = [server.port], server.url, False
