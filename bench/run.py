@@ -70,7 +70,7 @@ class Spec:
     label: str
     kind: str  # direct | envoy | litellm
     filter: str | None = None  # None | noop | noop-1rt | noop-grpclib | extproc
-    store: str = "sqlite"  # sqlite | redis (extproc only)
+    store: str = "sqlite"  # sqlite | redis | journal (extproc only)
     transport: str = "tcp"  # tcp | uds (the Envoy -> ext_proc hop)
     workers: int = 1
     ablation: bool = False
@@ -349,9 +349,7 @@ class Bench:
             if spec.filter == "extproc":
                 if spec.store == "redis":
                     self.start_redis()
-                    store_url = self.redis_url
-                else:
-                    store_url = f"sqlite:{self.workdir / (spec.id + '.db')}"
+                store_url = self.store_url(spec)
             else:
                 store_url = ""
             addrs = self.start_filter(spec, procs, store_url)
@@ -461,12 +459,18 @@ class Bench:
             self.log(f"  {name:8s} p50 {w['p50_ms']:7.2f} ms  p99 {w['p99_ms']:7.2f} ms  {w['rps']:7.0f} rps  errors {w['errors']}")
         return ok
 
+    def store_url(self, spec: Spec) -> str:
+        if spec.store == "redis":
+            return self.redis_url
+        if spec.store == "journal":
+            return f"journal:{self.workdir / (spec.id + '.journal')}"
+        return f"sqlite:{self.workdir / (spec.id + '.db')}"
+
     async def check_ledger(self, spec: Spec, sent_ok: int, since_ms: int, cut: int = 0) -> dict[str, Any]:
         """Every 200 the client saw must be one settled ledger entry (the enforcement path really ran)."""
         from extproc.app import open_store
 
-        url = self.redis_url if spec.store == "redis" else f"sqlite:{self.workdir / (spec.id + '.db')}"
-        store = open_store(url)
+        store = open_store(self.store_url(spec))
         try:
             entries = await store.ledger(since_ms=since_ms)
         finally:
@@ -565,6 +569,8 @@ def second_specs(best: Spec | None) -> list[Spec]:
     out.append(Spec(f"noop-grpclib-{setup}", f"Envoy + no-op ext_proc on grpclib ({where}, {procs})", "envoy", "noop-grpclib",
                     transport=t, workers=w, ablation=True))
     out.append(Spec(f"extproc-redis-{setup}", f"Envoy + extproc, Redis, {where}, {procs}", "envoy", "extproc", "redis", t, w))
+    # The journal store (one process only: it owns its directory), on the headline's transport.
+    out.append(Spec(f"extproc-journal-{t}-1w", f"Envoy + extproc, journal store, {where}, 1 process", "envoy", "extproc", "journal", t, 1))
     # Scale-out: the same Redis store with the other number of service processes behind the one Envoy.
     w2 = 1 if w == 2 else 2
     out.append(Spec(f"extproc-redis-{t}-{w2}w", f"Envoy + extproc, Redis, {where}, {w2} process" + ("es" if w2 > 1 else ""),
@@ -625,6 +631,7 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
     best = headline(outs)
     redis_all = [o for o in outs if o.spec.filter == "extproc" and o.spec.store == "redis" and not o.error]
     redis = next((o for o in redis_all if best is None or _setup(o.spec) == _setup(best.spec)), redis_all[0] if redis_all else None)
+    journal = next((o for o in outs if o.spec.filter == "extproc" and o.spec.store == "journal" and not o.error), None)
     lite = find(outs, "litellm")
     a = bench.args
     L: list[str] = []
@@ -696,8 +703,8 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
     # -- targets
     L.append("## Targets (issue 14)")
     L.append("")
-    for o in [x for x in (best, redis) if x is not None]:
-        store = "embedded store" if o.spec.store == "sqlite" else "Redis"
+    for o in [x for x in (best, redis, journal) if x is not None]:
+        store = {"sqlite": "embedded store", "redis": "Redis", "journal": "journal store"}[o.spec.store]
         L.append(f"**{store}** (`{o.spec.id}`):")
         L.append("")
         rows = []
@@ -786,7 +793,7 @@ def report(bench: Bench, elapsed: float, load_before: str, load_after: str) -> s
              "the machine meanwhile (not part of the benchmark): the closer to 0, the cleaner the numbers. The client shares "
              "the machine with the system under test; every configuration pays the same client.")
     L.append("")
-    L += cpu_per_call_section(outs, best, redis)
+    L += cpu_per_call_section(outs, [x for x in (best, redis, journal) if x is not None])
     # -- evidence
     checks = [o for o in outs if o.ledger]
     if checks:
@@ -878,11 +885,11 @@ def cpu_per_call(o: Outcome, cell: str) -> dict[str, float] | None:
     return {k: 1000 * v / n for k, v in cpu.items()}
 
 
-def cpu_per_call_section(outs: list[Outcome], best: Outcome | None, redis: Outcome | None) -> list[str]:
+def cpu_per_call_section(outs: list[Outcome], sized: list[Outcome]) -> list[str]:
     L = ["## CPU per call and sizing (JSON, c=32)", ""]
     L.append("CPU-ms per completed call for each component: utime+stime from /proc/<pid>/stat (the process and its children) "
-             "before and after the cell, divided by the calls completed in it. `store` is redis-server; the embedded store "
-             "(SQLite) runs inside the service and is counted there. calls/s per core = 1000 / CPU-ms.")
+             "before and after the cell, divided by the calls completed in it. `store` is redis-server; the embedded (SQLite) "
+             "and journal stores run inside the service and are counted there. calls/s per core = 1000 / CPU-ms.")
     L.append("")
     L.append("| configuration | load generator | calls | Envoy ms | service ms | store ms | gateway total ms | calls/s per core (gateway) "
              "| service calls/s per core |")
@@ -901,12 +908,12 @@ def cpu_per_call_section(outs: list[Outcome], best: Outcome | None, redis: Outco
                      f"{total:.3f} | {1000 / total:.0f} | {1000 / svc:.0f} |" if total and svc else
                      f"| `{o.spec.id}` | {gen} | {o.cells[cell]['requests']} | – | – | – | – | – | – |")
     L.append("")
-    for o in [x for x in (best, redis) if x is not None]:
+    for o in sized:
         per = cpu_per_call(o, "json_c32")
         if per is None or not per.get("ext_proc"):
             continue
         env, svc, st = per.get("envoy", 0.0), per["ext_proc"], per.get("redis", 0.0) if o.spec.store == "redis" else 0.0
-        store_txt = (f", Redis {st:.2f} ms ({1000 / st:,.0f} calls/s per core)" if st else ", the embedded store inside the service")
+        store_txt = (f", Redis {st:.2f} ms ({1000 / st:,.0f} calls/s per core)" if st else f", the {o.spec.store} store inside the service")
         L.append(f"Sizing (`{o.spec.id}`): per metered JSON call the service uses {svc:.2f} CPU-ms ({1000 / svc:,.0f} calls/s per core), "
                  f"Envoy {env:.2f} ms ({1000 / env:,.0f} calls/s per core){store_txt}. For N calls/s: "
                  f"service cores ≈ N × {svc / 1000:.5f}, Envoy cores ≈ N × {env / 1000:.5f}"
