@@ -4,19 +4,22 @@
 spent, and start a call on the cheaper model past a soft threshold, without a
 store round trip. The reservation stays authoritative: a stale entry can only
 refuse early for at most `ttl_ms` after a top-up or a period rollover, never
-let spending through. `DecisionLog` keeps each plan for
-`GET <budget_path>/decisions/{id}`; it stores the inputs as they are and the
-server renders them only on lookup (most decisions are never looked up).
+let spending through. `DecisionLog` keeps each decision, as
+`GET <budget_path>/decisions/{id}` will show it, flattened when it is logged:
+flat values rather than the plan, because what a long-lived bounded log holds
+the cyclic collector walks on every full pass. 10,000 plans were ~210k objects
+and each full collection stalled the event loop for tens of ms under load;
+flattened they are ~10k (`python -m bench.gc_pauses`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from ..rules import exhausted_for_good
 from .budget import Decision, Identity
-from .calls import Plan
 
 
 class RecentStates:
@@ -29,8 +32,16 @@ class RecentStates:
         key = (who.tag, who.principal, run_id)
         self._items[key] = (now_ms, d)
         self._items.move_to_end(key)
-        if len(self._items) > self._size:
+        # Oldest first: entries past the ttl are never read again, so they go now rather than when
+        # the size bound is reached (a decision holds ~15 objects the collector walks on full passes).
+        while self._items:
+            at, _ = next(iter(self._items.values()))
+            if now_ms - at <= self.ttl_ms and len(self._items) <= self._size:
+                break
             self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def get(self, who: Identity, run_id: str | None, now_ms: int) -> Decision | None:
         item = self._items.get((who.tag, who.principal, run_id))
@@ -47,11 +58,17 @@ def spent_line(d: Decision) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class LoggedDecision:
+    """One decision as the lookup endpoint and the refusal list show it (flat values only)."""
+
+    decision_id: str
     principal: str
     run: str | None
-    plan: Plan
-    price_version: str
-    at_ms: int = 0
+    allowed: bool
+    at_ms: int
+    code: str  # the refusal code ("" when allowed)
+    scope: str  # the blocking budget ("" when none)
+    message: str
+    doc: dict[str, Any]  # the lookup's answer, rendered by the server when it logged the decision
 
 
 class DecisionLog:
@@ -60,7 +77,7 @@ class DecisionLog:
         self._size = size
 
     def add(self, entry: LoggedDecision) -> None:
-        self._items[entry.plan.decision.decision_id] = entry
+        self._items[entry.decision_id] = entry
         if len(self._items) > self._size:
             self._items.popitem(last=False)
 
@@ -73,6 +90,6 @@ class DecisionLog:
         for entry in reversed(self._items.values()):
             if len(out) >= limit:
                 break
-            if entry.principal == principal and not entry.plan.decision.allowed:
+            if entry.principal == principal and not entry.allowed:
                 out.append(entry)
         return out

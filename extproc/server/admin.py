@@ -170,14 +170,13 @@ def refusals(decisions: DecisionLog, policy: Policy, principal: str, limit: int 
     who = identity(policy, principal)
     rows = []
     for entry in decisions.refusals(who.principal, limit):
-        d = entry.plan.decision
         rows.append({
-            "decision_id": d.decision_id,
+            "decision_id": entry.decision_id,
             "at_ms": entry.at_ms,
             "run": entry.run,
-            "code": d.refusal_code,
-            "scope": d.blocking.budget if d.blocking else "",
-            "message": d.message,
+            "code": entry.code,
+            "scope": entry.scope,
+            "message": entry.message,
         })
     return {"principal": who.principal, "refusals": rows}
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
 
+from ..engine.calls import Plan
 from ..engine.recent import LoggedDecision
 from ..errors import ClientError, StoreUnavailable
 from ..money import nano_to_usd
@@ -31,11 +31,11 @@ async def answer(s: Services, policy: Policy, path: str, headers: Mapping[str, s
         return client_error("openai", e)
     who, run_id = caller.who, caller.run_id
     if "/decisions/" in path:
-        logged = s.decisions.get(path.rsplit("/", 1)[1])
-        if logged is None or logged.principal != who.principal:
+        entry = s.decisions.get(path.rsplit("/", 1)[1])
+        if entry is None or entry.principal != who.principal:
             body = error_body("openai", status=404, message="no such decision", type="invalid_request_error", code="not_found")
             return json_reply(404, body)
-        return json_reply(200, json.dumps(decision_doc(logged)).encode())
+        return json_reply(200, json.dumps(entry.doc).encode())
     try:
         wf = await s.engine.place(policy, who, run_id, caller.workflow) if run_id and caller.workflow else None
         snap = await s.engine.snapshot_lines(policy, who, run_id=run_id, workflow=wf)
@@ -61,17 +61,17 @@ async def answer(s: Services, policy: Policy, path: str, headers: Mapping[str, s
     return json_reply(200, json.dumps(doc).encode())
 
 
-def decision_doc(logged: LoggedDecision) -> dict[str, Any]:
-    plan = logged.plan
+def logged(principal: str, run: str | None, plan: Plan, price_version: str, at_ms: int) -> LoggedDecision:
+    """The decision as the log keeps it: what the lookup returns, rendered now (see engine/recent.py)."""
     d, c = plan.decision, plan.chosen
-    return {
+    doc = {
         "decision_id": d.decision_id,
-        "principal": logged.principal,
-        "run": logged.run,
+        "principal": principal,
+        "run": run,
         "decision": render.decision_value(d, plan.changed),
         "requested_model": plan.requested,
         "selected_model": c.name,
-        "scopes": sorted({lim.budget for lim in d.limits}),
+        "scopes": tuple(sorted({lim.budget for lim in d.limits})),  # a tuple of str: untracked by the collector
         "estimate": {"cost_usd": nano_to_usd(c.cost), "input_tokens": c.input_tokens, "output_tokens": c.output_tokens},
         "reservation": "expected" if c.right_sized else "worst_case",  # expected: grows with the stream up to the max
         "worst_case_usd": nano_to_usd(c.worst_cost or c.cost),
@@ -79,6 +79,8 @@ def decision_doc(logged: LoggedDecision) -> dict[str, Any]:
         "output_clamped": plan.clamped,
         "price_source": c.price_source,
         "blocking_scope": d.blocking.budget if d.blocking else None,
-        "price_table_version": logged.price_version,
+        "price_table_version": price_version,
         "reservation_id": d.hold.reservation_id,
     }
+    scope = d.blocking.budget if d.blocking else ""
+    return LoggedDecision(d.decision_id, principal, run, d.allowed, at_ms, d.refusal_code, scope, d.message, doc)

@@ -19,7 +19,6 @@ from typing import Any
 from ..engine.budget import Decision
 from ..engine.calls import Plan, Planner
 from ..engine.holds import CallHold
-from ..engine.recent import LoggedDecision
 from ..errors import BadRequest, ClientError, RouteDenied, StoreUnavailable, UpstreamError
 from ..estimate import CountingBusy, Counts
 from ..money import nano_to_usd, usd_to_nano
@@ -113,7 +112,7 @@ class Session(Gate):
             return self._store_down(e)
         d = plan.decision
         self.s.recent.put(caller.who, caller.run_id, d, now := self.s.engine.clock())
-        self.s.decisions.add(LoggedDecision(caller.who.principal, caller.run_id, plan, policy.prices.version, now))
+        self.s.decisions.add(budget_endpoint.logged(caller.who.principal, caller.run_id, plan, policy.prices.version, now))
         if (refused := self._decided(d, plan.changed, plan.alternatives)) is not None:
             return refused
         self.hold = CallHold(self.s.engine, d, plan.chosen, self.s.spawn, policy)
