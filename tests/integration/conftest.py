@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from extproc.stack import Stack
+from extproc.stores.base import LedgerEntry
 from extproc.stores.embedded import EmbeddedStore
 from extproc.stores.redis_store import RedisStore
 from tests.support.redis_server import RedisServer
@@ -68,17 +70,18 @@ def open_store(url: str):
     return RedisStore(url)
 
 
-async def ledger(stack: Stack, *, expect: int = 1, timeout: float = 5.0):
+async def ledger(stack: Stack, *, expect: int = 1, timeout: float = 5.0, where: Callable[[LedgerEntry], bool] | None = None):
     """The stack's ledger, read straight from its store (what chargeback exports).
 
     Settlement of an aborted stream happens when Envoy closes the ext_proc
     stream, just after the client sees the end; wait until `expect` entries exist.
+    `where`: only the entries it accepts (one test's calls on a stack that tests share).
     """
     store = open_store(stack.store)
     try:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            entries = await store.ledger()
+            entries = [e for e in await store.ledger() if where is None or where(e)]
             if len(entries) >= expect or asyncio.get_running_loop().time() > deadline:
                 return entries
             await asyncio.sleep(0.05)
