@@ -70,6 +70,12 @@ def open_store(url: str):
     return RedisStore(url)
 
 
+def after(entries: list[LedgerEntry]) -> Callable[[LedgerEntry], bool]:
+    """`where` for `ledger`: the entries written since `entries` was read."""
+    seen = {e.seq for e in entries}
+    return lambda e: e.seq not in seen
+
+
 async def ledger(stack: Stack, *, expect: int = 1, timeout: float = 5.0, where: Callable[[LedgerEntry], bool] | None = None):
     """The stack's ledger, read straight from its store (what chargeback exports).
 
