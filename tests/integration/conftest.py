@@ -7,8 +7,9 @@ code `extproc stack` and `make demo` run) and stops it after the test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,16 @@ def make_stack(tmp_path: Path, request):
     yield make
     for s in stacks:
         s.stop()
+
+
+@contextlib.contextmanager
+def shared_stack(tmp_path_factory, name: str, policy_text: str, **kw) -> Iterator[Stack]:
+    """A running stack (embedded store) on `policy_text` for the tests of a module that share it:
+    a module-scoped fixture yields it. Each of those tests reads back only its own calls."""
+    d = tmp_path_factory.mktemp(name)
+    (d / "policy.yaml").write_text(policy_text)
+    with Stack(policy=str(d / "policy.yaml"), store=f"sqlite:{d / 'budget.db'}", workdir=d / "stack", **kw) as s:
+        yield s
 
 
 def open_store(url: str):

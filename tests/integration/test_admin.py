@@ -12,8 +12,7 @@ import httpx
 import pytest
 
 from extproc.money import usd_to_nano
-from extproc.stack import Stack
-from tests.integration.conftest import ledger, sha
+from tests.integration.conftest import ledger, sha, shared_stack
 
 pytestmark = pytest.mark.integration
 
@@ -36,9 +35,7 @@ BODY = {"model": "gpt-4o-mini", "max_tokens": 100, "messages": [{"role": "user",
 @pytest.fixture(scope="module")
 def admin_stack(tmp_path_factory):
     """One stack on POLICY for the token check (it only reads) and the top-up flow."""
-    d = tmp_path_factory.mktemp("admin")
-    (d / "policy.yaml").write_text(POLICY)
-    with Stack(policy=str(d / "policy.yaml"), store=f"sqlite:{d / 'budget.db'}", workdir=d / "stack") as s:
+    with shared_stack(tmp_path_factory, "admin", POLICY) as s:
         yield s
 
 

@@ -13,8 +13,7 @@ import openai
 import pytest
 
 from extproc.money import Price, nano_to_usd
-from extproc.stack import Stack
-from tests.integration.conftest import ledger, sha
+from tests.integration.conftest import ledger, sha, shared_stack
 
 pytestmark = pytest.mark.integration
 
@@ -58,9 +57,7 @@ def default_stack(tmp_path_factory):
     """One stack on policy() for the agent loop (alice's run task-42) and the forged identity
     test (one call of alice's outside any run, and bob's untouched budgets): each reads back
     only its own ledger entries."""
-    d = tmp_path_factory.mktemp("decisions")
-    (d / "policy.yaml").write_text(policy())
-    with Stack(policy=str(d / "policy.yaml"), store=f"sqlite:{d / 'budget.db'}", workdir=d / "stack") as s:
+    with shared_stack(tmp_path_factory, "decisions", policy()) as s:
         yield s
 
 

@@ -10,8 +10,7 @@ import httpx
 import pytest
 import yaml
 
-from extproc.stack import Stack
-from tests.integration.conftest import after, ledger, sha
+from tests.integration.conftest import after, ledger, sha, shared_stack
 from tests.integration.reconcile import reconcile
 from tests.support.redis_server import RedisServer
 
@@ -133,10 +132,8 @@ def short_route_timeout(tmp_path: Path) -> str:
 def short_timeout_stack(tmp_path_factory):
     """policy() behind a 1 s route timeout, shared by the backend faults: each reads back only
     the ledger entry its own call wrote, and reconciles the whole books."""
-    d = tmp_path_factory.mktemp("faults")
-    (d / "policy.yaml").write_text(policy())
-    with Stack(policy=str(d / "policy.yaml"), store=f"sqlite:{d / 'budget.db'}", workdir=d / "stack",
-               envoy_config=short_route_timeout(d)) as s:
+    timeout_config = short_route_timeout(tmp_path_factory.mktemp("faults-envoy"))
+    with shared_stack(tmp_path_factory, "faults", policy(), envoy_config=timeout_config) as s:
         yield s
 
 

@@ -12,8 +12,7 @@ import openai
 import pytest
 
 from extproc.money import Price, usd_to_nano
-from extproc.stack import Stack
-from tests.integration.conftest import ledger, sha
+from tests.integration.conftest import ledger, sha, shared_stack
 
 pytestmark = pytest.mark.integration
 
@@ -52,9 +51,7 @@ def default_stack(tmp_path_factory):
     """One stack on policy() for the tests that only need it to answer (each asks the backend's
     hit count from a reset or reads back only its own call's ledger entry, and $1.00 of key
     budget covers every call they make)."""
-    d = tmp_path_factory.mktemp("skeleton")
-    (d / "policy.yaml").write_text(policy())
-    with Stack(policy=str(d / "policy.yaml"), workdir=d / "stack", store=f"sqlite:{d / 'budget.db'}") as s:
+    with shared_stack(tmp_path_factory, "skeleton", policy()) as s:
         yield s
 
 

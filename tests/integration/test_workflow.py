@@ -14,8 +14,7 @@ import openai
 import pytest
 
 from extproc.money import usd_to_nano
-from extproc.stack import Stack
-from tests.integration.conftest import ledger
+from tests.integration.conftest import ledger, shared_stack
 
 pytestmark = pytest.mark.integration
 DEMO = (Path(__file__).resolve().parents[2] / "policies" / "demo.yaml").read_text()
@@ -42,9 +41,7 @@ def demo_stack(tmp_path_factory):
     each names its own runs and reads back only their ledger entries, and carol's $0.50 key
     covers them all (the nested loops' tree stops at its $0.25 run budget, the others spend
     under $0.01)."""
-    d = tmp_path_factory.mktemp("workflow")
-    (d / "policy.yaml").write_text(DEMO)
-    with Stack(policy=str(d / "policy.yaml"), workdir=d / "stack", store=f"sqlite:{d / 'budget.db'}") as s:
+    with shared_stack(tmp_path_factory, "workflow", DEMO) as s:
         yield s
 
 
