@@ -17,13 +17,18 @@ install: $(VENV)/.installed
 # streams, sampler intervals, reservation TTLs) rather than computes; each test module runs whole
 # on one worker, so a module's shared stack starts once. PYTEST_ARGS="-n 0" runs in one process.
 XDIST := -n $(shell echo $$(( $$(nproc) + 1 ))) --dist loadscope
+# Bytecode is written even where PYTHONDONTWRITEBYTECODE is set: every xdist worker collects
+# the whole suite (pytest rewrites the asserts of each test module, ~5 s of CPU a worker when
+# nothing is cached) and every test stack starts Python children; the caches land in the
+# git-ignored __pycache__ directories.
+PYTEST := PYTHONDONTWRITEBYTECODE= $(PY) -m pytest
 
 test: install
-	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
+	$(PYTEST) -q $(XDIST) $(PYTEST_ARGS)
 
 # The fast tier: every test that starts no Envoy and no redis-server.
 unit: install
-	$(PY) -m pytest -q $(XDIST) -m "not integration" $(PYTEST_ARGS)
+	$(PYTEST) -q $(XDIST) -m "not integration" $(PYTEST_ARGS)
 
 # ruff (rules in pyproject.toml) over the code, tests and benchmarks; mypy --strict over extproc/.
 lint: install

@@ -7,12 +7,15 @@ code `extproc stack` and `make demo` run) and stops it after the test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from extproc.stack import Stack
+from extproc.stores.base import LedgerEntry
 from extproc.stores.embedded import EmbeddedStore
 from extproc.stores.redis_store import RedisStore
 from tests.support.redis_server import RedisServer
@@ -62,23 +65,40 @@ def make_stack(tmp_path: Path, request):
         s.stop()
 
 
+@contextlib.contextmanager
+def shared_stack(tmp_path_factory, name: str, policy_text: str, **kw) -> Iterator[Stack]:
+    """A running stack (embedded store) on `policy_text` for the tests of a module that share it:
+    a module-scoped fixture yields it. Each of those tests reads back only its own calls."""
+    d = tmp_path_factory.mktemp(name)
+    (d / "policy.yaml").write_text(policy_text)
+    with Stack(policy=str(d / "policy.yaml"), store=f"sqlite:{d / 'budget.db'}", workdir=d / "stack", **kw) as s:
+        yield s
+
+
 def open_store(url: str):
     if url.startswith("sqlite:"):
         return EmbeddedStore(url[len("sqlite:"):])
     return RedisStore(url)
 
 
-async def ledger(stack: Stack, *, expect: int = 1, timeout: float = 5.0):
+def after(entries: list[LedgerEntry]) -> Callable[[LedgerEntry], bool]:
+    """`where` for `ledger`: the entries written since `entries` was read."""
+    seen = {e.seq for e in entries}
+    return lambda e: e.seq not in seen
+
+
+async def ledger(stack: Stack, *, expect: int = 1, timeout: float = 5.0, where: Callable[[LedgerEntry], bool] | None = None):
     """The stack's ledger, read straight from its store (what chargeback exports).
 
     Settlement of an aborted stream happens when Envoy closes the ext_proc
     stream, just after the client sees the end; wait until `expect` entries exist.
+    `where`: only the entries it accepts (one test's calls on a stack that tests share).
     """
     store = open_store(stack.store)
     try:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            entries = await store.ledger()
+            entries = [e for e in await store.ledger() if where is None or where(e)]
             if len(entries) >= expect or asyncio.get_running_loop().time() > deadline:
                 return entries
             await asyncio.sleep(0.05)

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 
 from extproc.engine.budget import Engine, Identity
 from extproc.policy.loader import load_policy
+from extproc.policy.model import Policy
 from extproc.stack import Stack
 from tests.integration.conftest import open_store
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str, mtime_ns: int, size: int) -> Policy:
+    return load_policy(path)
+
+
+def policy_of(stack: Stack) -> Policy:
+    """The stack's policy file, parsed once per version of it (the security module reconciles
+    after each of its ~460 tests)."""
+    st = os.stat(stack.policy)
+    return _load(stack.policy, st.st_mtime_ns, st.st_size)
 
 
 async def reconcile(stack: Stack, *, timeout: float = 15.0, within_limits: bool = False) -> dict[str, tuple[int, int]]:
@@ -17,7 +32,7 @@ async def reconcile(stack: Stack, *, timeout: float = 15.0, within_limits: bool 
     reaper settles them at their reserved amount and the ledger says so.
     `within_limits` also checks spent <= limit on every line (hard-gate policies).
     """
-    policy = load_policy(stack.policy)
+    policy = policy_of(stack)
     store = open_store(stack.store or "")
     engine = Engine(store)
     try:

@@ -9,7 +9,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.integration.conftest import sha
+from tests.integration.conftest import sha, shared_stack
 from tests.integration.reconcile import reconcile
 
 pytestmark = pytest.mark.integration
@@ -36,13 +36,8 @@ max_body_bytes: 1048576
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from extproc.stack import Stack
-
-    d = tmp_path_factory.mktemp("abuse")
-    (d / "policy.yaml").write_text(POLICY)
-    s = Stack(policy=str(d / "policy.yaml"), workdir=d / "stack", store=f"sqlite:{d / 'budget.db'}").start()
-    yield s
-    s.stop()
+    with shared_stack(tmp_path_factory, "abuse", POLICY) as s:
+        yield s
 
 
 def chat(**kw):

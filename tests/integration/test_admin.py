@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from extproc.money import usd_to_nano
-from tests.integration.conftest import ledger, sha
+from tests.integration.conftest import ledger, sha, shared_stack
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +32,15 @@ budgets:
 BODY = {"model": "gpt-4o-mini", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
 
 
-async def test_admin_api_requires_its_token(make_stack):
-    stack = make_stack(POLICY)
+@pytest.fixture(scope="module")
+def admin_stack(tmp_path_factory):
+    """One stack on POLICY for the token check (it only reads) and the top-up flow."""
+    with shared_stack(tmp_path_factory, "admin", POLICY) as s:
+        yield s
+
+
+async def test_admin_api_requires_its_token(admin_stack):
+    stack = admin_stack
     async with httpx.AsyncClient(base_url=stack.admin_url, timeout=10) as c:
         assert (await c.get("/healthz")).status_code == 200
         assert (await c.get("/admin/budgets", params={"principal": "alice"})).status_code == 401
@@ -43,8 +50,8 @@ async def test_admin_api_requires_its_token(make_stack):
         assert ok.status_code == 200 and ok.json()["principal"] == "alice"
 
 
-async def test_top_up_close_run_and_export_through_the_admin_api(make_stack):
-    stack = make_stack(POLICY)
+async def test_top_up_close_run_and_export_through_the_admin_api(admin_stack):
+    stack = admin_stack
     admin = {"authorization": f"Bearer {stack.admin_token}"}
     user = {"authorization": f"Bearer {KEY}"}
     async with httpx.AsyncClient(base_url=stack.url, timeout=10) as c, httpx.AsyncClient(base_url=stack.admin_url, headers=admin, timeout=10) as a:

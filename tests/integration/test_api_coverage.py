@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from extproc.money import Price
-from tests.integration.conftest import ledger, sha
+from tests.integration.conftest import ledger, sha, shared_stack
 
 pytestmark = pytest.mark.integration
 
@@ -84,13 +84,8 @@ def _usage_from_client_view(case: str, body: bytes, stream: bool) -> dict[str, i
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from extproc.stack import Stack
-
-    d = tmp_path_factory.mktemp("cover")
-    (d / "policy.yaml").write_text(POLICY)
-    s = Stack(policy=str(d / "policy.yaml"), workdir=d / "stack", store=f"sqlite:{d / 'budget.db'}").start()
-    yield s
-    s.stop()
+    with shared_stack(tmp_path_factory, "cover", POLICY) as s:
+        yield s
 
 
 @pytest.mark.parametrize(

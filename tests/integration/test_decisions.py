@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from extproc.money import Price, nano_to_usd
-from tests.integration.conftest import ledger, sha
+from tests.integration.conftest import ledger, sha, shared_stack
 
 pytestmark = pytest.mark.integration
 
@@ -52,8 +52,17 @@ runs:
 """
 
 
-async def test_agent_loop_is_downshifted_past_soft_threshold_then_refused_with_alternatives(make_stack):
-    stack = make_stack(policy())
+@pytest.fixture(scope="module")
+def default_stack(tmp_path_factory):
+    """One stack on policy() for the agent loop (alice's run task-42) and the forged identity
+    test (one call of alice's outside any run, and bob's untouched budgets): each reads back
+    only its own ledger entries."""
+    with shared_stack(tmp_path_factory, "decisions", policy()) as s:
+        yield s
+
+
+async def test_agent_loop_is_downshifted_past_soft_threshold_then_refused_with_alternatives(default_stack):
+    stack = default_stack
     run = {"x-run-id": "task-42", "x-mock-output-tokens": "300"}
     client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=ALICE, max_retries=2, default_headers=run)
     served: list[tuple[str, str, httpx.Headers]] = []
@@ -105,7 +114,7 @@ async def test_agent_loop_is_downshifted_past_soft_threshold_then_refused_with_a
         assert hits_after == hits_before, "the budget endpoint never reaches a backend"
         decision = (await c.get(f"/v1/budget/decisions/{first_small['x-budget-decision-id']}", headers={"authorization": f"Bearer {ALICE}"})).json()
     run_row = next(b for b in doc["budgets"] if b["scope"] == "run:alice/task-42" and b["dimension"] == "cost")
-    entries = await ledger(stack, expect=len(served))
+    entries = await ledger(stack, expect=len(served), where=lambda e: e.meta.get("run") == "task-42")
     spent = sum(e.charged.get("cost", 0) for e in entries if e.meta.get("run") == "task-42")
     assert run_row["spent"] == nano_to_usd(spent) == budget["spent"]
     assert run_row["limit"] == refusal.response.headers["x-budget-limit-usd"] == "0.01"
@@ -141,8 +150,8 @@ async def test_output_clamp_lowers_max_tokens_to_what_fits(make_stack):
     assert Decimal(r.headers["x-budget-reserved-usd"]) <= Decimal("0.002")
 
 
-async def test_forged_identity_header_does_not_draw_on_that_identity(make_stack):
-    stack = make_stack(policy())
+async def test_forged_identity_header_does_not_draw_on_that_identity(default_stack):
+    stack = default_stack
     async with httpx.AsyncClient(base_url=stack.url, timeout=10) as c:
         body = {"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
         # a client without a key claims to be bob: Envoy strips the header, so the service sees no identity
@@ -151,9 +160,10 @@ async def test_forged_identity_header_does_not_draw_on_that_identity(make_stack)
         # alice claims to be bob: she is charged, bob is not
         r = await c.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {ALICE}", "x-extproc-principal": "bob"})
         assert r.status_code == 200 and r.headers["x-budget-scope"] == "key:alice"
+        rid = r.headers["x-budget-reservation-id"]
         bob = (await c.get("/v1/budget", headers={"authorization": f"Bearer {BOB}"})).json()
     assert all(b["spent"] == "0" for b in bob["budgets"])
-    (entry,) = await ledger(stack)
+    (entry,) = await ledger(stack, where=lambda e: e.reservation_id == rid)
     assert entry.meta["principal"] == "alice"
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import ledger, sha
+from tests.integration.conftest import after, ledger, sha, shared_stack
 from tests.integration.reconcile import reconcile
 from tests.support.redis_server import RedisServer
 
@@ -128,9 +128,19 @@ def short_route_timeout(tmp_path: Path) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def short_timeout_stack(tmp_path_factory):
+    """policy() behind a 1 s route timeout, shared by the backend faults: each reads back only
+    the ledger entry its own call wrote, and reconciles the whole books."""
+    timeout_config = short_route_timeout(tmp_path_factory.mktemp("faults-envoy"))
+    with shared_stack(tmp_path_factory, "faults", policy(), envoy_config=timeout_config) as s:
+        yield s
+
+
 @pytest.mark.parametrize("fault", ["status_500", "status_429", "timeout"])
-async def test_backend_errors_and_timeouts_release_the_reservation(make_stack, fault, tmp_path):
-    stack = make_stack(policy(), envoy_config=short_route_timeout(tmp_path))
+async def test_backend_errors_and_timeouts_release_the_reservation(short_timeout_stack, fault):
+    stack = short_timeout_stack
+    before = await ledger(stack, expect=0)
     async with httpx.AsyncClient(base_url=stack.url, timeout=15) as c:
         if fault == "timeout":
             r = await call(c, **{"x-mock-delay-ms": "200"})  # ~3 s of work against a 1 s route timeout
@@ -139,6 +149,6 @@ async def test_backend_errors_and_timeouts_release_the_reservation(make_stack, f
             code = fault.split("_")[1]
             r = await call(c, **{"x-mock-status": code})
             assert r.status_code == int(code)
-    (entry,) = await ledger(stack)
+    (entry,) = await ledger(stack, where=after(before))
     assert entry.outcome.value == "released" and entry.charged.get("cost", 0) == 0
     await reconcile(stack)

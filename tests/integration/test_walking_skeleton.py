@@ -12,8 +12,7 @@ import openai
 import pytest
 
 from extproc.money import Price, usd_to_nano
-from extproc.stack import Stack
-from tests.integration.conftest import ledger, sha
+from tests.integration.conftest import ledger, sha, shared_stack
 
 pytestmark = pytest.mark.integration
 
@@ -50,10 +49,9 @@ def auth(key: str = KEY) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def default_stack(tmp_path_factory):
     """One stack on policy() for the tests that only need it to answer (each asks the backend's
-    hit count from a reset, and $1.00 of key budget covers every call they make)."""
-    d = tmp_path_factory.mktemp("skeleton")
-    (d / "policy.yaml").write_text(policy())
-    with Stack(policy=str(d / "policy.yaml"), workdir=d / "stack", store=f"sqlite:{d / 'budget.db'}") as s:
+    hit count from a reset or reads back only its own call's ledger entry, and $1.00 of key
+    budget covers every call they make)."""
+    with shared_stack(tmp_path_factory, "skeleton", policy()) as s:
         yield s
 
 
@@ -90,8 +88,8 @@ async def test_fan_out_of_20_never_overshoots_a_budget_of_about_5(make_stack, st
         assert Decimal(r.headers["x-budget-cost-usd"]) * 10**9 == PRICE.cost(u["prompt_tokens"], u["completion_tokens"])
 
 
-async def test_streaming_call_is_settled_on_real_usage_and_really_streams(make_stack):
-    stack = make_stack(policy())
+async def test_streaming_call_is_settled_on_real_usage_and_really_streams(default_stack):
+    stack = default_stack
     body = chat("count to ten", stream=True)
     headers = {**auth(), "x-mock-delay-ms": "50", "x-mock-output-tokens": "12"}
     t0 = time.monotonic()
@@ -102,6 +100,7 @@ async def test_streaming_call_is_settled_on_real_usage_and_really_streams(make_s
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             assert r.headers["x-budget-decision"] == "allow"
+            rid = r.headers["x-budget-reservation-id"]
             async for chunk in r.aiter_raw():
                 if first_at is None and b"data:" in chunk:
                     first_at = time.monotonic() - t0
@@ -116,7 +115,7 @@ async def test_streaming_call_is_settled_on_real_usage_and_really_streams(make_s
     # the client did not ask for usage: the gateway injected include_usage and removed the usage chunk again
     assert all(ch["choices"] for ch in chunks)
     assert "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks) == " hello" * 12
-    (entry,) = await ledger(stack)
+    (entry,) = await ledger(stack, where=lambda e: e.reservation_id == rid)
     assert entry.outcome.value == "settled" and entry.meta["usage_source"] == "stream"
     assert entry.charged["output_tokens"] == 12
     expected = PRICE.cost(entry.charged["input_tokens"], 12)

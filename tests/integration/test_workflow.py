@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from extproc.money import usd_to_nano
-from tests.integration.conftest import ledger
+from tests.integration.conftest import ledger, shared_stack
 
 pytestmark = pytest.mark.integration
 DEMO = (Path(__file__).resolve().parents[2] / "policies" / "demo.yaml").read_text()
@@ -33,6 +33,20 @@ async def chat(c: httpx.AsyncClient, run: str, *, model: str = "gpt-4o", tokens:
     return await c.post(
         "/v1/chat/completions", json=body, headers=auth(**{"x-run-id": run, "x-mock-output-tokens": str(tokens), **headers})
     )
+
+
+@pytest.fixture(scope="module")
+def demo_stack(tmp_path_factory):
+    """One stack on the demo policy (embedded store) for the tests that need no fresh books:
+    each names its own runs and reads back only their ledger entries, and carol's $0.50 key
+    covers them all (the nested loops' tree stops at its $0.25 run budget, the others spend
+    under $0.01)."""
+    with shared_stack(tmp_path_factory, "workflow", DEMO) as s:
+        yield s
+
+
+def in_runs(*runs: str):
+    return lambda e: e.meta.get("run") in runs
 
 
 def charged_runs(entries) -> dict[str, int]:
@@ -74,8 +88,8 @@ async def test_children_never_spend_past_their_parent_under_concurrency(make_sta
     assert usd_to_nano(root["spent"]) == children + per_run["planner"]  # the parent's spent = its own + its children's
 
 
-async def test_the_fourth_retry_in_a_run_is_refused(make_stack):
-    stack = make_stack(DEMO)
+async def test_the_fourth_retry_in_a_run_is_refused(demo_stack):
+    stack = demo_stack
     # the backend fails: the SDK retries twice per call (x-stainless-retry-count 1, 2), each retry counted
     client = openai.AsyncOpenAI(
         base_url=f"{stack.url}/v1",
@@ -92,14 +106,13 @@ async def test_the_fourth_retry_in_a_run_is_refused(make_stack):
     err = exc.value
     assert err.code == "retry_budget_exceeded" and err.response.headers["x-should-retry"] == "false"
     assert err.body["budget"]["dimension"] == "retries" and err.body["budget"]["spent"] == "3"
-    entries = await ledger(stack, expect=5)
-    attempts = [e for e in entries if e.meta.get("run") == "flaky"]
+    attempts = await ledger(stack, expect=5, where=in_runs("flaky"))
     assert [e.charged.get("retries", 0) for e in attempts] == [0, 1, 1, 0, 1]
     assert all(e.charged.get("cost", 0) == 0 for e in attempts)  # nothing was served
 
 
-async def test_tool_calls_budget_refuses_the_call_after_the_fifth(make_stack):
-    stack = make_stack(DEMO)
+async def test_tool_calls_budget_refuses_the_call_after_the_fifth(demo_stack):
+    stack = demo_stack
     client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=CAROL, max_retries=0, default_headers={"x-run-id": "tools"})
     calls = 0
     for i in range(5):  # an agent loop: the model calls a tool, the client runs it and answers
@@ -115,12 +128,12 @@ async def test_tool_calls_budget_refuses_the_call_after_the_fifth(make_stack):
         await client.chat.completions.create(model="gpt-4o-mini", messages=STEP, max_tokens=5)
     await client.close()
     assert exc.value.body["budget"]["dimension"] == "tool_calls" and exc.value.body["budget"]["spent"] == "5"
-    entries = await ledger(stack, expect=5)
+    entries = await ledger(stack, expect=5, where=in_runs("tools"))
     assert sum(e.charged.get("tool_calls", 0) for e in entries) == 5
 
 
-async def test_escalation_past_the_threshold_is_downshifted(make_stack):
-    stack = make_stack(DEMO)
+async def test_escalation_past_the_threshold_is_downshifted(demo_stack):
+    stack = demo_stack
     lowered = {"x-run-budget-usd": "0.01"}  # the run's limit: half of it is the escalation threshold
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as c:
         early = await chat(c, "esc", model="gpt-4o", tokens=100, **lowered)  # below the threshold: free
@@ -135,10 +148,10 @@ async def test_escalation_past_the_threshold_is_downshifted(make_stack):
     assert late.json()["model"] == "gpt-4o-mini" and h["x-mock-backend"] == "backend_small"
 
 
-async def test_nested_agent_loops_with_the_openai_and_anthropic_sdks(make_stack):
+async def test_nested_agent_loops_with_the_openai_and_anthropic_sdks(demo_stack):
     """A planner (openai) with three sub-agents: two anthropic loops that call tools and one openai
     loop stuck retrying a failing step; the tree stops when its budget is spent."""
-    stack = make_stack(DEMO)
+    stack = demo_stack
     planner = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=CAROL, max_retries=0, default_headers={"x-run-id": "plan"})
     r = await planner.chat.completions.with_raw_response.create(model="gpt-4o", messages=STEP, max_tokens=50)
     assert r.headers["x-budget-run-chain"] == "plan"
@@ -167,7 +180,7 @@ async def test_nested_agent_loops_with_the_openai_and_anthropic_sdks(make_stack)
     async def retry_loop() -> str:
         client = openai.AsyncOpenAI(
             base_url=f"{stack.url}/v1", api_key=CAROL, max_retries=2,
-            default_headers={"x-run-id": "flaky", "x-parent-run-id": "plan", "x-mock-status": "503"},
+            default_headers={"x-run-id": "stuck", "x-parent-run-id": "plan", "x-mock-status": "503"},
         )  # fmt: skip
         try:
             for _ in range(5):
@@ -185,7 +198,7 @@ async def test_nested_agent_loops_with_the_openai_and_anthropic_sdks(make_stack)
     assert ends[2] == "retry_budget_exceeded"
     assert ends[0] == ends[1] == "run:carol/plan"  # the tree's budget, the root's, stopped both sub-agents
     await planner.close()
-    entries = await ledger(stack, expect=3)
+    entries = await ledger(stack, expect=3, where=in_runs("plan", "research", "writer", "stuck"))  # the tree's
     assert sum(e.charged.get("tool_calls", 0) for e in entries if e.meta.get("run") in ("research", "writer")) == 2
     per_run = charged_runs(entries)
     assert sum(per_run.values()) <= usd_to_nano("0.25")

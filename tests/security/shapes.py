@@ -1,5 +1,8 @@
 """Every shipped deployment shape, each in front of either backend, as one running stack.
 
+A target is Envoy in its shape plus the backend; the extproc service it calls is started
+apart (`start_service`), so one service can answer every shape that reaches it the same way.
+
 Shapes (the Envoy config the operator ships, with its addresses rewritten by `Stack`):
   gateway    envoy/envoy.yaml: front gateway, service over TCP, clusters backend/backend_small
   sidecar    envoy/sidecar.yaml: the pod sidecar, service over a Unix socket, cluster local_app
@@ -114,25 +117,41 @@ def istio_like_config(dest: Path) -> Path:
     return dest
 
 
-def build_stack(shape: str, backend: str, workdir: Path) -> Stack:
+def start_service(workdir: Path, *, unix: bool) -> Stack:
+    """The extproc service alone (POLICY, its own store), for every shape that reaches it the same
+    way: over TCP (gateway, ext_authz, istio) or over a Unix socket (sidecar)."""
     workdir.mkdir(parents=True, exist_ok=True)
     policy = workdir / "policy.yaml"
     policy.write_text(POLICY)
+    service = Stack(policy=str(policy), store=f"sqlite:{workdir / 'budget.db'}", workdir=workdir / "service", backends=(),
+                    grpc=f"unix:{workdir / 'extproc.sock'}" if unix else None)
+    try:
+        service.start_service()
+    except Exception:
+        print(f"--- extproc log ---\n{service.log('extproc')[-3000:]}")
+        service.stop()
+        raise
+    return service
+
+
+def build_stack(shape: str, backend: str, workdir: Path, service: Stack) -> Stack:
+    """Envoy in `shape` in front of `backend`, calling the running `service` with its caller token."""
+    workdir.mkdir(parents=True, exist_ok=True)
     kw: dict[str, Any] = {}
     if backend == "vllm":
         kw.update(backend_command=(sys.executable, str(VLLM_LIKE), "--port", "{port}"), backend_ready_path="/health")
     if shape == "gateway":
         kw.update(envoy_config=str(ROOT / "envoy" / "envoy.yaml"))
     elif shape == "sidecar":
-        kw.update(envoy_config=str(ROOT / "envoy" / "sidecar.yaml"), backends=("local_app",),
-                  grpc=f"unix:{workdir / 'extproc.sock'}")
+        kw.update(envoy_config=str(ROOT / "envoy" / "sidecar.yaml"), backends=("local_app",))
     elif shape == "ext_authz":
         kw.update(envoy_config=str(ROOT / "envoy" / "ext_authz.yaml"), backends=("backend",))
     elif shape == "istio":
         kw.update(envoy_config=str(istio_like_config(workdir / "istio-inbound.yaml")), backends=(ISTIO_APP_CLUSTER,))
     else:
         raise ValueError(shape)
-    return Stack(policy=str(policy), store=f"sqlite:{workdir / 'budget.db'}", workdir=workdir / "stack", **kw)
+    return Stack(policy=service.policy, store=service.store, grpc=service.grpc, caller_token=service.caller_token,
+                 workdir=workdir / "stack", **kw)
 
 
 @dataclass(frozen=True)
@@ -151,7 +170,8 @@ class Target:
 
     shape: str
     backend: str
-    stack: Stack
+    stack: Stack  # Envoy and the backend; `service` is the extproc service it calls
+    service: Stack
 
     @property
     def meters(self) -> bool:
@@ -220,15 +240,17 @@ class Target:
             await asyncio.sleep(0.05)
 
 
-def start_target(shape: str, backend: str, workdir: Path) -> Target:
-    stack = build_stack(shape, backend, workdir)
+def start_target(shape: str, backend: str, workdir: Path, service: Stack) -> Target:
+    stack = build_stack(shape, backend, workdir, service)
     try:
-        stack.start()
+        stack.start_backends()
+        stack.start_envoy()
     except Exception:
-        for name in ("extproc", "envoy", *(f"mock-{b}" for b in stack.backends)):
+        for name in ("envoy", *(f"mock-{b}" for b in stack.backends)):
             print(f"--- {name} log ---\n{stack.log(name)[-3000:]}")
+        stack.stop()
         raise
-    return Target(shape, backend, stack)
+    return Target(shape, backend, stack, service)
 
 
 def chat_body(content: str = "hi", **kw: Any) -> dict[str, Any]:

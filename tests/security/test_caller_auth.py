@@ -103,23 +103,35 @@ def start_serve(tmp_path: Path, *args: str, grpc_addr: str | None = None) -> tup
     return proc, grpc_addr, log
 
 
+def _serve(tmp_path: Path, procs: list[subprocess.Popen[Any]], *args: str, grpc_addr: str | None = None) -> Service:
+    admin = f"127.0.0.1:{free_port()}"
+    proc, addr, log = start_serve(tmp_path, "--admin", admin, *args, grpc_addr=grpc_addr)
+    procs.append(proc)
+    try:
+        wait_connect(addr, 30, proc)
+        wait_connect(admin, 30, proc)
+    except Exception:
+        print(log.read_text())
+        raise
+    return Service(proc, addr, admin, log)
+
+
 @pytest.fixture
 def serve(tmp_path):
     procs: list[subprocess.Popen[Any]] = []
+    yield lambda *args, grpc_addr=None: _serve(tmp_path, procs, *args, grpc_addr=grpc_addr)
+    for p in procs:
+        stop_process(p)
 
-    def start(*args: str, grpc_addr: str | None = None) -> Service:
-        admin = f"127.0.0.1:{free_port()}"
-        proc, addr, log = start_serve(tmp_path, "--admin", admin, *args, grpc_addr=grpc_addr)
-        procs.append(proc)
-        try:
-            wait_connect(addr, 30, proc)
-            wait_connect(admin, 30, proc)
-        except Exception:
-            print(log.read_text())
-            raise
-        return Service(proc, addr, admin, log)
 
-    yield start
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """One service whose caller token is "right-token", for the tests that change nothing in
+    it but their own calls (each names its own request and run ids, and compares the books
+    with what they were before it)."""
+    procs: list[subprocess.Popen[Any]] = []
+    d = tmp_path_factory.mktemp("guarded")
+    yield _serve(d, procs, "--caller-token-file", str(token_file(d, "right-token")))
     for p in procs:
         stop_process(p)
 
@@ -229,29 +241,32 @@ async def settled(svc: Service, n: int, timeout: float = 5.0) -> list[dict[str, 
 
 
 @pytest.mark.parametrize("token", [None, "not-the-token", PLACEHOLDER], ids=["no-token", "wrong-token", "placeholder"])
-async def test_a_caller_without_the_token_is_refused_before_the_store_is_touched(serve, tmp_path, token):
-    svc = serve("--caller-token-file", str(token_file(tmp_path, "right-token")))
+async def test_a_caller_without_the_token_is_refused_before_the_store_is_touched(guarded, token):
+    svc = guarded  # each case refuses once per API with its own reason, and names its own ids
+    reason = {None: "missing", "not-the-token": "wrong", PLACEHOLDER: "placeholder"}[token]
+    ledger_before = svc.ledger()
+    budgets_before = svc.admin_get("/admin/budgets", principal="victim").json()["budgets"]
 
     assert await refused_with(svc.grpc, token) == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.aio.AioRpcError) as refused_authz:
-        await check(svc.grpc, token, dispatch_headers("rid-2", authorization=f"Bearer {VICTIM_KEY}", **{"x-run-id": "run-2"}))
+        await check(svc.grpc, token, dispatch_headers(f"rid-2-{reason}", authorization=f"Bearer {VICTIM_KEY}", **{"x-run-id": f"run-2-{reason}"}))
     assert refused_authz.value.code() == grpc.StatusCode.UNAUTHENTICATED
     # nothing was reserved, charged or created for the victim
-    assert svc.ledger() == []
-    assert svc.run_state("victim", "run-1") is None
+    assert svc.ledger() == ledger_before
+    assert svc.run_state("victim", f"run-2-{reason}") is None
     budgets = svc.admin_get("/admin/budgets", principal="victim").json()["budgets"]
-    assert all(b["spent"] == "0" and b["reserved"] == "0" for b in budgets), budgets
+    assert budgets == budgets_before
+    assert all(b["reserved"] == "0" for b in budgets), budgets
 
     # the same exchange with the right token is metered: the refusal above was the token's doing
-    replies = await metered_call(svc.grpc, "right-token", "rid-3", "run-3")
+    replies = await metered_call(svc.grpc, "right-token", f"rid-3-{reason}", f"run-3-{reason}")
     assert not any(r.HasField("immediate_response") for r in replies)
-    (entry,) = await settled(svc, 1)
+    (entry,) = (await settled(svc, len(ledger_before) + 1))[len(ledger_before):]
     assert entry["principal"] == "victim"
-    assert svc.run_state("victim", "run-3") is not None
-    ok = await check(svc.grpc, "right-token", dispatch_headers("rid-4", authorization=f"Bearer {VICTIM_KEY}"))
+    assert svc.run_state("victim", f"run-3-{reason}") is not None
+    ok = await check(svc.grpc, "right-token", dispatch_headers(f"rid-4-{reason}", authorization=f"Bearer {VICTIM_KEY}"))
     assert ok.status.code == code_pb2.OK
     metrics = httpx.get(f"http://{svc.admin}/metrics", timeout=10).text
-    reason = {None: "missing", "not-the-token": "wrong", PLACEHOLDER: "placeholder"}[token]
     assert f'extproc_grpc_callers_refused_total{{reason="{reason}"}} 2.0' in metrics
 
 
@@ -282,7 +297,7 @@ async def test_the_token_file_rotates_without_a_restart(serve, tmp_path):
     assert "re-read: 2 token(s)" in svc.log.read_text()
 
 
-async def test_forged_envoy_identity_counts_only_on_an_authenticated_stream(serve, tmp_path):
+async def test_forged_envoy_identity_counts_only_on_an_authenticated_stream(serve, guarded):
     """An admitted but unauthenticated stream (--allow-unauthenticated-callers) cannot name a
     principal through the mTLS peer attribute or the trusted principal header; an
     authenticated one (Envoy with the token) can."""
@@ -302,7 +317,7 @@ async def test_forged_envoy_identity_counts_only_on_an_authenticated_stream(serv
     assert "UNAUTHENTICATED CALLERS ALLOWED" in open_svc.log.read_text()
 
     # the same attribute from the operator's Envoy (token presented) names the principal
-    svc = serve("--caller-token-file", str(token_file(tmp_path, "right-token", name="t2")))
+    svc = guarded
     trusted = await first_reply(svc.grpc, "right-token", headers_msg(chat_headers("f5"), peer=VICTIM_PEER))
     assert trusted.HasField("request_headers") and not trusted.HasField("immediate_response")
     doc = await first_reply(svc.grpc, "right-token", headers_msg({":path": "/v1/budget", ":method": "GET", "x-request-id": "f6"}, peer=VICTIM_PEER))

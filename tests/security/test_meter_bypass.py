@@ -1,7 +1,9 @@
 """Issue 10, "No way around the meter": every attack through real Envoy, on every shipped shape.
 
 Each test runs against every (shape, backend) stack of `tests/security/shapes.py`
-(one stack per pair for the whole module) and ends by checking the books: the
+(Envoy and the backend once per pair for the whole module, in front of one extproc service
+per transport: TCP for gateway, ext_authz and istio, a Unix socket for the sidecar) and ends
+by checking the books: the
 ledger reconciles with the counters, nothing stays reserved past the reservation
 TTL, and no budget is spent past its limit.
 
@@ -21,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from extproc.stack import Stack
 from tests.deploy.conftest import envoy_validate
 from tests.integration.reconcile import reconcile
 
@@ -40,6 +43,7 @@ from .shapes import (
     Target,
     chat_body,
     istio_like_config,
+    start_service,
     start_target,
 )
 
@@ -55,9 +59,26 @@ on_metering_shapes = pytest.mark.parametrize("target", _ids(METERING_SHAPES), in
 
 
 @pytest.fixture(scope="module")
-def target(request, tmp_path_factory):
+def services(tmp_path_factory):
+    """The extproc service, started once per transport (TCP, Unix socket) for the module: every
+    target calls one of them, so the books each test checks are the service's whole books."""
+    started: dict[bool, Stack] = {}
+
+    def get(shape: str) -> Stack:
+        unix = shape == "sidecar"
+        if unix not in started:
+            started[unix] = start_service(tmp_path_factory.mktemp("sec-unix" if unix else "sec-tcp"), unix=unix)
+        return started[unix]
+
+    yield get
+    for s in started.values():
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def target(request, tmp_path_factory, services):
     shape, backend = request.param.split(":")
-    t = start_target(shape, backend, tmp_path_factory.mktemp(f"sec-{shape}-{backend}"))
+    t = start_target(shape, backend, tmp_path_factory.mktemp(f"sec-{shape}-{backend}"), services(shape))
     yield t
     t.stack.stop()
 
@@ -67,7 +88,7 @@ async def books(t: Target) -> None:
 
 
 def logs(t: Target) -> str:
-    return "\n".join(f"--- {n} ---\n{t.stack.log(n)[-1500:]}" for n in ("envoy", "extproc"))
+    return f"--- envoy ---\n{t.stack.log('envoy')[-1500:]}\n--- extproc ---\n{t.service.log('extproc')[-1500:]}"
 
 
 # --------------------------------------------------------------------------- paths
