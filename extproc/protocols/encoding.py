@@ -92,7 +92,8 @@ class _Zlib:
 
     def _run(self, data: bytes, step: int) -> Iterator[bytes]:
         d = self._d
-        while data:
+        full = False  # the last call filled its output bound: zlib may hold more with no input left
+        while data or full:
             if self._done:
                 # gzip allows several members; anything else after the end is ignored
                 data, self._head = self._head + data, b""
@@ -107,6 +108,7 @@ class _Zlib:
                 out = d.decompress(data, step)
             except zlib.error as e:
                 raise DecodeError(f"corrupt {'gzip' if self._gzip else 'deflate'} body: {e}") from None
+            full = 0 < step <= len(out)
             if out:
                 yield out
             if d.eof:
