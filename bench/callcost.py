@@ -29,7 +29,6 @@ import json
 import pstats
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +91,13 @@ class _Stream:
         self.wire = wire
         self.sent: list[ep.ProcessingResponse] = []
 
-    async def __aiter__(self) -> AsyncIterator[ep.ProcessingRequest]:
-        for w in self.wire:
-            yield ep.ProcessingRequest.FromString(w)
+    def __aiter__(self) -> _Stream:  # an iterator object, as grpclib's stream is (an async generator left
+        return self  # unfinished would be finalized through the loop's self-pipe, which the real stream never is)
+
+    async def __anext__(self) -> ep.ProcessingRequest:
+        if not self.wire:
+            raise StopAsyncIteration
+        return ep.ProcessingRequest.FromString(self.wire.pop(0))
 
     async def send_message(self, message: ep.ProcessingResponse) -> None:
         message.SerializeToString()
