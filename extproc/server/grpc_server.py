@@ -33,6 +33,7 @@ from grpclib.exceptions import GRPCError
 # Stream and connection windows: a buffered request or response body of several MiB arrives
 # without waiting for window updates (grpclib's default is 4 MiB; Envoy bounds bodies itself).
 WINDOW_BYTES = 16 * 1024 * 1024
+CLOSE_WAIT_S = 1.0  # after the grace: how long stop waits for clients to close their connections
 
 # The Unix socket's mode. The server creates it with the process umask (0755 by uid 10001), and
 # the pod's Envoy runs as another user (uid 101) with no group in common, so every call was
@@ -108,4 +109,7 @@ class GrpcServer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)
         self._server.close()
-        await self._server.wait_closed()
+        # asyncio's Server.wait_closed also waits for every open connection to close, which a client that
+        # keeps its HTTP/2 connection (Envoy, a probe's channel) may never do: the calls are over, so bound it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), CLOSE_WAIT_S)
