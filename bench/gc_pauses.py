@@ -22,12 +22,12 @@ import os
 import runpy
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from . import load
-from .procs import Procs
-from .run import HERE, PY, Bench, Spec
+from .run import HERE, PY, Spec, one_stack
 
 
 def _wrap(log_path: str, args: list[str]) -> None:
@@ -55,31 +55,19 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     a = ap.parse_args()
     os.chdir(HERE.parent)
-    bench = Bench(argparse.Namespace(duration=a.seconds, stream_duration=a.seconds, warmup=1.0))
-    log_path = bench.workdir / "gc.log"
+    log_path = Path(tempfile.mkdtemp(prefix="extproc-gc-")) / "gc.log"
     spec = Spec("gc", "gc pauses", "envoy", "extproc", a.store, "uds", 1)
-    procs = Procs(bench.workdir)
-    orig = procs.spawn
-
-    def spawn(name, role, argv, **kw):  # type: ignore[no-untyped-def]
-        if role == "ext_proc":  # argv is [PY, "-m", "extproc", ...]
-            argv = [PY, "-m", "bench.gc_pauses", "--wrap", str(log_path), *argv[3:]]
-        return orig(name, role, argv, **kw)
-
-    procs.spawn = spawn  # type: ignore[method-assign]
-    bench.start_backend()
-    try:
-        url = bench.start(spec, procs, None)
+    # argv is [PY, "-m", "extproc", ...]: the same command, run through _wrap
+    with one_stack(spec, filter_argv=lambda argv: [PY, "-m", "bench.gc_pauses", "--wrap", str(log_path), *argv[3:]]) as (
+        bench, _, url
+    ):
         body, headers = load.chat_body(), bench.headers(False)
         asyncio.run(load.run(url, body=body, headers=headers, concurrency=32, duration_s=1.0))
         t0 = time.time()
         r = asyncio.run(load.run(url, body=body, headers=headers, concurrency=32, duration_s=a.seconds))
         t1 = time.time()
-    finally:
-        procs.stop()
-        bench.shared.stop()
-    rows = [line.split() for line in Path(log_path).read_text().splitlines()]
-    shutil.rmtree(bench.workdir, ignore_errors=True)
+    rows = [line.split() for line in log_path.read_text().splitlines()]
+    shutil.rmtree(log_path.parent, ignore_errors=True)
     during = [(int(g), float(ms)) for g, ms, t in rows if t0 <= float(t) <= t1]
     print(f"{a.store} store, c=32 for {a.seconds:g} s: {r.ok} calls, p50 {r.pct(50):.1f} ms, p99 {r.pct(99):.1f} ms")
     print("| generation | collections | CPU ms total | CPU ms longest | CPU µs per call |")

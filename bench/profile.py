@@ -29,8 +29,7 @@ import time
 from pathlib import Path
 
 from . import load
-from .procs import Procs
-from .run import HERE, PY, Bench, Spec
+from .run import HERE, PY, Spec, one_stack
 
 
 def _pyspy() -> str | None:
@@ -78,26 +77,14 @@ def main() -> int:
                     "the GIL, i.e. where Python CPU goes; try --native or --idle)")
     a = ap.parse_args()
     os.chdir(HERE.parent)
-    args = argparse.Namespace(duration=a.seconds, stream_duration=a.seconds, warmup=2.0)
-    bench = Bench(args)
     spy = None if a.cprofile else _pyspy()
     out_dir = HERE / "out"
     out_dir.mkdir(exist_ok=True)
     prof_path = out_dir / f"profile-{a.store}.prof"
     spec = Spec("profile", "profiled", "envoy", "extproc", a.store, "uds", 1)
-    procs = Procs(bench.workdir)
-    if spy is None:  # run the service under cProfile: same command, wrapped
-        orig = procs.spawn
-
-        def spawn(name, role, argv, **kw):  # type: ignore[no-untyped-def]
-            if role == "ext_proc":
-                argv = [PY, "-m", "cProfile", "-o", str(prof_path), *argv[1:]]
-            return orig(name, role, argv, **kw)
-
-        procs.spawn = spawn  # type: ignore[method-assign]
-    bench.start_backend()
-    try:
-        url = bench.start(spec, procs, None)
+    # without py-spy the service runs under cProfile: the same command, wrapped
+    under_cprofile = None if spy is not None else (lambda argv: [PY, "-m", "cProfile", "-o", str(prof_path), *argv[1:]])
+    with one_stack(spec, filter_argv=under_cprofile) as (bench, procs, url):
         body, headers = load.chat_body(), bench.headers(False)
         asyncio.run(load.run(url, body=body, headers=headers, concurrency=a.concurrency, duration_s=2.0))
         pid = next(p.pid for _, role, p in procs.procs if role == "ext_proc")
@@ -124,10 +111,6 @@ def main() -> int:
             st = pstats.Stats(str(prof_path))
             st.sort_stats("tottime").print_stats(a.top)
             st.sort_stats("cumtime").print_stats(a.top)
-    finally:
-        procs.stop()
-        bench.shared.stop()
-        shutil.rmtree(bench.workdir, ignore_errors=True)
     return 0
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -541,6 +543,29 @@ class Bench:
 
 def _setup(s: Spec) -> str:
     return f"{s.transport}-{s.workers}w"
+
+
+@contextlib.contextmanager
+def one_stack(spec: Spec, *, filter_argv: Callable[[list[str]], list[str]] | None = None) -> Iterator[tuple[Bench, Procs, str]]:
+    """One configuration's processes (mock backend, filter, Envoy) for the scripts that measure one thing on it
+    (profile.py, transport.py, gc_pauses.py); `filter_argv` rewrites the filter's command line (a profiler, a
+    wrapper). Yields the Bench, the configuration's processes and the URL to drive; all stopped and removed on exit."""
+    bench = Bench(argparse.Namespace(duration=8.0, stream_duration=8.0, warmup=1.0))
+    procs = Procs(bench.workdir)
+    if filter_argv is not None:
+        rewrite, spawn = filter_argv, procs.spawn
+
+        def wrapped(name: str, role: str, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
+            return spawn(name, role, rewrite(argv) if role == "ext_proc" else argv, **kw)
+
+        procs.spawn = wrapped  # type: ignore[method-assign]
+    bench.start_backend()
+    try:
+        yield bench, procs, bench.start(spec, procs, None)
+    finally:
+        procs.stop()
+        bench.shared.stop()
+        shutil.rmtree(bench.workdir, ignore_errors=True)
 
 
 def first_specs() -> list[Spec]:

@@ -1,13 +1,15 @@
-"""What gRPC server options change in the service's transport cost: syscalls, context switches, CPU per call.
+"""The filter process's transport cost per call: syscalls, context switches, CPU, and the c=1 latency.
 
 Starts the benchmark's stack (mock backend, Envoy with the shipped config, one
-filter process on a Unix socket: the no-op ext_proc or `extproc serve` with the
-embedded store), drives JSON at concurrency 32 and attaches `perf stat` to the
-filter process for the measured window. Each variant runs the filter with extra
-`grpc.aio.server` options (patched in by a wrapper process, so neither server
-needs a knob for it); variants alternate `--rounds` times, since the machine may
-be shared. Syscalls and context switches per call do not depend on what else
-runs on the machine; CPU-ms per call does (a little).
+filter process on a Unix socket: the grpc.aio no-op ext_proc or `extproc serve`
+with the embedded store), drives JSON at concurrency 32 and attaches `perf
+stat` to the filter process for the measured window, then measures c=1.
+Variants run the filter with extra `grpc.aio.server` options (patched in by a
+wrapper process; they matter to the grpc.aio no-op only, extproc serves on
+grpclib) and alternate `--rounds` times, since the machine may be shared.
+Syscalls and context switches per call do not depend on what else runs on the
+machine; CPU-ms per call does (a little). To compare two commits of extproc,
+run it in a checkout of each, alternately (bench/optimisations.md).
 
     python -m bench.transport [--filter extproc] [--seconds 5] [--rounds 3]
         [--variant 'bdp-off={"grpc.http2.bdp_probe": 0}'] ...
@@ -20,7 +22,6 @@ import asyncio
 import json
 import os
 import runpy
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import load
-from .procs import Procs
-from .run import HERE, PY, Bench, Spec
+from .run import HERE, PY, Spec, one_stack
 
 DEFAULT_VARIANTS = ["default={}", 'bdp-off={"grpc.http2.bdp_probe": 0}']
 
@@ -76,19 +76,8 @@ def _cpu_s(pid: int) -> float:
 
 
 def measure(filter_: str, name: str, options: dict[str, Any], seconds: float) -> dict[str, float]:
-    args = argparse.Namespace(duration=seconds, stream_duration=seconds, warmup=1.0)
-    bench = Bench(args)
     spec = Spec(f"transport-{name}", name, "envoy", filter_, "sqlite", "uds", 1)
-    procs = Procs(bench.workdir)
-    orig = procs.spawn
-
-    def spawn(pname, role, argv, **kw):  # type: ignore[no-untyped-def]
-        return orig(pname, role, _wrapped(argv, options) if role == "ext_proc" else argv, **kw)
-
-    procs.spawn = spawn  # type: ignore[method-assign]
-    bench.start_backend()
-    try:
-        url = bench.start(spec, procs, None)
+    with one_stack(spec, filter_argv=lambda argv: _wrapped(argv, options)) as (bench, procs, url):
         body, headers = load.chat_body(), bench.headers(False)
         asyncio.run(load.run(url, body=body, headers=headers, concurrency=32, duration_s=1.0))
         pid = next(p.pid for _, role, p in procs.procs if role == "ext_proc")
@@ -100,10 +89,6 @@ def measure(filter_: str, name: str, options: dict[str, Any], seconds: float) ->
         c1 = asyncio.run(load.run(url, body=body, headers=headers, concurrency=1, duration_s=seconds))
         return {"rps": r.rps, "calls": n, "cpu_ms": 1000 * cpu / n, "syscalls": counts.get("raw_syscalls:sys_enter", 0) / n,
                 "cswitches": counts.get("context-switches", 0) / n, "c1_p50_ms": c1.pct(50)}
-    finally:
-        procs.stop()
-        bench.shared.stop()
-        shutil.rmtree(bench.workdir, ignore_errors=True)
 
 
 def main() -> int:
