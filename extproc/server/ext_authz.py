@@ -14,6 +14,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as az
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
+from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from .callers import CallerGate
@@ -40,7 +41,8 @@ class Authorization:
     async def _check(self, stream: Stream[az.CheckRequest, az.CheckResponse]) -> None:
         authenticated = self.callers.authenticate(stream.metadata.items() if stream.metadata else None)
         request = await stream.recv_message()
-        assert request is not None  # a unary call carries its request
+        if request is None:  # the client ended its side without the request
+            raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, "Check needs a CheckRequest")
         await stream.send_message(await self.Check(request, authenticated))
 
     async def Check(self, request: az.CheckRequest, authenticated: bool) -> az.CheckResponse:

@@ -113,3 +113,27 @@ async def test_stop_cancels_what_outlives_the_grace(served):
     assert echo.cancelled
     with pytest.raises(grpc.aio.AioRpcError):  # the process exits next; here the client's deadline ends it
         await in_flight
+
+
+async def test_a_check_without_its_request_is_invalid_not_a_crash(tmp_path):
+    """A unary ext_authz call whose client ends its side before sending the CheckRequest."""
+    from envoy.service.auth.v3 import external_auth_pb2 as az
+
+    from extproc.server.callers import CallerGate
+    from extproc.server.ext_authz import Authorization
+
+    server = GrpcServer([Authorization(None, CallerGate(None, True))], always=[])  # type: ignore[arg-type]
+    addr = f"unix:{tmp_path}/authz.sock"
+    await server.start(addr, socket_mode=0o600)
+    try:
+        async with grpc.aio.insecure_channel(addr) as channel:
+            call = channel.stream_unary(
+                "/envoy.service.auth.v3.Authorization/Check",
+                request_serializer=az.CheckRequest.SerializeToString,
+                response_deserializer=az.CheckResponse.FromString,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(iter(()), timeout=5)  # no message, then end of stream
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await server.stop(0)
