@@ -10,9 +10,11 @@ CommonResponse, so what this costs is the gRPC round trips and nothing else,
 except the one header every request needs to be routed at all: the shipped
 Envoy config routes only requests marked `x-extproc-route` (closed world), so
 the no-op marks each request on its headers, as extproc does.
-Runs on grpc.aio (the baseline issue 14 named), or with `--transport grpclib`
-on grpclib, the transport extproc serves on (server/grpc_server.py): the floor
-for the same transport. Both share one TCP port across processes (SO_REUSEPORT).
+Runs on grpc.aio (the baseline issue 14 named); with `--transport grpclib` on
+the grpclib library (h2; what extproc served on before its own server); with
+`--transport extproc` on extproc's own gRPC server (server/grpc_server.py and
+http2.py): the floor for the transport extproc serves on. All share one TCP
+port across processes (SO_REUSEPORT).
 
     python -m bench.noop_ext_proc --grpc 127.0.0.1:50052 [--workers 2]
 """
@@ -27,13 +29,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-import grpclib.const
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
-from extproc.server.grpc_server import GrpcServer
+from extproc.server.grpc_server import GrpcServer, Handler
 
 SSE_MODES = {
     "duplex": pm.ProcessingMode(
@@ -92,7 +93,7 @@ class NoopProcessor(epg.ExternalProcessorServicer):
 
 
 class NoopHandler:
-    """The same answers as a grpclib handler."""
+    """The same answers as a handler of extproc's gRPC server (or, through `grpclib_mapping`, of grpclib's)."""
 
     def __init__(self, processor: NoopProcessor) -> None:
         self.processor = processor
@@ -101,16 +102,45 @@ class NoopHandler:
         async for resp in self.processor.Process(stream, None):
             await stream.send_message(resp)
 
-    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+    def __mapping__(self) -> dict[str, Handler]:
+        return {"/envoy.service.ext_proc.v3.ExternalProcessor/Process": Handler(self.Process, ep.ProcessingRequest, ep.ProcessingResponse)}
+
+
+class GrpclibNoop:
+    """The no-op on the grpclib library (a dev dependency, for this comparison only)."""
+
+    def __init__(self, handler: NoopHandler) -> None:
+        self.handler = handler
+
+    def __mapping__(self) -> dict[str, Any]:
+        import grpclib.const
+
         return {"/envoy.service.ext_proc.v3.ExternalProcessor/Process": grpclib.const.Handler(
-            self.Process, grpclib.const.Cardinality.STREAM_STREAM, ep.ProcessingRequest, ep.ProcessingResponse)}
+            self.handler.Process, grpclib.const.Cardinality.STREAM_STREAM, ep.ProcessingRequest, ep.ProcessingResponse)}
+
+
+async def _start_grpclib(handler: NoopHandler, addr: str) -> Any:
+    import grpclib.config
+    import grpclib.server
+
+    window = 16 * 1024 * 1024  # what extproc's server uses
+    config = grpclib.config.Configuration(http2_connection_window_size=window, http2_stream_window_size=window)
+    server = grpclib.server.Server([GrpclibNoop(handler)], config=config)
+    if addr.startswith("unix:"):
+        await server.start(path=addr.removeprefix("unix:"))
+    else:
+        host, _, port = addr.rpartition(":")
+        await server.start(host or None, int(port), reuse_port=True)
+    return server
 
 
 async def serve(addr: str, one_round_trip: bool = False, sse_mode: str = "duplex", transport: str = "grpcio") -> None:
     processor = NoopProcessor(one_round_trip, sse_mode)
-    if transport == "grpclib":
-        lib = GrpcServer([NoopHandler(processor)], always=[])
-        await lib.start(addr, socket_mode=0o666)
+    if transport == "extproc":
+        own = GrpcServer([NoopHandler(processor)], always=[])
+        await own.start(addr, socket_mode=0o666)
+    elif transport == "grpclib":
+        lib = await _start_grpclib(NoopHandler(processor), addr)
     else:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
         epg.add_ExternalProcessorServicer_to_server(processor, server)
@@ -123,8 +153,10 @@ async def serve(addr: str, one_round_trip: bool = False, sse_mode: str = "duplex
         loop.add_signal_handler(sig, stop.set)
     print(f"noop ext_proc listening {addr}", flush=True)
     await stop.wait()
-    if transport == "grpclib":
-        await lib.stop(1)
+    if transport == "extproc":
+        await own.stop(1)
+    elif transport == "grpclib":
+        lib.close()
     else:
         await server.stop(grace=1)
 
@@ -139,7 +171,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="processes sharing the TCP port (SO_REUSEPORT)")
     ap.add_argument("--one-round-trip", action="store_true", help="skip every phase after the request headers")
     ap.add_argument("--sse-mode", choices=sorted(SSE_MODES), default="duplex", help="the body mode an SSE answer is switched to")
-    ap.add_argument("--transport", choices=["grpcio", "grpclib"], default="grpcio", help="the gRPC server library")
+    ap.add_argument("--transport", choices=["grpcio", "grpclib", "extproc"], default="grpcio",
+                    help="the gRPC server: grpc.aio, the grpclib library, or extproc's own")
     a = ap.parse_args()
     if a.workers <= 1:
         _run(a.grpc, a.one_round_trip, a.sse_mode, a.transport)

@@ -69,6 +69,8 @@ def summarize(raw: Path, top: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", choices=["sqlite", "redis"], default="sqlite")
+    ap.add_argument("--filter", choices=["extproc", "noop-own", "noop-grpclib"], default="extproc",
+                    help="what to profile: extproc, or the no-op on extproc's gRPC server or on grpclib (the transport alone)")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--top", type=int, default=25)
@@ -80,8 +82,9 @@ def main() -> int:
     spy = None if a.cprofile else _pyspy()
     out_dir = HERE / "out"
     out_dir.mkdir(exist_ok=True)
-    prof_path = out_dir / f"profile-{a.store}.prof"
-    spec = Spec("profile", "profiled", "envoy", "extproc", a.store, "uds", 1)
+    tag = a.store if a.filter == "extproc" else a.filter
+    prof_path = out_dir / f"profile-{tag}.prof"
+    spec = Spec("profile", "profiled", "envoy", a.filter, a.store, "uds", 1)
     # without py-spy the service runs under cProfile: the same command, wrapped
     under_cprofile = None if spy is not None else (lambda argv: [PY, "-m", "cProfile", "-o", str(prof_path), *argv[1:]])
     with one_stack(spec, filter_argv=under_cprofile) as (bench, procs, url):
@@ -89,7 +92,7 @@ def main() -> int:
         asyncio.run(load.run(url, body=body, headers=headers, concurrency=a.concurrency, duration_s=2.0))
         pid = next(p.pid for _, role, p in procs.procs if role == "ext_proc")
         sampler = None
-        raw = out_dir / f"profile-{a.store}.txt"
+        raw = out_dir / f"profile-{tag}.txt"
         if spy is not None:
             sampler = subprocess.Popen([spy, "record", *a.spy_args.split(), "-r", "250", "-f", "raw", "-o", str(raw), "-d", str(int(a.seconds)),
                                         "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

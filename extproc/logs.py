@@ -39,7 +39,5 @@ def setup(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # grpclib logs at INFO each stream its peer resets ("Request was cancelled"), and Envoy resets the
-    # ext_proc stream of every request it ends early (skipped phases, client gone): a line per request.
-    if root.level > logging.DEBUG:
-        logging.getLogger("grpclib").setLevel(logging.WARNING)
+    # hpack logs every header it decodes at DEBUG: far too much even for a debugging session.
+    logging.getLogger("hpack").setLevel(logging.INFO)

@@ -28,11 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError
-
 from ..errors import ConfigError
 from . import metrics
+from .grpc_server import GRPCError, Status
 from .tokens import PLACEHOLDER, Tokens
 
 log = logging.getLogger("extproc.callers")

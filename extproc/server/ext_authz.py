@@ -9,40 +9,36 @@ a step cap or a run deadline is already spent. Nothing is reserved.
 
 from __future__ import annotations
 
-import grpclib.const
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as az
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
-from grpclib.exceptions import GRPCError
-from grpclib.server import Stream
 
 from .callers import CallerGate
 from .gate import Gate
+from .grpc_server import GRPCError, Handler, ServerStream, Status
 from .services import Services
 
 _OK = status_pb2.Status(code=code_pb2.OK)
 
 
 class Authorization:
-    """`envoy.service.auth.v3.Authorization/Check` as a grpclib handler (see grpc_server.py)."""
+    """`envoy.service.auth.v3.Authorization/Check` as a handler of grpc_server.py."""
 
     def __init__(self, services: Services, callers: CallerGate) -> None:
         self.services = services
         self.callers = callers
 
-    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+    def __mapping__(self) -> dict[str, Handler]:
         return {
-            "/envoy.service.auth.v3.Authorization/Check": grpclib.const.Handler(
-                self._check, grpclib.const.Cardinality.UNARY_UNARY, az.CheckRequest, az.CheckResponse
-            )
+            "/envoy.service.auth.v3.Authorization/Check": Handler(self._check, az.CheckRequest, az.CheckResponse)
         }
 
-    async def _check(self, stream: Stream[az.CheckRequest, az.CheckResponse]) -> None:
-        authenticated = self.callers.authenticate(stream.metadata.items() if stream.metadata else None)
+    async def _check(self, stream: ServerStream) -> None:
+        authenticated = self.callers.authenticate(stream.metadata)
         request = await stream.recv_message()
         if request is None:  # the client ended its side without the request
-            raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, "Check needs a CheckRequest")
+            raise GRPCError(Status.INVALID_ARGUMENT, "Check needs a CheckRequest")
         await stream.send_message(await self.Check(request, authenticated))
 
     async def Check(self, request: az.CheckRequest, authenticated: bool) -> az.CheckResponse:

@@ -26,15 +26,14 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, Protocol
 
-import grpclib.const
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
-from grpclib.server import Stream
 
 from .callers import CallerGate
+from .grpc_server import Handler, ServerStream
 from .reply import Reply
 from .services import Services
 from .session import Session
@@ -207,14 +206,14 @@ async def exchange(session: Phases, request_iterator: AsyncIterator[ep.Processin
 
 
 class ExternalProcessor:
-    """`envoy.service.ext_proc.v3.ExternalProcessor/Process` as a grpclib handler (see grpc_server.py)."""
+    """`envoy.service.ext_proc.v3.ExternalProcessor/Process` as a handler of grpc_server.py."""
 
     def __init__(self, services: Services, callers: CallerGate) -> None:
         self.services = services
         self.callers = callers
 
-    async def Process(self, stream: Stream[ep.ProcessingRequest, ep.ProcessingResponse]) -> None:
-        authenticated = self.callers.authenticate(stream.metadata.items() if stream.metadata else None)
+    async def Process(self, stream: ServerStream) -> None:
+        authenticated = self.callers.authenticate(stream.metadata)
         session = Session(self.services, caller_authenticated=authenticated)
         try:
             async for resp in exchange(session, stream):
@@ -222,9 +221,7 @@ class ExternalProcessor:
         finally:
             self.services.spawn(session.close())
 
-    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+    def __mapping__(self) -> dict[str, Handler]:
         return {
-            "/envoy.service.ext_proc.v3.ExternalProcessor/Process": grpclib.const.Handler(
-                self.Process, grpclib.const.Cardinality.STREAM_STREAM, ep.ProcessingRequest, ep.ProcessingResponse
-            )
+            "/envoy.service.ext_proc.v3.ExternalProcessor/Process": Handler(self.Process, ep.ProcessingRequest, ep.ProcessingResponse)
         }

@@ -20,9 +20,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import grpclib.const
 from grpc_health.v1 import health_pb2
-from grpclib.exceptions import GRPCError
+
+from .grpc_server import GRPCError, Handler, Status
 
 log = logging.getLogger("extproc.health")
 
@@ -34,7 +34,7 @@ SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 class StoreHealth:
-    """The health service (a grpclib handler: Check and Watch) and the periodic probe that sets its status."""
+    """The health service (handlers of grpc_server.py: Check and Watch) and the periodic probe that sets its status."""
 
     def __init__(self, ping: Callable[[], Awaitable[None]], *, interval: float = 2.0, timeout: float = 1.0) -> None:
         self.ping = ping
@@ -94,7 +94,7 @@ class StoreHealth:
         request = await stream.recv_message()
         status = self._status.get(request.service)
         if status is None:
-            raise GRPCError(grpclib.const.Status.NOT_FOUND, f"unknown service {request.service!r}")
+            raise GRPCError(Status.NOT_FOUND, f"unknown service {request.service!r}")
         await stream.send_message(health_pb2.HealthCheckResponse(status=status))
 
     async def Watch(self, stream: Any) -> None:
@@ -108,10 +108,9 @@ class StoreHealth:
                 last = status
             await changed.wait()
 
-    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+    def __mapping__(self) -> dict[str, Handler]:
         req, resp = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
-        unary, streaming = grpclib.const.Cardinality.UNARY_UNARY, grpclib.const.Cardinality.UNARY_STREAM
         return {
-            "/grpc.health.v1.Health/Check": grpclib.const.Handler(self.Check, unary, req, resp),
-            "/grpc.health.v1.Health/Watch": grpclib.const.Handler(self.Watch, streaming, req, resp),
+            "/grpc.health.v1.Health/Check": Handler(self.Check, req, resp),
+            "/grpc.health.v1.Health/Watch": Handler(self.Watch, req, resp),
         }

@@ -1,4 +1,4 @@
-"""The grpclib server over a real socket, called by grpcio clients (what Envoy and probes speak):
+"""extproc's gRPC server over a real socket, called by grpcio clients (what Envoy and probes speak):
 health Check and Watch, and the drain on stop (new calls refused, calls in flight finish)."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import asyncio
 from typing import Any
 
 import grpc
-import grpclib.const
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.server.grpc_server import GrpcServer
+from extproc.server import grpc_server
+from extproc.server.grpc_server import GRPCError, GrpcServer, Handler, Status
 from extproc.server.health import LIVENESS, NOT_SERVING, SERVING, StoreHealth
 
 
@@ -33,9 +33,9 @@ class _Echo:
             raise
         await stream.send_message(request)
 
-    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+    def __mapping__(self) -> dict[str, Handler]:
         req = health_pb2.HealthCheckRequest
-        return {"/test.Echo/Echo": grpclib.const.Handler(self.Echo, grpclib.const.Cardinality.UNARY_UNARY, req, req)}
+        return {"/test.Echo/Echo": Handler(self.Echo, req, req)}
 
 
 def _echo_call(channel: grpc.aio.Channel) -> Any:
@@ -137,3 +137,112 @@ async def test_a_check_without_its_request_is_invalid_not_a_crash(tmp_path):
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await server.stop(0)
+
+
+class _Calls:
+    """Bidi echo (each message back, in order), a handler that never answers, one that fails with a message."""
+
+    M = health_pb2.HealthCheckRequest
+
+    async def Echo(self, stream: Any) -> None:
+        async for m in stream:
+            await stream.send_message(m)
+
+    async def Hang(self, stream: Any) -> None:
+        await asyncio.Event().wait()
+
+    async def Fail(self, stream: Any) -> None:
+        await stream.recv_message()
+        raise GRPCError(Status.PERMISSION_DENIED, "nö: 100% refused\n")
+
+    async def Crash(self, stream: Any) -> None:
+        raise RuntimeError("a bug")
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {f"/t.Calls/{n}": Handler(getattr(self, n), self.M, self.M) for n in ("Echo", "Hang", "Fail", "Crash")}
+
+
+@pytest.fixture
+async def calls(tmp_path):
+    server = GrpcServer([_Calls()], always=[])
+    addr = f"unix:{tmp_path}/calls.sock"
+    await server.start(addr, socket_mode=0o600)
+    channel = grpc.aio.insecure_channel(addr, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    try:
+        yield server, channel
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+def _method(channel: grpc.aio.Channel, name: str, kind: str = "stream_stream") -> Any:
+    m = _Calls.M
+    return getattr(channel, kind)(f"/t.Calls/{name}", request_serializer=m.SerializeToString, response_deserializer=m.FromString)
+
+
+async def test_many_streams_and_messages_larger_than_every_window(calls):
+    """Messages of 3 MB each way: the client's windows start at 64 KiB, so the server's sends wait for
+    WINDOW_UPDATEs and its receive windows are given back as the handler reads; 20 streams at once."""
+    _, channel = calls
+    echo = _method(channel, "Echo")
+
+    async def one(i: int) -> list[int]:
+        call = echo()
+        sizes = []
+        for size in (10, 70_000, 3_000_000, 5):
+            await call.write(_Calls.M(service=str(i) * size))
+            sizes.append(len((await call.read()).service))
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+        return sizes
+
+    results = await asyncio.gather(*(one(i) for i in range(1, 10)), *(one(i) for i in range(1, 10)))
+    assert results == [[10, 70_000, 3_000_000, 5]] * 18
+
+
+async def test_status_unknown_method_deadline_and_crash(calls):
+    server, channel = calls
+    with pytest.raises(grpc.aio.AioRpcError) as fail:
+        await _method(channel, "Fail", "unary_unary")(_Calls.M(), timeout=5)
+    assert fail.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert fail.value.details() == "nö: 100% refused\n"  # percent-encoded on the wire, decoded by the client
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await _method(channel, "Nope", "unary_unary")(_Calls.M(), timeout=5)
+    assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await _method(channel, "Hang", "unary_unary")(_Calls.M(), timeout=0.3)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert asyncio.get_running_loop().time() - t0 < 2
+    with pytest.raises(grpc.aio.AioRpcError) as crash:
+        await _method(channel, "Crash", "unary_unary")(_Calls.M(), timeout=5)
+    assert crash.value.code() == grpc.StatusCode.INTERNAL and "a bug" not in (crash.value.details() or "")
+    await asyncio.sleep(0.05)
+    assert server.in_flight == 0
+
+
+async def test_a_message_over_the_limit_is_refused_and_the_connection_lives(calls, monkeypatch):
+    _, channel = calls
+    monkeypatch.setattr(grpc_server, "MAX_MESSAGE_BYTES", 1000)
+    with pytest.raises(grpc.aio.AioRpcError) as big:
+        await _method(channel, "Echo", "unary_unary")(_Calls.M(service="x" * 2000), timeout=5)
+    assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await _method(channel, "Echo", "unary_unary")(_Calls.M(service="ok"), timeout=5)).service == "ok"
+
+
+async def test_a_client_that_goes_away_cancels_its_calls(calls):
+    server, channel = calls
+    call = _method(channel, "Hang")()
+    await call.write(_Calls.M())
+    for _ in range(100):
+        if server.in_flight:
+            break
+        await asyncio.sleep(0.01)
+    assert server.in_flight == 1
+    call.cancel()  # RST_STREAM from the client
+    for _ in range(100):
+        if not server.in_flight:
+            break
+        await asyncio.sleep(0.01)
+    assert server.in_flight == 0
