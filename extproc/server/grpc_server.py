@@ -227,7 +227,11 @@ class ServerStream:
         conn.flush()
         while waiting > BACKPRESSURE_BYTES and not conn.lost:
             self._drained = asyncio.get_running_loop().create_future()
-            await self._drained
+            conn.blocked.add(self)
+            try:
+                await self._drained
+            finally:
+                conn.blocked.discard(self)
             waiting = conn.h2.pending(self.id)
 
     def finish(self, status: int, message: str | None) -> None:
@@ -248,6 +252,7 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.h2 = http2.Connection(window=WINDOW_BYTES, max_streams=MAX_STREAMS)
         self.streams: dict[int, ServerStream] = {}
+        self.blocked: set[ServerStream] = set()  # handlers whose send waits for window
         self.transport: asyncio.Transport | None = None
         self.lost = False
 
@@ -290,8 +295,8 @@ class _Connection(asyncio.Protocol):
                 stream = self.streams.pop(ev.stream_id, None)
                 if stream is not None and stream.task is not None:
                     stream.task.cancel()
-        for stream in self.streams.values():
-            if stream._drained is not None and self.h2.pending(stream.id) <= BACKPRESSURE_BYTES:
+        for stream in list(self.blocked):  # window updates may have let their data out
+            if self.h2.pending(stream.id) <= BACKPRESSURE_BYTES:
                 stream.drained()
         self.flush()
 
@@ -367,6 +372,7 @@ class _Connection(asyncio.Protocol):
         for stream in self.streams.values():
             if stream.task is not None:
                 stream.task.cancel()
+        for stream in list(self.blocked):
             stream.drained()
         self.streams.clear()
 
