@@ -1,12 +1,11 @@
 """The filter process's transport cost per call: syscalls, context switches, CPU, and the c=1 latency.
 
 Starts the benchmark's stack (mock backend, Envoy with the shipped config, one
-filter process on a Unix socket: the grpc.aio no-op ext_proc or `extproc serve`
-with the embedded store), drives JSON at concurrency 32 and attaches `perf
+filter process on a Unix socket: the no-op ext_proc on grpc.aio, on grpclib or
+on extproc's own gRPC server, or `extproc serve` with the embedded store), drives JSON at concurrency 32 and attaches `perf
 stat` to the filter process for the measured window, then measures c=1.
 Variants run the filter with extra `grpc.aio.server` options (patched in by a
-wrapper process; they matter to the grpc.aio no-op only, extproc serves on
-grpclib) and alternate `--rounds` times, since the machine may be shared.
+wrapper process; they matter to the grpc.aio no-op only) and alternate `--rounds` times, since the machine may be shared.
 Syscalls and context switches per call do not depend on what else runs on the
 machine; CPU-ms per call does (a little). To compare two commits of extproc,
 run it in a checkout of each, alternately (bench/optimisations.md).
@@ -96,7 +95,8 @@ def main() -> int:
         _wrap(sys.argv[2], sys.argv[3], sys.argv[4:])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--filter", choices=["noop", "extproc"], default="noop")
+    ap.add_argument("--filter", choices=["noop", "noop-grpclib", "noop-own", "extproc"], default="noop",
+                    help="noop: on grpc.aio; noop-grpclib / noop-own: on grpclib / on extproc's gRPC server")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variant", action="append", help="name=JSON object of grpc server options (repeatable)")
