@@ -129,8 +129,8 @@ def _timeout(value: bytes) -> float | None:
 class ServerStream:
     """One call as its handler sees it: `metadata`, messages in (`recv_message`, async iteration), `send_message`."""
 
-    __slots__ = ("id", "metadata", "_conn", "_type", "_queue", "_buf", "_owed", "_ended", "_waiter", "_headers_sent",
-                 "_drained", "task")
+    __slots__ = ("id", "metadata", "_conn", "_type", "_queue", "_parts", "_off", "_have", "_need", "_owed", "_ended",
+                 "_waiter", "_headers_sent", "_drained", "task")
 
     def __init__(self, conn: _Connection, stream_id: int, metadata: list[tuple[str, str]], request_type: Any) -> None:
         self.id = stream_id
@@ -138,7 +138,10 @@ class ServerStream:
         self._conn = conn
         self._type = request_type
         self._queue: collections.deque[bytes] = collections.deque()
-        self._buf = b""  # a message's bytes so far
+        self._parts: collections.deque[bytes] = collections.deque()  # received, not yet cut into messages
+        self._off = 0  # where the unread bytes start in _parts[0]
+        self._have = 0  # unread bytes in _parts
+        self._need = -1  # the length of the message being read, or -1 while its 5-byte prefix is
         self._owed = 0  # flow-controlled bytes received and not yet given back to the peer
         self._ended = False
         self._waiter: asyncio.Future[None] | None = None
@@ -152,19 +155,23 @@ class ServerStream:
         """DATA from the peer: complete messages queue for the handler. The windows are given back
         only while the handler waits for a message, so an idle handler holds at most a window."""
         self._owed += flow
-        buf = self._buf + data if self._buf else data
-        pos, n = 0, len(buf)
-        while n - pos >= 5:
-            if buf[pos]:
-                raise GRPCError(Status.UNIMPLEMENTED, "compressed messages are not supported")
-            size = int.from_bytes(buf[pos + 1 : pos + 5], "big")
-            if size > MAX_MESSAGE_BYTES:
-                raise GRPCError(Status.RESOURCE_EXHAUSTED, f"message of {size} bytes (limit {MAX_MESSAGE_BYTES})")
-            if n - pos - 5 < size:
+        if data:
+            self._parts.append(data)
+            self._have += len(data)
+        while True:
+            if self._need < 0:
+                if self._have < 5:
+                    break
+                prefix = self._take(5)
+                if prefix[0]:
+                    raise GRPCError(Status.UNIMPLEMENTED, "compressed messages are not supported")
+                self._need = int.from_bytes(prefix[1:], "big")
+                if self._need > MAX_MESSAGE_BYTES:
+                    raise GRPCError(Status.RESOURCE_EXHAUSTED, f"message of {self._need} bytes (limit {MAX_MESSAGE_BYTES})")
+            if self._have < self._need:
                 break
-            self._queue.append(buf[pos + 5 : pos + 5 + size])
-            pos += 5 + size
-        self._buf = buf[pos:] if pos < n else b""
+            self._queue.append(self._take(self._need))
+            self._need = -1
         if end:
             self._ended = True
         if self._waiter is not None and not self._waiter.done():
@@ -172,6 +179,28 @@ class ServerStream:
                 self._waiter.set_result(None)
             else:  # the handler waits for the rest of a message: let it come
                 self._give_back()
+
+    def _take(self, n: int) -> bytes:
+        """The next `n` unread bytes. A message spread over many DATA frames is joined once, when it is
+        complete (appending frame by frame would copy it once per frame: quadratic in its size)."""
+        if not n:
+            return b""  # an empty message (all fields default)
+        first = self._parts[0]
+        if len(first) - self._off >= n:
+            out = first[self._off : self._off + n]
+            self._off += n
+            if self._off == len(first):
+                self._parts.popleft()
+                self._off = 0
+        else:
+            joined = b"".join(self._parts)
+            out, rest = joined[self._off : self._off + n], joined[self._off + n :]
+            self._parts.clear()
+            self._off = 0
+            if rest:
+                self._parts.append(rest)
+        self._have -= n
+        return out
 
     def end(self) -> None:
         self._ended = True
@@ -194,7 +223,7 @@ class ServerStream:
         """The next request message, or None once the client has half-closed."""
         while not self._queue:
             if self._ended:
-                if self._buf:
+                if self._have or self._need >= 0:
                     raise GRPCError(Status.INTERNAL, "the stream ended inside a message")
                 return None
             self._give_back()
