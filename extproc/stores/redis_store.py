@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -38,7 +39,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import StoreUnavailable
 from . import _json as json
-from . import redacted
+from . import redacted, resp
 from .base import (
     CLOSED_MEMORY_MS,
     REFUSAL_MEMORY_MS,
@@ -157,10 +158,14 @@ class RedisStore:
                 max_connections=max_connections,
                 retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             )
-        self._reserve = self._r.register_script(script("reserve.lua"))
-        self._close = self._r.register_script(script("close.lua"))
-        self._extend = self._r.register_script(script("extend.lua"))
-        self._admin = self._r.register_script(script("admin.lua"))
+        # The scripts (every call's reserve and settle) go over one pipelined connection (resp.py says why);
+        # TLS and Cluster keep redis-py's client for them too.
+        self._pipelined = None if cluster or not resp.supported(url) else resp.Pipelined(url, timeout=socket_timeout)
+        register = self._r.register_script if self._pipelined is None else partial(resp.Script, self._pipelined)
+        self._reserve = register(script("reserve.lua"))
+        self._close = register(script("close.lua"))
+        self._extend = register(script("extend.lua"))
+        self._admin = register(script("admin.lua"))
         self._known_tags: set[str] = set()
         # redis-py's cluster client races when many tasks trigger its lazy
         # initialisation at once; initialise it once, under a lock.
@@ -360,6 +365,8 @@ class RedisStore:
         await self._call(self._r.ping)
 
     async def close(self) -> None:
+        if self._pipelined is not None:
+            await self._pipelined.close()
         await self._r.aclose()
 
 
