@@ -114,6 +114,7 @@ async def serve(
     socket_mode: int | None = None,
     shutdown_grace: float = 30.0,
     metrics_addr: str | None = None,
+    health_interval: float = 2.0,
 ) -> None:
     callers = CallerGate.configure(grpc_addr, caller_token_file, allow_unauthenticated=allow_unauthenticated_callers)
     admin_tokens = load_token(admin_token_file) if admin_addr else None
@@ -125,7 +126,7 @@ async def serve(
     rates = _cost_rates(holder, store_url)
     services = Services(holder, engine, rates=rates)
     services.alerts = Alerter(engine, services.spawn, post=aiohttp_post)
-    health = StoreHealth(engine.ping)  # no caller token: probes carry none (see server/health.py)
+    health = StoreHealth(engine.ping, interval=health_interval)  # no caller token: probes carry none (see server/health.py)
     server = GrpcServer([ExternalProcessor(services, callers), Authorization(services, callers)], always=[health])
     await health.start()
     await server.start(grpc_addr, socket_mode=DEFAULT_SOCKET_MODE if socket_mode is None else socket_mode)

@@ -39,6 +39,7 @@ def _serve_one(
             args.policy, args.store, args.grpc, admin_addr=admin, admin_token_file=args.admin_token_file,
             caller_token_file=args.caller_token_file, allow_unauthenticated_callers=args.allow_unauthenticated_callers,
             socket_mode=args.socket_mode, shutdown_grace=args.shutdown_grace, metrics_addr=metrics,
+            health_interval=args.health_interval,
         )
     )
 
@@ -117,6 +118,16 @@ def _serve(args: argparse.Namespace) -> int:
         status = status or (w.exitcode or 0)
     shutil.rmtree(metrics_dir, ignore_errors=True)
     return status
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _name_port(text: str) -> tuple[str, int]:
@@ -293,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds the calls in flight get to finish after SIGTERM (default %(default)s); "
                         "at least the longest stream you allow, and below the pod's terminationGracePeriodSeconds")
+    s.add_argument("--health-interval", type=_positive_seconds, default=2.0,
+                   help="seconds between the store pings behind grpc.health.v1 (default %(default)s): how soon "
+                        "health turns NOT_SERVING when the store goes away, and SERVING when it is back")
     s.set_defaults(fn=_serve)
 
     m = sub.add_parser("mock-backend", help="run the mock GPU inference backend (OpenAI + Anthropic APIs)")

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,10 @@ class Stack:
     def start_backends(self) -> None:
         """The mock backend serves every cluster in `backends` from one process (one port and
         counters per cluster); a `backend_command` runs once per cluster."""
+        self._spawn_backends()()
+
+    def _spawn_backends(self) -> Callable[[], None]:
+        """Start the backend processes; the function returned waits until they answer."""
         ports = {name: free_port() for name in self.backends}
         self.backend_ports.update(ports)
         if self.backend_command:
@@ -279,11 +284,18 @@ class Stack:
             spawned = [(self._spawn(f"mock-{first}", args), list(ports.values()))]
         else:
             spawned = []
-        for proc, serves in spawned:
-            for p in serves:
-                wait_http(f"http://127.0.0.1:{p}{self.backend_ready_path}", 30, proc)
+
+        def ready() -> None:
+            for proc, serves in spawned:
+                for p in serves:
+                    wait_http(f"http://127.0.0.1:{p}{self.backend_ready_path}", 30, proc)
+
+        return ready
 
     def start_service(self) -> None:
+        self._spawn_service()()
+
+    def _spawn_service(self) -> Callable[[], None]:
         assert self.grpc is not None and self.store is not None
         proc = self._spawn(
             "extproc",
@@ -292,8 +304,13 @@ class Stack:
              *self.extra_service_args],
             env={"EXTPROC_ADMIN_TOKEN": self.admin_token},
         )
-        wait_connect(self.grpc, 30, proc)
-        wait_http(f"{self.admin_url}/healthz", 30, proc)  # the admin API starts just after the gRPC port
+        grpc = self.grpc
+
+        def ready() -> None:
+            wait_connect(grpc, 30, proc)
+            wait_http(f"{self.admin_url}/healthz", 30, proc)  # the admin API starts just after the gRPC port
+
+        return ready
 
     def procs_by_name(self, name: str) -> subprocess.Popen[Any]:
         return next(p for n, p in self.procs if n == name)
@@ -302,6 +319,10 @@ class Stack:
         self._stop("extproc")
 
     def start_envoy(self) -> None:
+        self._spawn_envoy()()
+
+    def _spawn_envoy(self) -> Callable[[], None]:
+        """Envoy needs nothing running to start: its clusters connect on the first request."""
         assert self.workdir is not None and self.grpc is not None
         cfg = render_envoy_config(
             self.envoy_config or shipped_envoy_config(),
@@ -318,14 +339,19 @@ class Stack:
             [envoy_binary(), "-c", str(path), "--log-level", "warn", "--concurrency", "2",
              "--disable-hot-restart"],
         )
-        wait_http(f"http://127.0.0.1:{self.admin_port}/ready", 60, proc)
-        wait_connect(f"127.0.0.1:{self.port}", 30, proc)
+
+        def ready() -> None:
+            wait_http(f"http://127.0.0.1:{self.admin_port}/ready", 60, proc)
+            wait_connect(f"127.0.0.1:{self.port}", 30, proc)
+
+        return ready
 
     def start(self) -> Stack:
+        """The backends, the service and Envoy start side by side (none needs another to start),
+        then each is waited for in that order: the start takes as long as the slowest, not the sum."""
         try:
-            self.start_backends()
-            self.start_service()
-            self.start_envoy()
+            for ready in [self._spawn_backends(), self._spawn_service(), self._spawn_envoy()]:
+                ready()
         except BaseException:
             self.stop()
             raise

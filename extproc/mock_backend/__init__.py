@@ -29,7 +29,8 @@ Usage rules (details in ``usage``):
   ``input_tokens`` reduced by W. ``x-mock-reasoning-tokens: R``: R extra tokens
   per choice inside completion/output tokens and ``reasoning_tokens``.
 - ``x-mock-status: CODE`` (>= 400): that status with the API's error envelope
-  (still a hit). ``x-mock-delay-ms``: per-token delay for this request;
+  (still a hit); ``x-mock-retry-after-ms: MS`` adds OpenAI's ``retry-after-ms: MS``
+  to it (how long the SDKs wait before retrying). ``x-mock-delay-ms``: per-token delay for this request;
   ``x-mock-first-byte-delay-ms``: delay before the first byte.
   ``x-mock-no-usage: 1``: usage omitted (streams and JSON), even with
   ``include_usage``.

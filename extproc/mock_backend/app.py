@@ -93,7 +93,10 @@ class Backend:
         if knobs.status is not None:
             if knobs.first_byte_delay_ms:
                 await asyncio.sleep(knobs.first_byte_delay_ms / 1000)
-            return self._error(api, knobs.status, f"mock backend forced status {knobs.status}")
+            err = self._error(api, knobs.status, f"mock backend forced status {knobs.status}")
+            if knobs.retry_after_ms is not None:
+                err.headers["retry-after-ms"] = f"{knobs.retry_after_ms:g}"
+            return err
         if not isinstance(body, dict):
             return self._error(api, 400, "request body is not a valid JSON object")
         if not isinstance(model, str) or not model:

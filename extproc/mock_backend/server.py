@@ -14,10 +14,15 @@ from ..tokenizers import get_encoding
 from .app import make_app, make_metrics_app
 from .config import MockConfig
 
+SHUTDOWN_GRACE_S = 0.5
+"""On SIGTERM, requests in flight get this long to finish, then are cut, as when a model
+server's pod goes. Its clients are usually gone already (a stack stops Envoy first): a long
+generation (a per-token delay) must not hold the stop up for the rest of its sleep."""
+
 
 async def _start(host: str, port: int, config: MockConfig) -> tuple[web.AppRunner, int]:
     get_encoding("o200k_base")  # load the BPE ranks before the first request, not during it
-    runner = web.AppRunner(make_app(config), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(config), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -65,6 +65,7 @@ class Knobs:
     delay_ms: float | None = None
     first_byte_delay_ms: float = 0.0
     no_usage: bool = False
+    retry_after_ms: float | None = None
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> Knobs:
@@ -81,6 +82,7 @@ class Knobs:
             delay_ms=_float(headers, "x-mock-delay-ms"),
             first_byte_delay_ms=_float(headers, "x-mock-first-byte-delay-ms") or 0.0,
             no_usage=headers.get("x-mock-no-usage", "").strip().lower() in ("1", "true", "yes"),
+            retry_after_ms=_float(headers, "x-mock-retry-after-ms"),
         )
 
 

@@ -59,6 +59,28 @@ def test_the_regex_the_boundaries_rely_on_is_unchanged(encoding):
     assert max_token_bytes(encoding) == 128
 
 
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_the_encoding_is_the_one_tiktoken_builds(encoding):
+    """extproc parses the shipped BPE file itself (faster than tiktoken's loader); the ranks,
+    pattern and special tokens must be exactly what tiktoken's own constructor builds."""
+    import tiktoken_ext.openai_public
+
+    want = getattr(tiktoken_ext.openai_public, encoding)()  # reads the same shipped file (TIKTOKEN_CACHE_DIR)
+    got = get_encoding(encoding)
+    assert got.name == want["name"] and got._pat_str == want["pat_str"]
+    assert got._special_tokens == want["special_tokens"]
+    assert got._mergeable_ranks == want["mergeable_ranks"]
+
+
+def test_a_bpe_file_that_is_not_the_pinned_one_is_refused(tmp_path):
+    src = tk._DATA / tk._SPECS["cl100k_base"].file
+    changed = tmp_path / "bpe"
+    changed.write_bytes(src.read_bytes().replace(b" 0\n", b" 1\n", 1))
+    with pytest.raises(ValueError, match="sha256"):
+        tk.load_ranks(changed, tk._SPECS["cl100k_base"].sha256)
+    assert len(tk.load_ranks(src, tk._SPECS["cl100k_base"].sha256)) == 100256
+
+
 def normal_texts() -> dict[str, str]:
     code = "\n".join(p.read_text() for p in sorted((ROOT / "extproc").rglob("*.py")))
     rows = [{"id": i, "name": f"item-{i}", "tags": ["a", "b"], "price": i * 1.25, "note": "ok\n" * (i % 3)} for i in range(4000)]

@@ -96,7 +96,8 @@ async def test_the_fourth_retry_in_a_run_is_refused(demo_stack):
         api_key=CAROL,
         max_retries=2,
         timeout=30,
-        default_headers={"x-run-id": "flaky", "x-mock-status": "500", "x-mock-output-tokens": "5"},
+        # retry-after-ms: the SDK retries after 10 ms, not its 0.5 s / 1 s backoff
+        default_headers={"x-run-id": "flaky", "x-mock-status": "500", "x-mock-output-tokens": "5", "x-mock-retry-after-ms": "10"},
     )
     with pytest.raises(openai.InternalServerError):  # attempts 0, 1, 2: two retries
         await client.chat.completions.create(model="gpt-4o-mini", messages=STEP, max_tokens=5)
@@ -180,7 +181,7 @@ async def test_nested_agent_loops_with_the_openai_and_anthropic_sdks(demo_stack)
     async def retry_loop() -> str:
         client = openai.AsyncOpenAI(
             base_url=f"{stack.url}/v1", api_key=CAROL, max_retries=2,
-            default_headers={"x-run-id": "stuck", "x-parent-run-id": "plan", "x-mock-status": "503"},
+            default_headers={"x-run-id": "stuck", "x-parent-run-id": "plan", "x-mock-status": "503", "x-mock-retry-after-ms": "10"},
         )  # fmt: skip
         try:
             for _ in range(5):

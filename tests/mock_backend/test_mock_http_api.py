@@ -197,6 +197,15 @@ async def test_errors_use_each_api_envelope(base: str, http: aiohttp.ClientSessi
     assert status == 429 and body["error"]["type"] == "rate_limit_error"
 
 
+async def test_a_forced_error_can_say_when_to_retry(base: str, http: aiohttp.ClientSession) -> None:
+    req = json.dumps({"model": "m", "messages": USER}).encode()
+    hdrs = {"content-type": "application/json", "x-mock-status": "503"}
+    async with http.post(f"{base}/v1/chat/completions", data=req, headers={**hdrs, "x-mock-retry-after-ms": "10"}) as r:
+        assert r.status == 503 and r.headers["retry-after-ms"] == "10"
+    async with http.post(f"{base}/v1/chat/completions", data=req, headers=hdrs) as r:
+        assert r.status == 503 and "retry-after-ms" not in r.headers
+
+
 async def test_stats_count_hits_and_tokens(base: str, http: aiohttp.ClientSession) -> None:
     chat = {"model": "a", "messages": USER, "max_tokens": 3}
     await post(http, f"{base}/v1/chat/completions", chat)

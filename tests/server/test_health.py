@@ -48,7 +48,7 @@ def served(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc", "serve", "--policy", "policies/demo.yaml", "--store", redis.url,
-         "--grpc", f"127.0.0.1:{port}", "--caller-token-file", str(token)],
+         "--grpc", f"127.0.0.1:{port}", "--caller-token-file", str(token), "--health-interval", "0.2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
