@@ -164,8 +164,11 @@ class EmbeddedStore:
         """`fn` in one write transaction: on the event loop if the lock is free now and the thread
         idle, else on the store's own thread (which waits for the lock). `bulk` (housekeeping that
         can touch thousands of rows): always on the thread."""
-        while self._checkpointing is not None:  # wait it out on the loop, then write inline again (see below)
-            await asyncio.shield(self._checkpointing)
+        while (checkpoint := self._checkpointing) is not None:  # wait it out on the loop, then write inline again
+            if checkpoint.done():  # (awaiting a done future does not yield: test it, or this spins)
+                self._checkpointing = None
+            else:
+                await asyncio.wait([checkpoint])
         result: T
         if not bulk and self._queued == self._finished:
             try:
@@ -184,13 +187,7 @@ class EmbeddedStore:
         Writes must not run during it: a checkpoint that new frames overtake leaves the WAL unreset, and it
         grows without bound. Nor may they queue on the thread behind it: the thread then never drained while
         calls were in flight, and every later write hopped (98% of them at 32 in flight)."""
-        done = self._checkpointing = self._on_thread(self._checkpoint)
-
-        def finished(_: object) -> None:
-            if self._checkpointing is done:
-                self._checkpointing = None
-
-        done.add_done_callback(finished)
+        self._checkpointing = self._on_thread(self._checkpoint)
 
     async def _read(self, fn: Callable[[], T]) -> T:
         """`fn` outside a transaction (one consistent statement), on the store's own thread."""

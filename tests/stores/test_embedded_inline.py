@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 from extproc.stores import embedded
@@ -65,3 +66,24 @@ async def test_housekeeping_runs_on_the_thread_not_the_event_loop(tmp_path: Path
     assert store._queued == before + 2 and store._finished == store._queued
     assert await spent_reserved(store, "t", cost("k", 100), now=NOW + 20) == (10, 0)
     await store.close()
+
+
+def test_a_write_that_meets_a_finished_checkpoint_does_not_spin(tmp_path: Path) -> None:
+    """A write that arrives after a checkpoint finished but before the loop ran its callbacks: awaiting
+    the done future returned at once without yielding, the callback that cleared it never ran, and the
+    write spun on the event loop forever (seen as two processes' stores hanging under load). Run in a
+    thread, so a spin fails the test instead of hanging the suite."""
+    result: list[bool] = []
+
+    async def go() -> None:
+        store = EmbeddedStore(tmp_path / "b.db")
+        finished = asyncio.get_running_loop().create_future()
+        finished.set_result(None)
+        store._checkpointing = finished
+        result.append((await take(store, "t", "r", [cost("k", 100, 10)])).ok)
+        await store.close()
+
+    runner = threading.Thread(target=asyncio.run, args=(go(),), daemon=True)
+    runner.start()
+    runner.join(10)
+    assert result == [True], "the write spun on the finished checkpoint"
