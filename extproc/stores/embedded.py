@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -127,6 +128,7 @@ CREATE TABLE IF NOT EXISTS alerts (k TEXT PRIMARY KEY, until INTEGER NOT NULL) W
 
 T = TypeVar("T")
 CHECKPOINT_EVERY = 256  # writes between passive WAL checkpoints (on the store's thread)
+POLL_FIRST_S, POLL_MAX_S = 50e-6, 500e-6  # a write waiting for another process's lock retries this often (_begin)
 
 
 class _LockBusy(Exception):
@@ -142,7 +144,6 @@ class EmbeddedStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extproc-sqlite")
         self._busy_ms = round(busy_timeout_s * 1000)
-        self._wait_ms = self._busy_ms  # the connection's current busy timeout
         # Operations handed to the thread and finished there: each counter has one writer (the loop, the
         # thread), so their difference says without a lock whether the thread may be using the connection.
         self._queued = self._finished = 0
@@ -155,6 +156,7 @@ class EmbeddedStore:
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints fsync: the thread runs them (_write)
             self._db.executescript(_SCHEMA)
+            self._db.execute("PRAGMA busy_timeout=0")  # from now on writes wait in _begin, never in SQLite's handler
         except sqlite3.Error as e:
             raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
 
@@ -214,20 +216,36 @@ class EmbeddedStore:
         with contextlib.suppress(sqlite3.Error):  # busy or failing: the next one tries again; commits do not need it
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
+    def _begin(self, wait_ms: int) -> None:
+        """BEGIN IMMEDIATE, polling a busy lock every 50-500 µs for up to `wait_ms` (0 on the event loop:
+        a busy lock raises _LockBusy at once). Not SQLite's busy handler: its sleeps grow to 100 ms, so a
+        writer of another process that commits and begins again within microseconds kept the lock through
+        every retry, and the waiting write failed after the whole timeout (two processes writing back to
+        back: one failure in 3 s, `tests/stores/test_embedded_inline.py`)."""
+        delay, deadline = POLL_FIRST_S, 0.0
+        while True:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                busy = getattr(e, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or self._db.in_transaction:
+                    raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+                if not wait_ms:
+                    raise _LockBusy from e
+                now = time.monotonic()
+                deadline = deadline or now + wait_ms / 1000
+                if now >= deadline:
+                    raise StoreUnavailable(f"embedded store {self.path}: {e} (waited {wait_ms} ms)") from e
+                time.sleep(delay)
+                delay = min(delay * 2, POLL_MAX_S)
+            except sqlite3.Error as e:
+                raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+
     def _tx(self, fn: Callable[[], T], wait_ms: int) -> T:
         """Run `fn` in one write transaction (BEGIN IMMEDIATE: writers queue on the file lock, for up
         to `wait_ms`; 0 on the event loop, where a busy lock raises _LockBusy at once)."""
-        try:
-            if wait_ms != self._wait_ms:
-                self._db.execute(f"PRAGMA busy_timeout={wait_ms}")
-                self._wait_ms = wait_ms
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            if not wait_ms and not self._db.in_transaction:
-                raise _LockBusy from e
-            raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
-        except sqlite3.Error as e:
-            raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+        self._begin(wait_ms)
         try:
             result = fn()
             self._db.execute("COMMIT")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -87,3 +89,35 @@ def test_a_write_that_meets_a_finished_checkpoint_does_not_spin(tmp_path: Path) 
     runner.start()
     runner.join(10)
     assert result == [True], "the write spun on the finished checkpoint"
+
+
+_GREEDY = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=5)
+end, n = time.monotonic() + float(sys.argv[2]), 0
+print("ready", flush=True)
+while time.monotonic() < end:  # commit and begin again at once: the lock is free for microseconds at a time
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("INSERT INTO kv (k, v) VALUES (?, 1)", (f"greedy|{n}",))
+    db.execute("COMMIT")
+    n += 1
+"""
+
+
+async def test_a_write_waiting_for_another_processs_lock_is_not_starved(tmp_path: Path) -> None:
+    """Another process commits and begins again back to back. SQLite's own busy handler sleeps 1, 2, 5, ...
+    100 ms between tries and nearly always found the lock taken again: writes failed after their whole
+    timeout. Polled every 50-500 µs, each gets in."""
+    store = EmbeddedStore(tmp_path / "b.db", busy_timeout_s=0.3)
+    greedy = subprocess.Popen([sys.executable, "-c", _GREEDY, str(tmp_path / "b.db"), "30"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert greedy.stdout is not None and greedy.stdout.readline().strip() == "ready"
+        await asyncio.sleep(0.1)
+        results = [(await take(store, "t", f"r{i}", [cost("k", 10**6, 1)])).ok for i in range(30)]
+        assert greedy.poll() is None, "the other writer must still be writing"
+    finally:
+        greedy.kill()
+        greedy.wait()
+    assert results == [True] * 30
+    assert store._queued > 0, "the writes met the lock and waited on the thread"
+    await store.close()
