@@ -47,6 +47,7 @@ WINDOW_BYTES = 16 * 1024 * 1024
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # one gRPC message: an ext_proc body message holds a whole buffered body
 MAX_STREAMS = 4096  # concurrent streams per connection (Envoy multiplexes every call on few connections)
 BACKPRESSURE_BYTES = 1024 * 1024  # a handler's send waits while this much of its stream waits for window
+MAX_UNSENT_BYTES = 64 * 1024 * 1024  # written to a connection and not yet taken by the peer: past it, the peer is cut
 CLOSE_WAIT_S = 1.0  # after the grace: how long stop waits for clients to close their connections
 
 # The Unix socket's mode. The server creates it with the process umask (0755 by uid 10001), and
@@ -295,6 +296,10 @@ class _Connection(asyncio.Protocol):
         out = self.h2.data_to_send()
         if out and self.transport is not None and not self.lost:
             self.transport.write(out)
+            if self.transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
+                # a peer that sends (PINGs, SETTINGS) but never reads would grow this buffer without end
+                log.warning("closing a gRPC connection: the peer does not read what it asks for")
+                self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -4,6 +4,7 @@ health Check and Watch, and the drain on stop (new calls refused, calls in fligh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import grpc
@@ -246,3 +247,27 @@ async def test_a_client_that_goes_away_cancels_its_calls(calls):
             break
         await asyncio.sleep(0.01)
     assert server.in_flight == 0
+
+
+async def test_a_peer_that_sends_pings_but_never_reads_is_cut(tmp_path, monkeypatch):
+    """Every PING is answered; a peer that never reads the answers would grow the write buffer without end."""
+    from extproc.server import http2
+
+    monkeypatch.setattr(grpc_server, "MAX_UNSENT_BYTES", 256 * 1024)
+    server = GrpcServer([], always=[])
+    path = tmp_path / "p.sock"
+    await server.start(f"unix:{path}", socket_mode=0o600)
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))  # never read from
+        ping = b"\x00\x00\x08" + bytes([http2.PING, 0]) + b"\x00\x00\x00\x00" + b"12345678"
+        writer.write(http2.PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + ping * 200_000)  # 3.4 MB of PINGs
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(writer.drain(), 10)
+        for _ in range(200):
+            if not server.connections:
+                break
+            await asyncio.sleep(0.05)
+        assert not server.connections, "the connection that never reads is still open"
+        writer.close()
+    finally:
+        await server.stop(0)
