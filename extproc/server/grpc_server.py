@@ -15,9 +15,9 @@ most of a call's cost. History, each step measured behind real Envoy
   trailers, `grpc-timeout` honoured. The wire is the same gRPC, so Envoy,
   probes and clients do not change.
 
-Handlers keep grpclib's surface (`__mapping__` of `grpclib.const.Handler`, a
-stream with `metadata`, `recv_message`, `send_message` and async iteration,
-`GRPCError` for a status), so they did not change either.
+Handlers kept the shape they had on grpclib: a `__mapping__` of path to
+`Handler`, a stream with `metadata` (pairs), `recv_message`, `send_message`
+and async iteration, and `GRPCError` for a status (all defined here now).
 
 Shutdown drains: once `stop` is called new ext_proc and ext_authz calls are
 refused with UNAVAILABLE (Envoy fails them closed), the calls in flight (a
