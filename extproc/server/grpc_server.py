@@ -393,8 +393,7 @@ class _Connection(asyncio.Protocol):
         self.streams.pop(stream.id, None)
         if stream.task is not None:
             stream.task.cancel()
-        stream.finish(error.status.value, error.message)
-        self.h2.reset(stream.id, http2.NO_ERROR)
+        stream.finish(error.status.value, error.message)  # its end asks a peer still sending to stop (http2._ended_here)
 
     def _abort(self) -> None:
         if self.transport is not None:
