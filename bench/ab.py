@@ -8,7 +8,7 @@ Envoy). Run from the newer checkout; `--other` is the older one (e.g. a
 processes, so the script works with commits that predate it as long as their
 bench/run.py has `Bench` and `Spec`.
 
-    python -m bench.ab --other /tmp/before [--store redis] [--workers 1,2] [--rounds 2]
+    python -m bench.ab --other /tmp/before [--store redis] [--workers 1,2] [--transport tcp] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, ".")
 from bench import load
 from bench.procs import Procs
 from bench.run import Bench, Spec
-store, workers = sys.argv[1], [int(w) for w in sys.argv[2].split(",")]
+store, workers, transport = sys.argv[1], [int(w) for w in sys.argv[2].split(",")], sys.argv[3]
 bench = Bench(argparse.Namespace(duration=3, stream_duration=3, warmup=1))
 bench.start_backend()
 if store == "redis":
@@ -37,7 +37,7 @@ try:
     for w in workers:
         procs = Procs(bench.workdir)
         try:
-            url = bench.start(Spec(f"ab-{w}w", "ab", "envoy", "extproc", store, "uds", w), procs, None)
+            url = bench.start(Spec(f"ab-{w}w", "ab", "envoy", "extproc", store, transport, w), procs, None)
             body, h = load.chat_body(), bench.headers(False)
             asyncio.run(load.run(url, body=body, headers=h, concurrency=32, duration_s=1))
             asyncio.run(load.run(url, body=body, headers=h, concurrency=1, duration_s=1))
@@ -52,8 +52,8 @@ finally:
 """
 
 
-def side(root: Path, store: str, workers: str) -> list[dict[str, float]]:
-    out = subprocess.run([PY, "-c", _SIDE, store, workers], cwd=root, capture_output=True, text=True, timeout=600, check=True)
+def side(root: Path, store: str, workers: str, transport: str) -> list[dict[str, float]]:
+    out = subprocess.run([PY, "-c", _SIDE, store, workers, transport], cwd=root, capture_output=True, text=True, timeout=600, check=True)
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
@@ -62,6 +62,7 @@ def main() -> int:
     ap.add_argument("--other", required=True, type=Path, help="the other checkout's root")
     ap.add_argument("--store", choices=["sqlite", "journal", "redis"], default="sqlite")
     ap.add_argument("--workers", default="1", help="comma-separated process counts, e.g. 1,2")
+    ap.add_argument("--transport", choices=["uds", "tcp"], default="uds", help="how Envoy reaches the service (the headline: tcp)")
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
     this = HERE.parent
@@ -69,7 +70,7 @@ def main() -> int:
     print("|---:|---|---:|---:|---:|")
     for r in range(1, a.rounds + 1):
         for name, root in (("other", a.other.resolve()), ("this", this)):
-            for row in side(root, a.store, a.workers):
+            for row in side(root, a.store, a.workers, a.transport):
                 print(f"| {r} | {name} | {row['workers']:.0f} | {row['c1_p50_ms']:.2f} | {row['c32_rps']:.0f} |", flush=True)
     return 0
 
