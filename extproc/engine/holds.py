@@ -39,12 +39,29 @@ Spawn = Callable[[Awaitable[Any]], None]
 
 
 @dataclass(frozen=True, slots=True)
+class Due:
+    """What closing a hold charges, decided before the store is written (`CallHold.due`), so the
+    caller can be told its cost while the store write (`CallHold.book`) follows the reply."""
+
+    charge: dict[str, int]  # per dimension: cost (nano-USD), tokens, requests
+    meta: dict[str, Any]  # the ledger entry's meta
+    reserved: int  # nano-USD that had been reserved
+    overrun: int  # charged above the reservation
+    usage: Usage | None  # what it was charged on (None: the reservation)
+
+    @property
+    def cost(self) -> int:
+        return self.charge.get("cost", 0)
+
+
+@dataclass(frozen=True, slots=True)
 class Settled:
     cost: int  # nano-USD charged (what the caller is told)
     reserved: int  # nano-USD that had been reserved
     overrun: int  # charged above the reservation
     stored: bool  # False: the store refused it now, retried in the background
     replayed: bool = False
+    usage: Usage | None = None  # what it was charged on (None: the reservation)
 
 
 class CallHold:
@@ -54,6 +71,8 @@ class CallHold:
         self.reserved: dict[str, int] = dict(decision.reserved)  # grows with a right-sized stream
         self.reserved_output = chosen.output_tokens if chosen is not None else 0
         self.uncharged = 0  # nano-USD the backend used beyond what the budgets could cover (never charged)
+        self.since_ms = engine.clock()  # when the hold was taken or last pushed (its TTL runs from there)
+        self.pending: Due | None = None  # closed on it, not yet booked
 
     @property
     def growable(self) -> bool:
@@ -70,7 +89,12 @@ class CallHold:
     async def touch(self) -> ExtendResult:
         """Push the hold's TTL (an empty extension; run deadlines and a closed run still refuse)."""
         assert self.policy is not None
-        return await self.engine.extend(self.policy, self.decision.hold, {})
+        return self._pushed(await self.engine.extend(self.policy, self.decision.hold, {}))
+
+    def _pushed(self, result: ExtendResult) -> ExtendResult:
+        if result.ok:  # every extension the store takes re-arms the TTL
+            self.since_ms = self.engine.clock()
+        return result
 
     async def _extend_output(self, tokens: int) -> ExtendResult:
         c, policy = self.chosen, self.policy
@@ -78,7 +102,7 @@ class CallHold:
         before = c.price.cost(input_tokens=c.input_tokens, output_tokens=self.reserved_output)
         after = c.price.cost(input_tokens=c.input_tokens, output_tokens=tokens)
         delta = {"cost": after - before, "output_tokens": tokens - self.reserved_output}
-        result = await self.engine.extend(policy, self.decision.hold, delta)
+        result = self._pushed(await self.engine.extend(policy, self.decision.hold, delta))
         if result.ok:
             self.reserved_output = tokens
             for dim, amount in (*delta.items(), ("total_tokens", delta["output_tokens"])):
@@ -120,6 +144,13 @@ class CallHold:
 
     async def settle(self, usage: Usage | None, *, source: str, status: int) -> Settled | None:
         """Charge `usage` (None: the reservation); None if the hold was already closed."""
+        await self.due(usage, source=source, status=status)
+        return await self.book()
+
+    async def due(self, usage: Usage | None, *, source: str, status: int) -> Due | None:
+        """Close the hold on `usage` (None: the reservation) and say what that charges; the
+        store takes it with `book` (`pending` until then). None if the hold was already closed. Awaits the store only
+        when a right-sized call used more than it holds (the hold grows first, if it can)."""
         if not self.open:
             return None
         self.open = False
@@ -142,14 +173,29 @@ class CallHold:
         if overrun:  # the backend outgrew the reservation
             meta["overrun"] = overrun
             log.warning("%s charged %d nano-USD above its reservation", self.decision.hold.reservation_id, overrun)
-        hold = self.decision.hold
+        self.pending = Due(charge, meta, reserved, overrun, usage)
+        return self.pending
+
+    def may_book_later(self, ttl_ms: int) -> bool:
+        """Whether the store can take this hold's `Due` after the caller has been told it: the
+        store charges what `due` says unless the hold expired first (then the reservation, and
+        the caller was told a different figure), so only while well inside its TTL."""
+        return self.engine.clock() - self.since_ms < ttl_ms // 2
+
+    async def book(self) -> Settled | None:
+        """The store takes the `pending` charge (once; None when there is none); a store that
+        refuses it now gets it retried in the background."""
+        due, self.pending, hold = self.pending, None, self.decision.hold
+        if due is None:
+            return None
         try:
-            result = await self.engine.settle(hold, charge, meta)
+            result = await self.engine.settle(hold, due.charge, due.meta)
         except StoreUnavailable as e:
             log.error("settle of %s failed (%s); retrying in the background", hold.reservation_id, e)
-            self.spawn(self.engine.settle_retrying(hold, charge, meta))
-            return Settled(charge.get("cost", 0), reserved, overrun, stored=False)
-        return Settled(result.charged.get("cost", 0), reserved, overrun, stored=True, replayed=result.replayed)
+            self.spawn(self.engine.settle_retrying(hold, due.charge, due.meta))
+            return Settled(due.cost, due.reserved, due.overrun, stored=False, usage=due.usage)
+        cost = result.charged.get("cost", 0)
+        return Settled(cost, due.reserved, due.overrun, stored=True, replayed=result.replayed, usage=due.usage)
 
     async def _within_budget(self, charge: dict[str, int]) -> dict[str, int]:
         """A right-sized call that used more than it reserved (the backend counted more than we
@@ -158,7 +204,7 @@ class CallHold:
         assert self.policy is not None
         over = {dim: v - self.reserved.get(dim, 0) for dim, v in charge.items() if v > self.reserved.get(dim, 0)}
         try:
-            result: ExtendResult | None = await self.engine.extend(self.policy, self.decision.hold, over)
+            result: ExtendResult | None = self._pushed(await self.engine.extend(self.policy, self.decision.hold, over))
         except StoreUnavailable:
             result = None
         if result is not None and result.ok:

@@ -4,7 +4,9 @@ Thin on purpose: all decisions live in `Session`. A call that does not come
 from an authenticated Envoy is refused first (callers.py), before any session
 exists. One session per stream;
 when the stream ends (normally, or because the client went away) the session
-is closed in a background task so settlement never delays Envoy.
+is closed in a background task so settlement never delays Envoy: the charge a
+last reply tells is booked there, after that reply was sent, and a reset
+stream cannot cancel it.
 
 A streamed answer (`Reply.stream_response`) switches the response body to
 FULL_DUPLEX_STREAMED, the one body mode in which the service can end the

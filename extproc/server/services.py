@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from ..estimate import TokenCounter
 from ..policy.loader import PolicyHolder
 from ..policy.model import ModelSpec, Policy
 from ..protocols.usage import Usage
+from . import metrics
 
 
 @dataclass
@@ -43,6 +45,15 @@ class Services:
     def expected_output(self, policy: Policy, principal: str, model: str, spec: ModelSpec) -> int | None:
         """Output per choice a right-sized call of `principal` reserves (engine.growth)."""
         return expected_output(self.history, policy.streaming, spec, principal, model)
+
+    def settled(
+        self, policy: Policy, caller: Caller | None, plan: Plan | None, d: Decision, done: Settled, source: str, t0: float
+    ) -> None:
+        """What follows a settle: what the caller really generates, metrics (the settle's time since
+        `t0`, perf_counter), threshold alerts."""
+        self.learn_output(policy, caller, plan, done.usage, source)
+        metrics.settled(d, done, time.perf_counter() - t0)
+        self.after_settle(policy, d, done)
 
     def learn_output(self, policy: Policy, caller: Caller | None, plan: Plan | None, usage: Usage | None, source: str) -> None:
         """Remember what a completed call generated, per choice (not a cut or estimated one)."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..engine.budget import Decision
 from ..engine.calls import Plan, Planner
-from ..engine.holds import CallHold
+from ..engine.holds import CallHold, Settled
 from ..errors import BadRequest, ClientError, RouteDenied, StoreUnavailable, UpstreamError
 from ..estimate import CountingBusy, Counts
 from ..money import nano_to_usd, usd_to_nano
@@ -39,8 +39,7 @@ class Session(Gate):
         super().__init__(services, caller_authenticated=caller_authenticated)
         self.hold: CallHold | None = None
         self.answer: StreamedAnswer | None = None  # an answer that passes as a stream
-        self.upstream_stream, self.status = False, 0  # JSON asked, streamed upstream; the response status
-        self.strip_usage = False  # we injected include_usage, so hide the usage chunk
+        self.upstream_stream, self.strip_usage, self.status = False, False, 0  # JSON streamed upstream; usage chunk ours; status
         self.content_encoding: str | None = None
         self.cost_source = ""  # the settled charge's usage_source
 
@@ -157,7 +156,6 @@ class Session(Gate):
         metrics.INFLIGHT.inc()
         return None
 
-
     async def response_headers(self, headers: Mapping[str, str]) -> Reply:
         self.phase = advance(self.phase, Phase.RESPONSE_HEADERS)
         self.status = int(headers.get(":status", "0")) if headers.get(":status", "").isdigit() else 0
@@ -196,46 +194,49 @@ class Session(Gate):
             except UpstreamError as e:
                 log.warning("unparseable response body for %s: %s; charging the reservation", self.reservation_id, e)
                 usage = None
-            cost = await self._settle(usage, source="body" if usage else "estimate")
+            cost = await self._settle(usage, source="body" if usage else "estimate", last=end_of_stream)
             return Reply(set_headers=[(H.COST, nano_to_usd(cost)), (H.COST_SOURCE, self.cost_source)], metadata=self._metadata(cost))
         if not end_of_stream:
             piece = await self.answer.chunk(chunk)
             if piece.cut is None:
                 return Reply(body=piece.body)
-            cost = await self._settle(piece.usage, source="cut")
+            cost = await self._settle(piece.usage, source="cut", last=True)
             return Reply(body=piece.body, end_stream=True, metadata=self._metadata(cost))
         out = self.answer.last(chunk, self.reservation_id)
-        cost = await self._settle_stream(ended=True)
+        cost = await self._settle(*self.hold.stream_outcome(self.answer.reader, ended=True), last=True)
         return Reply(body=out + self.answer.cost_comment(cost, self.cost_source), metadata=self._metadata(cost))
 
     async def close(self) -> None:
         """The stream ended. A hold still open is released (non-2xx) or charged what was observed:
         the usage already parsed (an SDK that hangs up at [DONE]), else the lost-usage rule."""
         self.phase = Phase.DONE
+        if self.hold is not None and self.hold.pending is not None:  # told to the caller, the store takes it now
+            await self._book()
         if self.hold is None or not self.hold.open:
             return
         if self.status and not 200 <= self.status < 300:
             await self._release()
         else:
-            await self._settle_stream(ended=False)
+            await self._settle(*self.hold.stream_outcome(self.answer.reader if self.answer else None, ended=False))
 
-    async def _settle_stream(self, *, ended: bool) -> int:
+    async def _settle(self, usage: Usage | None, source: str, *, last: bool = False) -> int:
+        """Charge `usage` (None: the reservation): the cost the caller is told. `last`: told by the
+        stream's last reply, so booked in `close`, just after it left (README, "What is charged")."""
         assert self.hold is not None
-        usage, source = self.hold.stream_outcome(self.answer.reader if self.answer else None, ended=ended)
-        return await self._settle(usage, source=source)
-
-    async def _settle(self, usage: Usage | None, *, source: str) -> int:
-        assert self.hold is not None
-        t0 = time.perf_counter()
-        self.cost_source = source
-        done = await self.hold.settle(usage, source=source, status=self.status)
-        self.phase = Phase.DONE
-        if done is None:
+        self.cost_source, self.phase = source, Phase.DONE
+        due = await self.hold.due(usage, source=source, status=self.status)
+        if due is None:
             return 0
-        self.s.learn_output(self.policy, self.caller, self.plan, usage, source)  # what this caller really generates
-        metrics.settled(self.hold.decision, done, time.perf_counter() - t0)
-        self.s.after_settle(self.policy, self.hold.decision, done)  # budget threshold alerts
-        return done.cost
+        if last and self.hold.may_book_later(self.policy.reservation_ttl_seconds * 1000):
+            return due.cost
+        return (await self._book() or due).cost
+
+    async def _book(self) -> Settled | None:
+        assert self.hold is not None
+        t0, done = time.perf_counter(), await self.hold.book()
+        if done is not None:
+            self.s.settled(self.policy, self.caller, self.plan, self.hold.decision, done, self.cost_source, t0)
+        return done
 
     async def _release(self) -> None:
         assert self.hold is not None

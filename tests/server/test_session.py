@@ -67,6 +67,7 @@ async def test_a_spent_budget_is_refused_on_headers_from_recent_state_until_it_a
     assert r.immediate is None and phase == "body"
     await s.response_headers({":status": "200", "content-type": "application/json"})
     await s.response_body(json.dumps({"usage": {"prompt_tokens": 100000, "completion_tokens": 0}}).encode(), True)
+    await s.close()
     # the key's $0.01 is now spent (100k input tokens x $0.10/1M); the next refusal comes from the reservation
     _, r, phase = await call(services, "b", "small", 10)
     assert r.immediate is not None and r.immediate.status == 429 and phase == "body"
@@ -213,6 +214,7 @@ async def test_a_settle_that_crosses_thresholds_alerts_from_the_background(servi
     await s.response_headers({":status": "200", "content-type": "application/json"})
     assert not services.background, "nothing near a threshold before the usage is known"
     await s.response_body(json.dumps({"usage": {"prompt_tokens": 100000, "completion_tokens": 0}}).encode(), True)
+    await s.close()
     while services.background:
         await asyncio.wait(list(services.background), timeout=5)
     assert sorted(p["text"].split(" reached ")[1].split("%")[0] for p in posted) == ["100", "50"]

@@ -77,6 +77,7 @@ async def test_a_stream_reserves_its_expected_output_and_grows_before_the_chunk_
     assert (await key_line(store, svc)).reserved > reserved_before  # grown before the chunk was released
     r = await s.response_body(sse(chunk("", "stop")) + b"data: [DONE]\n\n", True)
     assert b"x-budget-cost-usd" in r.body
+    await s.close()
     line = await key_line(store, svc)
     assert line.reserved == 0 and line.spent <= line.limit
     entry = (await store.ledger())[0]
@@ -95,6 +96,7 @@ async def test_a_step_that_does_not_fit_ends_the_stream_cleanly_and_charges_with
         if r.end_stream:
             break
     assert r.end_stream, "the stream was never cut"
+    await s.close()  # Envoy closes the stream: the cut's charge is booked, nothing more
     assert b": budget_exhausted scope=key:p\n\n" in out
     assert b'"finish_reason": "length"' in out or b'"finish_reason":"length"' in out
     assert out.rstrip().endswith(b"data: [DONE]")
@@ -104,7 +106,7 @@ async def test_a_step_that_does_not_fit_ends_the_stream_cleanly_and_charges_with
     assert entry.meta["usage_source"] == "cut"
     delivered = out.count(b" hello")
     assert entry.charged["output_tokens"] >= delivered  # every token the client got is charged
-    await s.close()  # Envoy closes the stream: nothing more is charged
+    await s.close()  # a second close charges nothing more
     assert len(await store.ledger()) == 1
     await store.close()
 
@@ -127,6 +129,7 @@ async def test_a_json_call_streamed_upstream_gets_its_json_assembled(tmp_path):
     doc = json.loads(r.body)
     assert doc["object"] == "chat.completion" and doc["choices"][0]["message"]["content"] == " hello" * 5
     assert doc["usage"]["completion_tokens"] == 6
+    await s.close()
     assert (await store.ledger())[0].meta["usage_source"] == "stream"
     await store.close()
 
@@ -138,6 +141,7 @@ async def test_history_right_sizes_the_next_calls(tmp_path):
         u = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
              "usage": {"prompt_tokens": 8, "completion_tokens": 200}}  # fmt: skip
         await s.response_body(sse(chunk(" hello"), u) + b"data: [DONE]\n\n", True)
+        await s.close()
     s, headers = await started(svc, body())
     # 8+ input tokens at $1/1M and 200 + 64 (the end margin) output at $1000/1M: the history, not the policy's 50
     assert 0.264 <= float(headers["x-budget-reserved-usd"]) < 0.265
@@ -164,6 +168,7 @@ async def test_a_streamed_answer_that_cannot_be_assembled_ends_in_the_api_error_
     r = await s.response_body(sse(chunk(" hello"), error), True)  # an error event mid-stream: no JSON answer to make
     doc = json.loads(r.body)
     assert doc["error"]["code"] == "upstream_unassemblable" and "the model crashed" in doc["error"]["message"]
+    await s.close()
     line = await key_line(store, svc)
     assert line.reserved == 0 and len(await store.ledger()) == 1  # settled, not left to expire
     await store.close()
@@ -183,6 +188,7 @@ async def test_a_long_stream_pushes_its_ttl_so_the_reaper_never_expires_it(tmp_p
         assert await store.expire(now_ms=now[0]) == 0  # touched every half TTL: nothing to reap
     r = await s.response_body(sse(chunk("", "stop")) + b"data: [DONE]\n\n", True)
     assert b"x-budget-cost-usd" in r.body
+    await s.close()
     (entry,) = await store.ledger()
     assert entry.outcome.value == "settled" and entry.meta["usage_source"] == "counted"
     await store.close()

@@ -101,6 +101,8 @@ async def test_json_settles_on_its_usage(world):
     r = await s.response_body(json.dumps({"usage": {"prompt_tokens": 10, "completion_tokens": 20}}).encode(), True)
     assert ("x-budget-cost-usd", "0.00005") in r.set_headers  # 10 x $1/1M + 20 x $2/1M
     assert ("x-budget-cost-source", "body") in r.set_headers
+    assert await outcomes(store) == [], "the reply that tells the cost leaves before the store is written"
+    await s.close()  # the servicer closes every stream once its last reply is sent
     assert await outcomes(store) == [("settled", "body", 50_000)]
 
 
@@ -124,6 +126,7 @@ async def test_sse_settles_on_the_final_usage_and_appends_the_cost_comment(world
     await s.response_body(sse(DELTA), False)
     r = await s.response_body(sse(USAGE) + b"data: [DONE]\n\n", True)
     assert r.body is not None and r.body.endswith(b": x-budget-cost-usd=0.00005\n\n")
+    await s.close()
     assert await outcomes(store) == [("settled", "stream", 50_000)]
 
 
@@ -203,6 +206,7 @@ async def test_store_down_after_the_reservation_settles_in_the_background(world)
     store.down = True
     r = await s.response_body(json.dumps({"usage": {"prompt_tokens": 10, "completion_tokens": 20}}).encode(), True)
     assert ("x-budget-cost-usd", "0.00005") in r.set_headers  # the caller is told what it will be charged
+    await s.close()  # the store refuses the settle: retried in the background
     store.down = False
     for task in list(services.background):
         await task
@@ -257,3 +261,72 @@ async def test_the_budget_endpoint_reads_the_run_as_a_metered_call_does(world):
     assert json.loads(r.immediate.body)["run"] == "job-1"
     r = await Session(services).request_headers({**budget, "x-run-id": "x" * 200}, True)
     assert r.immediate is not None and r.immediate.status == 400  # the same bound as on a metered call
+
+
+class _Envoy:
+    """The servicer's stream as Envoy drives it: the messages of one JSON call in, and at each
+    reply sent, how many ledger entries the store holds."""
+
+    metadata = None
+
+    def __init__(self, store, messages) -> None:
+        self.store, self.messages, self.entries_at_send = store, messages, []
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.messages:
+            raise StopAsyncIteration
+        return self.messages.pop(0)
+
+    async def send_message(self, message) -> None:
+        self.entries_at_send.append(len(await self.store.ledger()))
+
+
+def _json_call(usage: dict) -> list:
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+    def headers(pairs: dict) -> ep.HttpHeaders:
+        return ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]))
+
+    return [
+        ep.ProcessingRequest(request_headers=headers(CHAT)),
+        ep.ProcessingRequest(request_body=ep.HttpBody(body=chat(), end_of_stream=True)),
+        ep.ProcessingRequest(response_headers=headers({":status": "200", "content-type": "application/json"})),
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=json.dumps({"usage": usage}).encode(), end_of_stream=True)),
+    ]
+
+
+async def test_the_settle_is_written_just_after_the_last_reply_leaves(world):
+    """Off the caller's latency: Envoy gets the cost with the last reply, the store takes it next."""
+    from extproc.server.callers import CallerGate
+    from extproc.server.ext_proc import ExternalProcessor
+
+    services, store = world
+    envoy = _Envoy(store, _json_call({"prompt_tokens": 10, "completion_tokens": 20}))
+    await ExternalProcessor(services, CallerGate(None, True)).Process(envoy)  # type: ignore[arg-type]
+    assert envoy.entries_at_send == [0, 0, 0, 0]
+    while services.background:  # the stream's close, spawned when the handler ends
+        await next(iter(services.background))
+    assert await outcomes(store) == [("settled", "body", 50_000)]
+
+
+async def test_a_hold_past_half_its_ttl_is_settled_before_the_caller_is_told_its_cost(tmp_path):
+    """Past half its TTL the reaper may expire a hold (charging the reservation) before a later
+    write: then the store is written first, so the cost the caller is told is what was charged."""
+    now = [1_700_000_000_000]
+    store = DownStore(tmp_path / "b.db")
+    services = Services(PolicyHolder(parse_policy(POLICY + "reservation_ttl_seconds: 10\n")), Engine(store, clock=lambda: now[0]))
+    try:
+        s = await started(services, chat())
+        await s.response_headers({":status": "200", "content-type": "application/json"})
+        now[0] += 5_000
+        r = await s.response_body(json.dumps({"usage": {"prompt_tokens": 10, "completion_tokens": 20}}).encode(), True)
+        assert ("x-budget-cost-usd", "0.00005") in r.set_headers
+        assert await outcomes(store) == [("settled", "body", 50_000)]  # before close
+        await s.close()
+        assert len(await store.ledger()) == 1
+    finally:
+        await store.close()

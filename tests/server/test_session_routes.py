@@ -131,6 +131,7 @@ async def test_a_client_request_id_never_names_the_reservation(services):
         ids.add(s.plan.decision.hold.reservation_id)
         await s.response_headers({":status": "200", "content-type": "application/json"})
         await s.response_body(b'{"usage": {"prompt_tokens": 10, "completion_tokens": 5}}', True)
+        await s.close()
     assert len(ids) == 3
     entries = await services.engine.ledger()
     assert len(entries) == 3 and {e.meta["request_id"] for e in entries} == {"same"}
