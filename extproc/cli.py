@@ -29,7 +29,7 @@ def _serve_one(
         logs.setup(*log)
 
     try:
-        import uvloop  # type: ignore[import-not-found]  # optional: not a dependency
+        import uvloop  # optional: not a dependency (a dev one, so the tests run on it)
 
         uvloop.install()
     except ImportError:

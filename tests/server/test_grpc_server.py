@@ -271,3 +271,32 @@ async def test_a_peer_that_sends_pings_but_never_reads_is_cut(tmp_path, monkeypa
         writer.close()
     finally:
         await server.stop(0)
+
+
+def test_a_call_is_served_on_uvloop(tmp_path):
+    """`extproc serve` runs on uvloop when it is installed, whose transports are not asyncio.Transport
+    subclasses: a connection once failed an isinstance check there and every call got a reset."""
+    uvloop = pytest.importorskip("uvloop")
+    addr = f"unix:{tmp_path}/uv.sock"
+
+    def call() -> Any:
+        with grpc.insecure_channel(addr) as channel:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=LIVENESS), timeout=5)
+
+    async def main() -> Any:
+        async def ping() -> None:
+            return None
+
+        health = StoreHealth(ping, interval=0.05, timeout=0.5)
+        server = GrpcServer([], always=[health])
+        await health.start()
+        await server.start(addr, socket_mode=0o600)
+        try:
+            assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+            return await asyncio.get_running_loop().run_in_executor(None, call)
+        finally:
+            await health.stop()
+            await server.stop(0)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(main()).status == SERVING

@@ -90,3 +90,21 @@ async def test_a_server_that_never_answers_fails_within_the_timeout():
     finally:
         await client.close()
         silent.close()
+
+
+def test_commands_run_on_uvloop(server):
+    """`extproc serve` runs on uvloop when it is installed, whose transports are not asyncio.Transport
+    subclasses: the connection once failed an isinstance check there, and so did every call."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> list[object]:
+        client = resp.Pipelined(_url(server, 5), timeout=2)
+        try:
+            assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+            await client.execute("DEL", "uv")
+            return list(await asyncio.gather(*(client.execute("INCR", "uv") for _ in range(50))))
+        finally:
+            await client.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(main()) == list(range(1, 51))
