@@ -8,10 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from ..engine.calls import Plan
-from ..engine.recent import LoggedDecision
 from ..errors import ClientError, StoreUnavailable
-from ..money import nano_to_usd
 from ..policy.model import Policy
 from ..protocols.envelopes import error_body
 from . import identity, render
@@ -59,28 +56,3 @@ async def answer(s: Services, policy: Policy, path: str, headers: Mapping[str, s
         },
     }
     return json_reply(200, json.dumps(doc).encode())
-
-
-def logged(principal: str, run: str | None, plan: Plan, price_version: str, at_ms: int) -> LoggedDecision:
-    """The decision as the log keeps it: what the lookup returns, rendered now (see engine/recent.py)."""
-    d, c = plan.decision, plan.chosen
-    doc = {
-        "decision_id": d.decision_id,
-        "principal": principal,
-        "run": run,
-        "decision": render.decision_value(d, plan.changed),
-        "requested_model": plan.requested,
-        "selected_model": c.name,
-        "scopes": tuple(sorted({lim.budget for lim in d.limits})),  # a tuple of str: untracked by the collector
-        "estimate": {"cost_usd": nano_to_usd(c.cost), "input_tokens": c.input_tokens, "output_tokens": c.output_tokens},
-        "reservation": "expected" if c.right_sized else "worst_case",  # expected: grows with the stream up to the max
-        "worst_case_usd": nano_to_usd(c.worst_cost or c.cost),
-        "effective_max_output": c.output_cap,
-        "output_clamped": plan.clamped,
-        "price_source": c.price_source,
-        "blocking_scope": d.blocking.budget if d.blocking else None,
-        "price_table_version": price_version,
-        "reservation_id": d.hold.reservation_id,
-    }
-    scope = d.blocking.budget if d.blocking else ""
-    return LoggedDecision(d.decision_id, principal, run, d.allowed, at_ms, d.refusal_code, scope, d.message, doc)

@@ -166,11 +166,13 @@ class Phases(Protocol):
     async def request_body(self, body: bytes) -> Reply: ...
     async def response_headers(self, headers: Mapping[str, str]) -> Reply: ...
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Reply: ...
+    def after_reply(self) -> None: ...
 
 
 async def exchange(session: Phases, request_iterator: AsyncIterator[ep.ProcessingRequest]) -> AsyncIterator[ep.ProcessingResponse]:
     """One ext_proc stream: each message to `session`, each `Reply` back as protobuf. Stops answering once the response is
-    over (an immediate answer, or a full-duplex body ended), since Envoy expects nothing more then."""
+    over (an immediate answer, or a full-duplex body ended), since Envoy expects nothing more then. After each reply is
+    sent (the consumer asks for the next one), `session.after_reply` does what Envoy need not wait for."""
     duplex = False  # the response body was switched to FULL_DUPLEX_STREAMED
     seen_body = False
     async for req in request_iterator:
@@ -189,6 +191,7 @@ async def exchange(session: Phases, request_iterator: AsyncIterator[ep.Processin
                 seen_body = True
                 ended = eos or reply.end_stream
                 yield to_proto(phase, reply, duplex_chunk=chunk, end_of_stream=ended)
+                session.after_reply()
                 if ended or reply.immediate is not None:
                     return
                 continue
@@ -203,6 +206,7 @@ async def exchange(session: Phases, request_iterator: AsyncIterator[ep.Processin
         else:  # other trailers: nothing to decide
             reply = Reply()
         yield to_proto(phase, reply)
+        session.after_reply()
         if reply.immediate is not None or (phase == "response_body" and req.response_body.end_of_stream):
             return  # a buffered response body is the last message Envoy sends: end the stream cleanly
 

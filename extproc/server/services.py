@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.alerts import Alerter
 from ..engine.budget import Decision, Engine
-from ..engine.calls import Caller, Plan
+from ..engine.calls import Caller, Plan, Planner
 from ..engine.growth import OutputHistory, expected_output
 from ..engine.holds import Settled
 from ..engine.recent import DecisionLog, RecentStates
-from ..estimate import TokenCounter
+from ..estimate import Counts, TokenCounter
 from ..policy.loader import PolicyHolder
 from ..policy.model import ModelSpec, Policy
 from ..protocols.usage import Usage
 from . import metrics
+from .render import logged
 
 
 @dataclass
@@ -45,6 +47,24 @@ class Services:
     def expected_output(self, policy: Policy, principal: str, model: str, spec: ModelSpec) -> int | None:
         """Output per choice a right-sized call of `principal` reserves (engine.growth)."""
         return expected_output(self.history, policy.streaming, spec, principal, model)
+
+    def planner(self, policy: Policy, principal: str | None = None) -> Planner:
+        """A Planner over this process's engine and live prices; with `principal`, right-sizing
+        streams from what that caller's calls really generated."""
+        live = self.rates.price_for_model if self.rates is not None else None
+        expected = functools.partial(self.expected_output, policy, principal) if principal is not None else None
+        return Planner(self.engine, policy, live_price=live, spawn=self.spawn, expected_output=expected)
+
+    def decided(self, policy: Policy, caller: Caller, plan: Plan, counts: Iterable[Counts]) -> None:
+        """What a decision leaves in this process, once its reply is on its way: the caller's recent
+        state (early refusals), the decision log (budget endpoint), and for an allowed call the token
+        counts of its messages (cache)."""
+        d = plan.decision
+        self.recent.put(caller.who, caller.run_id, d, now := self.engine.clock())
+        self.decisions.add(logged(caller.who.principal, caller.run_id, plan, policy.prices.version, now))
+        if d.allowed:
+            for c in counts:
+                self.counter.remember(c)
 
     def settled(
         self, policy: Policy, caller: Caller | None, plan: Plan | None, d: Decision, done: Settled, source: str, t0: float

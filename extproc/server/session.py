@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -42,6 +42,7 @@ class Session(Gate):
         self.upstream_stream, self.strip_usage, self.status = False, False, 0  # JSON streamed upstream; usage chunk ours; status
         self.content_encoding: str | None = None
         self.cost_source = ""  # the settled charge's usage_source
+        self.later: list[Callable[[], None]] = []  # what the caller need not wait for (after_reply)
 
     async def request_headers(self, headers: Mapping[str, str], end_of_stream: bool, peer_id: str | None = None) -> Reply:
         """Closed world: the normalised path must be a route of the policy, which says whether the
@@ -93,9 +94,7 @@ class Session(Gate):
             call = Planner.call_input(policy, facts, api=self.schema.name)  # priced model, tools, bounded media
         except ClientError as e:
             return self._refuse(e, retry_after=1 if isinstance(e, CountingBusy) else None)
-        rates = self.s.rates
-        live, expected = rates.price_for_model if rates else None, functools.partial(self.s.expected_output, policy, caller.who.principal)
-        planner = Planner(self.s.engine, policy, live_price=live, spawn=self.s.spawn, expected_output=expected)
+        planner = self.s.planner(policy, caller.who.principal)
         names = planner.models(facts, downshift=route_model is None)  # a path-named model cannot be re-routed
         try:
             if large and (too_big := await planner.refused_by_size(call, names, caller)) is not None:
@@ -109,14 +108,10 @@ class Session(Gate):
             return self._refuse(e, retry_after=1)
         except StoreUnavailable as e:
             return self._store_down(e)
-        d = plan.decision
-        self.s.recent.put(caller.who, caller.run_id, d, now := self.s.engine.clock())
-        self.s.decisions.add(budget_endpoint.logged(caller.who.principal, caller.run_id, plan, policy.prices.version, now))
-        if (refused := self._decided(d, plan.changed, plan.alternatives)) is not None:
+        self.later.append(functools.partial(self.s.decided, policy, caller, plan, counts.values()))
+        if (refused := self._decided(plan.decision, plan.changed, plan.alternatives)) is not None:
             return refused
-        self.hold = CallHold(self.s.engine, d, plan.chosen, self.s.spawn, policy)
-        for c in counts.values():  # only allowed calls fill the token cache
-            self.s.counter.remember(c)
+        self.hold = CallHold(self.s.engine, plan.decision, plan.chosen, self.s.spawn, policy)
         return self._forward(plan)
 
     def _forward(self, plan: Plan) -> Reply:
@@ -139,8 +134,7 @@ class Session(Gate):
         """A flat-priced route: reserve its price now (no body is read); the status settles it."""
         assert self.caller is not None and self.route is not None
         try:
-            planner = Planner(self.s.engine, self.policy, spawn=self.s.spawn)
-            d = await planner.reserve_flat(self.caller, cost, api=f"flat:{self.route.spec.path}")
+            d = await self.s.planner(self.policy).reserve_flat(self.caller, cost, api=f"flat:{self.route.spec.path}")
         except StoreUnavailable as e:
             return self._store_down(e)
         if (refused := self._decided(d, False, [])) is not None:
@@ -210,6 +204,7 @@ class Session(Gate):
         """The stream ended. A hold still open is released (non-2xx) or charged what was observed:
         the usage already parsed (an SDK that hangs up at [DONE]), else the lost-usage rule."""
         self.phase = Phase.DONE
+        self.after_reply()
         if self.hold is not None and self.hold.pending is not None:  # told to the caller, the store takes it now
             await self._book()
         if self.hold is None or not self.hold.open:
@@ -243,6 +238,10 @@ class Session(Gate):
         if await self.hold.release():
             metrics.INFLIGHT.dec()
         self.phase = Phase.DONE
+
+    def after_reply(self) -> None:
+        while self.later:
+            self.later.pop(0)()
 
     def _metadata(self, cost: int) -> dict[str, Any]:  # Envoy dynamic metadata for the access log
         principal, model = (self.caller.who.principal if self.caller else ""), (self.plan.chosen.name if self.plan else "")

@@ -19,6 +19,7 @@ class Scripted:
     def __init__(self, bodies: list[Reply], *, stream: bool = True) -> None:
         self.bodies, self.stream = bodies, stream
         self.seen: list[tuple[bytes, bool]] = []
+        self.replies_sent = 0  # after_reply calls: one per reply the consumer took
 
     async def request_headers(self, headers: Mapping[str, str], end_of_stream: bool, peer_id: str | None = None) -> Reply:
         return Reply()
@@ -32,6 +33,9 @@ class Scripted:
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Reply:
         self.seen.append((chunk, end_of_stream))
         return self.bodies.pop(0)
+
+    def after_reply(self) -> None:
+        self.replies_sent += 1
 
 
 def headers(phase: str) -> ep.ProcessingRequest:
@@ -71,6 +75,7 @@ async def test_each_chunk_passed_replaced_or_withheld_and_the_end_carried() -> N
     answers = [(streamed(r).body, streamed(r).end_of_stream) for r in out[1:]]
     assert answers == [(b"a", False), (b"new", False), (b"", False), (b"tail", True)]
     assert session.seen[-1] == (b"", True)
+    assert session.replies_sent == len(out)  # after_reply once per reply, the last one included
 
 
 async def test_end_stream_ends_the_response_and_nothing_more_is_answered() -> None:

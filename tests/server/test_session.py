@@ -54,11 +54,14 @@ def body(model: str, max_tokens: int) -> bytes:
 
 
 async def call(services: Services, rid: str, model: str, max_tokens: int):
+    """Request headers and body, each reply followed by `after_reply` as the servicer does once it sent it."""
     s = Session(services)
     r = await s.request_headers({**HEADERS, "x-request-id": rid}, False)
+    s.after_reply()
     if r.immediate is not None:
         return s, r, "headers"
     r = await s.request_body(body(model, max_tokens))
+    s.after_reply()
     return s, r, "body"
 
 
