@@ -128,14 +128,28 @@ def _canonical(c: _Compiled, segments: tuple[str, ...]) -> str:
     return "/" + "/".join(out)
 
 
+FOUND_MAX = 4096  # (path, method) answers a route table remembers
+
+
 class RouteTable:
     """Routes in match order. `find` returns the first route whose path matches (any method)
     and whether the method is allowed there, so the caller can answer 404 or 405."""
 
     def __init__(self, specs: tuple[RouteSpec, ...]) -> None:
         self._routes = tuple(_compile(s) for s in specs)
+        self._found: dict[tuple[tuple[str, ...], str], tuple[RouteMatch | None, bool]] = {}  # every call repeats a few
 
     def find(self, segments: tuple[str, ...], method: str) -> tuple[RouteMatch | None, bool]:
+        key = (segments, method)
+        found = self._found.get(key)
+        if found is None:
+            found = self._find(segments, method)
+            if len(self._found) >= FOUND_MAX:  # paths a caller made up: start over rather than grow
+                self._found.clear()
+            self._found[key] = found
+        return found
+
+    def _find(self, segments: tuple[str, ...], method: str) -> tuple[RouteMatch | None, bool]:
         path_seen = False
         for c in self._routes:
             params = _match(c, segments)

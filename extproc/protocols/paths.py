@@ -18,12 +18,14 @@ is kept here; route matching folds it (`policy.routes`).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
 from ..errors import BadRequest
 
 MAX_PATH_BYTES = 4096
+CACHED_PATH_BYTES, CACHED_PATHS = 256, 4096  # the paths remembered: every call repeats a few (at most ~1 MB)
 
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _ENCODED_SEPARATOR = re.compile(r"%(2[Ff]|5[Cc])")
@@ -62,7 +64,16 @@ def _refuse(why: str) -> BadPath:
 
 
 def normalize(raw: str) -> RequestPath:
-    """Decode and normalise `raw` (the `:path` pseudo-header). Raises BadPath."""
+    """Decode and normalise `raw` (the `:path` pseudo-header). Raises BadPath (never cached)."""
+    return _normalize_cached(raw) if len(raw) <= CACHED_PATH_BYTES else _normalize(raw)
+
+
+@functools.lru_cache(maxsize=CACHED_PATHS)
+def _normalize_cached(raw: str) -> RequestPath:
+    return _normalize(raw)
+
+
+def _normalize(raw: str) -> RequestPath:
     if len(raw) > MAX_PATH_BYTES:
         raise _refuse(f"longer than {MAX_PATH_BYTES} bytes")
     path, _, query = raw.partition("?")

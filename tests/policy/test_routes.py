@@ -110,3 +110,18 @@ def test_every_default_route_is_reachable():
         for method in spec.methods:
             route, _ = find(p, concrete, method)
             assert route is not None and route.spec is spec, (spec.path, method)
+
+
+def test_the_route_table_remembers_answers_but_never_grows_past_its_bound(monkeypatch):
+    from extproc.policy import routes
+
+    table = routes.RouteTable(default_routes())
+    monkeypatch.setattr(routes, "FOUND_MAX", 8)
+    chat = normalize("/v1/chat/completions").segments
+    first = table.find(chat, "POST")
+    assert first[0] is not None and table.find(chat, "POST") == first == table._find(chat, "POST")
+    for i in range(20):  # made-up paths: remembered up to the bound, then forgotten wholesale
+        made_up = normalize(f"/made/up/{i}").segments
+        assert table.find(made_up, "POST") == (None, False) == table._find(made_up, "POST")
+        assert len(table._found) <= 8
+    assert table.find(chat, "GET") == table._find(chat, "GET")  # the method is part of what is remembered

@@ -77,3 +77,19 @@ def test_any_input_is_normalised_or_refused_with_400(raw: str) -> None:
     assert p.path.startswith("/") and "//" not in p.path and "%" not in p.path
     assert all(s not in (".", "..") and ";" not in s for s in p.segments)
     assert normalize(p.path).path == p.path, "normalising twice changes nothing"
+
+
+@given(st.text(max_size=300))
+def test_the_remembered_answer_is_the_computed_one_and_refusals_are_never_remembered(raw: str) -> None:
+    from extproc.protocols import paths
+
+    for _ in range(2):  # the second time from the cache, for paths short enough to be kept
+        try:
+            got = normalize(raw)
+        except BadPath as e:
+            with pytest.raises(BadPath) as again:
+                paths._normalize(raw)
+            assert again.value.message == e.message
+            continue
+        assert got == paths._normalize(raw)
+    assert paths._normalize_cached.cache_info().currsize <= paths.CACHED_PATHS
