@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -61,6 +61,12 @@ REAPER_LEASE = "reaper"  # the store lease that makes one worker process (or pod
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def new_id() -> str:
+    """A fresh random id (128 bits, 32 hex digits) for a reservation or a decision: uuid4's
+    randomness without building a UUID object (0.6 instead of 3.9 us; two per call)."""
+    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,7 +458,7 @@ class Engine:
             limits, states, blocked = (*limits, extra), (*states, st), len(limits)
         return Decision(
             allowed=result.ok,
-            decision_id=uuid.uuid4().hex,
+            decision_id=new_id(),
             hold=Hold(who.tag, rid),
             limits=limits,
             states=tuple(states),
@@ -522,7 +528,7 @@ class Engine:
         line = Line(key, Kind.COUNTER, dimension, st.limit, 1)
         lim = AppliedLimit(scope, scope_id, _synthetic_spec(dimension, st.limit), line, None)
         return Decision(
-            allowed=False, decision_id=uuid.uuid4().hex, hold=Hold(who.tag, rid), limits=(lim,),
+            allowed=False, decision_id=new_id(), hold=Hold(who.tag, rid), limits=(lim,),
             states=(replace(st, key=key),), blocked=0, warned=(), retry_after_ms=None, reserved=amounts,
             mode=policy.enforcement.mode, reason=reason, run=run.key if run else None,
         )  # fmt: skip
@@ -552,7 +558,7 @@ class Engine:
         limits = self.limits_for(policy, who, run_id, amounts, now, run_overrides=run_overrides, workflow=workflow)
         limits = self._with_headroom(limits, headroom)
         run = self._nested(self.run_ref(policy, who, run_id), limits, workflow)
-        rid = reservation_id or uuid.uuid4().hex
+        rid = reservation_id or new_id()
         if (early := _engine_refusal(policy, who, run, workflow)) is not None:
             return self._refused(policy, who, run, rid, early, amounts)
         result = await self.store.reserve(

@@ -9,11 +9,10 @@ to the body and the response; ext_authz stops here (`authorize`).
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Mapping
 from dataclasses import replace
 
-from ..engine.budget import Decision, Hold
+from ..engine.budget import Decision, Hold, new_id
 from ..engine.calls import Caller, Plan
 from ..engine.recent import spent_line
 from ..errors import (
@@ -46,7 +45,7 @@ class Gate:
         self.policy = services.policy.current  # one snapshot for the whole request
         self.authenticated = caller_authenticated
         self.phase = Phase.START
-        self.reservation_id = uuid.uuid4().hex  # ours, per stream: never a header the client can set
+        self.reservation_id = new_id()  # ours, per stream: never a header the client can set
         self.envelope = "openai"
         self.route: RouteMatch | None = None
         self.schema: Schema | None = None
@@ -138,7 +137,7 @@ class Gate:
     def _early_refusal(self, d: Decision, blocked: int | None) -> Reply:
         assert self.caller is not None and blocked is not None
         hold = Hold(self.caller.who.tag, self.reservation_id)
-        refusal = replace(d, allowed=False, decision_id=uuid.uuid4().hex, blocked=blocked, hold=hold)
+        refusal = replace(d, allowed=False, decision_id=new_id(), blocked=blocked, hold=hold)
         metrics.DECISIONS.labels("block", refusal.limits[blocked].scope).inc()
         return self._done(Reply(immediate=render.refusal(self.envelope, refusal, self._headers(refusal), [])))
 
