@@ -28,12 +28,8 @@ def _serve_one(
     if log is not None:  # a spawned worker starts with no logging configured
         logs.setup(*log)
 
-    try:
-        import uvloop  # optional: not a dependency (a dev one, so the tests run on it)
-
-        uvloop.install()
-    except ImportError:
-        pass
+    # asyncio's own loop, whatever else is installed: what is tested and measured (uvloop brought no
+    # consistent gain, bench/optimisations.md), and a loop that changed with the machine hid a bug once
     asyncio.run(
         serve(
             args.policy, args.store, args.grpc, admin_addr=admin, admin_token_file=args.admin_token_file,

@@ -300,3 +300,20 @@ def test_a_call_is_served_on_uvloop(tmp_path):
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(main()).status == SERVING
+
+
+def test_serve_runs_asyncios_own_loop_even_with_uvloop_installed(monkeypatch):
+    """What is tested and measured is what runs: `extproc serve` once switched to uvloop whenever it
+    was importable, and its connections failed there (the test above)."""
+    pytest.importorskip("uvloop")
+    from extproc import app, cli
+
+    loops: list[type] = []
+
+    async def serve(*args: Any, **kwargs: Any) -> None:
+        loops.append(type(asyncio.get_running_loop()))
+
+    monkeypatch.setattr(app, "serve", serve)
+    args = cli.build_parser().parse_args(["serve", "--policy", "p.yaml"])
+    cli._serve_one(args, None)
+    assert loops and loops[0].__module__.startswith("asyncio")
