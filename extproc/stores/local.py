@@ -128,8 +128,8 @@ def decide(
 
 def taken(res: ReserveResult, lines: Sequence[Line]) -> ReserveResult:
     """The ok result `res` after its amounts were reserved (duration lines take nothing)."""
-    after = [st if line.kind is Kind.DURATION else replace(st, reserved=st.reserved + line.amount)
-             for line, st in zip(lines, res.states, strict=True)]  # fmt: skip
+    after = [st if line.kind is Kind.DURATION else LineState(st.key, st.limit, st.spent, st.reserved + line.amount)
+             for line, st in zip(lines, res.states, strict=True)]  # fmt: skip (a constructor: half of replace()'s cost)
     return ReserveResult(True, res.reservation_id, tuple(after), None, res.warned, deadline_ms=res.deadline_ms)
 
 
