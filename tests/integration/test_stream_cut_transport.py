@@ -123,6 +123,9 @@ class CutSession:
             return Reply(body=MESSAGES_END % self.call["tokens_seen"], end_stream=True)
         return Reply(body=CHAT_END, end_stream=True)
 
+    def after_reply(self) -> None:  # nothing kept for later: every decision here is in the reply
+        pass
+
     def _assemble(self, chunk: bytes) -> None:
         for e in events(chunk):
             for c in e.get("choices", []):
