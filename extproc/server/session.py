@@ -201,8 +201,9 @@ class Session(Gate):
         return Reply(body=out + self.answer.cost_comment(cost, self.cost_source), metadata=self._metadata(cost))
 
     async def close(self) -> None:
-        """The stream ended. A hold still open is released (non-2xx) or charged what was observed:
-        the usage already parsed (an SDK that hangs up at [DONE]), else the lost-usage rule."""
+        """The stream ended. A charge a last reply told is booked now; a hold still open is released
+        (non-2xx) or charged what was observed: the usage already parsed (an SDK that hangs up at
+        [DONE]), else the lost-usage rule."""
         self.phase = Phase.DONE
         self.after_reply()
         if self.hold is not None and self.hold.pending is not None:  # told to the caller, the store takes it now
