@@ -63,11 +63,32 @@ _MAX_SMALL_VALUE = 1024  # an `event:`/`id:` value of an oversize event; longer 
 _START, _NAME, _DATA_SP, _DATA, _SMALL_SP, _SMALL, _SKIP, _BLANK_CR = range(8)
 
 
-def _line_break(data: bytes, i: int, n: int) -> int:
-    """Index of the first "\r" or "\n" at or after `i`, or `n` (two memchr scans)."""
-    lf = data.find(b"\n", i)
-    cr = data.find(b"\r", i, lf if lf >= 0 else n)
-    return cr if cr >= 0 else lf if lf >= 0 else n
+class _LineBreaks:
+    """The line breaks of one piece of bytes, found in linear time.
+
+    The next "\n" and the next "\r" are each found by one memchr scan and
+    remembered until passed: searching both afresh for every line rescans to
+    the end of the piece for the one that is absent (every line of a
+    "\r"-only stream), which is quadratic in the piece's size.
+    """
+
+    __slots__ = ("_data", "_n", "_lf", "_cr")
+
+    def __init__(self, data: bytes | bytearray, n: int) -> None:
+        self._data = data
+        self._n = n
+        self._lf = -1  # the next "\n" (or n) at or after the last position asked
+        self._cr = -1  # the next "\r" before _lf (or _lf)
+
+    def next(self, i: int) -> int:
+        """Index of the first "\r" or "\n" at or after `i`, or n."""
+        if self._lf < i:
+            lf = self._data.find(b"\n", i, self._n)
+            self._lf = lf if lf >= 0 else self._n
+        if self._cr < i:
+            cr = self._data.find(b"\r", i, self._lf)
+            self._cr = cr if cr >= 0 else self._lf
+        return self._cr
 
 
 class DataSink(Protocol):
@@ -367,6 +388,7 @@ class SSEParser:
         sink = self._sink
         assert sink is not None
         n = len(data)
+        breaks = _LineBreaks(data, n)
         i = 0
         end = -1
         while i < n:
@@ -427,7 +449,7 @@ class SSEParser:
                     i += 1
                 self._state = _DATA if state == _DATA_SP else _SMALL
             else:  # _DATA, _SMALL, _SKIP: up to the end of the line
-                j = _line_break(data, i, n)
+                j = breaks.next(i)
                 if state == _DATA:
                     if j > i:
                         sink.feed(data[i:j])

@@ -186,3 +186,40 @@ def test_unterminated_oversize_event_is_dispatched_at_finish() -> None:
 def test_oversize_block_without_data_dispatches_nothing() -> None:
     stream = b": " + b"c" * 40 + b"\nevent: " + b"e" * 40 + b"\n\ndata: ok\n\n"
     assert dispatched(parse(stream, max_event_bytes=8, oversize=KeepAll)) == [(None, "ok", None)]
+
+
+class ScanCounted(bytes):
+    """Bytes that add up how far each `find` scanned."""
+
+    scanned = 0
+
+    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:  # type: ignore[override]
+        stop = len(self) if end is None else end
+        at = super().find(sub, start, stop)
+        self.scanned += (at + 1 if at >= 0 else stop) - start
+        return at
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
+def test_line_breaks_of_a_piece_are_found_in_linear_time(eol: bytes) -> None:
+    # one fresh search per line went to the end of the piece for the absent "\n" of a
+    # "\r"-only stream: 20k lines scanned 20k times the piece
+    from extproc.protocols.sse import _LineBreaks
+
+    data = ScanCounted((b"data: x" + eol) * 20_000)
+    breaks = _LineBreaks(data, len(data))
+    i, found = 0, []
+    while (j := breaks.next(i)) < len(data):
+        found.append(j)
+        i = j + len(eol) if data[j : j + len(eol)] == eol else j + 1
+    assert found == [k * (7 + len(eol)) + 7 for k in range(20_000)]
+    assert data.scanned <= 2 * len(data) + 20_000
+
+
+def test_cr_only_oversize_event_in_one_big_chunk_streams_every_line() -> None:
+    body = b"data: " + b"y" * 40 + b"\r" + b"data: x\r" * 2_000 + b"\r"
+    want = "\n".join(["y" * 40, *["x"] * 2_000])
+    for first in (10, 30, 47, 48, 49):  # the oversize stream starts before, at and after the first line
+        p = SSEParser(16, oversize=KeepAll)
+        events = p.feed(body[:first]) + p.feed(body[first:]) + p.finish()
+        assert [(e.data, e.oversize) for e in events] == [(want, True)], first
