@@ -52,7 +52,6 @@ from extproc.errors import UpstreamError
 
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 
-_EOL = re.compile(rb"\r\n|\r|\n")
 _NAME_END = re.compile(rb"[:\r\n]")
 _BOM = b"\xef\xbb\xbf"
 
@@ -139,6 +138,7 @@ class SSEParser:
     __slots__ = (
         "_buf",
         "_pos",
+        "_seen",
         "_max",
         "_include_empty",
         "_data",
@@ -170,6 +170,7 @@ class SSEParser:
         self._include_empty = include_empty
         self._buf = bytearray()  # bytes of the block in progress, nothing older
         self._pos = 0  # start of the first line of _buf not yet interpreted
+        self._seen = 0  # _buf[_pos:_seen] has no line break: the next search starts at _seen
         self._data: list[str] = []  # data lines of the block in progress
         self._event: str | None = None
         self._id: str | None = None  # persists across events, as the spec says
@@ -235,7 +236,7 @@ class SSEParser:
         """Forget the stream: after finish(), or after an oversize event (the
         stream is unusable then, and its bytes must not stay on the heap)."""
         self._buf = bytearray()
-        self._pos = 0
+        self._pos = self._seen = 0
         self._data = []
         self._event = None
         self._id = None
@@ -247,18 +248,26 @@ class SSEParser:
         self._data_lines = 0
 
     def _scan(self, out: list[SSEEvent], *, final: bool) -> None:
+        """Interpret the complete lines of _buf. A line that arrives in many chunks is
+        searched once: the search resumes where the last call's stopped."""
         buf = self._buf
         end = len(buf)
         pos = self._pos
         start = 0  # start of the current block within buf
-        search = _EOL.search
+        breaks = _LineBreaks(buf, end)
+        seen = max(pos, self._seen)
         while True:
-            m = search(buf, pos)
-            if m is None:
+            eol = breaks.next(seen)
+            if eol == end:
+                seen = end
                 break
-            eol, nxt = m.span()
-            if nxt == end and not final and nxt - eol == 1 and buf[eol] == 13:
-                break  # a trailing "\r" may be half of "\r\n": wait for the next byte
+            nxt = eol + 1
+            if buf[eol] == 13:
+                if nxt == end and not final:
+                    seen = eol
+                    break  # a trailing "\r" may be half of "\r\n": wait for the next byte
+                if nxt < end and buf[nxt] == 10:
+                    nxt += 1
             if self._first_line:
                 pos = self._skip_bom(buf, pos)
             if eol == pos:  # blank line: the block ends here
@@ -274,11 +283,13 @@ class SSEParser:
                 start = nxt
             else:
                 self._line(buf[pos:eol])
-            pos = nxt
+            pos = seen = nxt
         if start:
             del buf[:start]
             pos -= start
+            seen -= start
         self._pos = pos
+        self._seen = seen
 
     def _skip_bom(self, buf: bytearray, pos: int) -> int:
         """The stream's first line may start with one UTF-8 BOM, which is not content."""
@@ -335,7 +346,7 @@ class SSEParser:
         self._open_sink(out, bytes(buf[:pos]))
         partial = bytes(buf[pos:])  # a line not ended yet (maybe a lone "\r")
         self._buf = bytearray()
-        self._pos = 0
+        self._pos = self._seen = 0
         if self._first_line:
             self._first_line = False
             if partial.startswith(_BOM):

@@ -223,3 +223,25 @@ def test_cr_only_oversize_event_in_one_big_chunk_streams_every_line() -> None:
         p = SSEParser(16, oversize=KeepAll)
         events = p.feed(body[:first]) + p.feed(body[first:]) + p.finish()
         assert [(e.data, e.oversize) for e in events] == [(want, True)], first
+
+
+def test_a_line_arriving_in_many_chunks_is_searched_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # each feed used to search the partial line from its start again: chunks x line bytes
+    from extproc.protocols import sse
+
+    scanned = []
+
+    class Counted(sse._LineBreaks):
+        def __init__(self, data: bytes | bytearray, n: int) -> None:
+            self.piece = ScanCounted(data)
+            scanned.append(self.piece)
+            super().__init__(self.piece, n)
+
+    monkeypatch.setattr(sse, "_LineBreaks", Counted)
+    line = b"data: " + b"z" * (256 << 10) + b"\r\n\r\n"
+    p = SSEParser()
+    events = []
+    for i in range(0, len(line), 1024):
+        events += p.feed(line[i : i + 1024])
+    assert [e.data for e in events] == ["z" * (256 << 10)]
+    assert sum(piece.scanned for piece in scanned) <= 3 * len(line)
