@@ -10,8 +10,9 @@ wanted, each up to `max_value_bytes`. Everything else is skipped as it goes.
 
 Memory is the wanted values plus the key stack of the objects on the way to
 them (a path never goes deeper than the longest wanted path); nesting
-below that is one counter. Strings are skipped with a regex, so the cost is
-per structural character, not per byte.
+below that is one counter. Strings are skipped with memchr
+and one regex search that stops only at quotes which may end them, so the
+cost is per structural character, not per byte.
 
     scan = PathScanner({("type",), ("response", "usage")})
     for piece in pieces: scan.feed(piece)
@@ -29,10 +30,37 @@ import re
 from typing import Any
 
 _STRUCT = re.compile(rb'["{}\[\],:]')
-_STRING_BODY = re.compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)  # up to a quote or a final backslash
+# a quote not right after a non-backslash and a backslash: the only quotes that may end a string
+_QUOTE = re.compile(rb'"(?<![^\\]\\")')
 
 MAX_KEY_BYTES = 256
 DEFAULT_MAX_VALUE_BYTES = 64 << 10
+
+
+def _string_end(data: bytes, i: int, n: int) -> int:
+    """Where the string content starting at `i` (not inside an escape) stops: its closing
+    quote, a backslash ending the piece (its escape goes on in the next one), or `n`.
+
+    A quote ends the string when an even number of backslashes precede it. Escapes
+    (`\\n`, `\\"`) are not walked one by one: memchr finds a string with none, else
+    `_QUOTE` skips every quote after a lone backslash and the few left are checked.
+    """
+    q = data.find(b'"', i)
+    if q < 0:
+        q = n
+    if data.find(b"\\", i, q) < 0:
+        return q
+    while True:
+        m = _QUOTE.search(data, i)
+        q = m.start() if m is not None else n
+        k = q
+        while k > i and data[k - 1] == 0x5C:
+            k -= 1
+        if (q - k) % 2 == 0:
+            return q
+        if q == n:  # an odd run of backslashes ends the piece: the last one escapes what comes next
+            return n - 1
+        i = q + 1  # after an escaped quote
 
 
 class PathScanner:
@@ -89,7 +117,7 @@ class PathScanner:
                     self._key_bytes(data, i, i + 1)
                     i += 1
                     continue
-                j = _STRING_BODY.match(data, i).end()  # type: ignore[union-attr]  # the pattern matches the empty string
+                j = _string_end(data, i, n)
                 if j == n or data[j] == 0x5C:  # the piece ends in the string (maybe after a backslash)
                     self._key_bytes(data, i, n)
                     self._escape = j < n

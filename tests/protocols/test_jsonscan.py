@@ -96,6 +96,37 @@ def test_five_mib_terminal_event_split_at_many_offsets() -> None:
     assert scan(raw, list(range(64 << 10, len(raw), 64 << 10))) == want
 
 
+def string_end_by_walking(data: bytes, i: int) -> int:
+    """Where string content starting at `i` stops, one byte at a time (the reference)."""
+    while i < len(data):
+        if data[i] == 0x22:
+            return i
+        if data[i] == 0x5C:
+            if i + 1 == len(data):
+                return i
+            i += 1
+        i += 1
+    return i
+
+
+def test_string_end_agrees_with_a_byte_walk_on_every_short_string() -> None:
+    from extproc.protocols.jsonscan import _string_end
+
+    for size in range(8):
+        for t in itertools.product(b'a"\\', repeat=size):
+            data = bytes(t)
+            for i in range(size):
+                assert _string_end(data, i, size) == string_end_by_walking(data, i), (data, i)
+
+
+def test_backslash_runs_before_quotes_at_every_split() -> None:
+    runs = {f"k{k}": "x" + "\\" * k + '"y' for k in range(6)} | {f"e{k}": "x" + "\\" * k for k in range(6)}
+    raw = json.dumps({"response": {"instructions": runs, **runs, "usage": {"n": 1}}, **runs, "type": "t"}).encode()
+    want = {"type": "t", "response": {"usage": {"n": 1}}}
+    for i in range(len(raw) + 1):
+        assert scan(raw, [i]) == want, i
+
+
 def test_value_over_the_bound_is_dropped_and_long_keys_ignored() -> None:
     raw = json.dumps({"usage": {"x": "y" * 100}, "type": "t", "k" * 500: 1}).encode()
     assert scan(raw, max_value_bytes=50) == {"type": "t"}
