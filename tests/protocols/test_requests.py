@@ -96,6 +96,24 @@ def test_segments_of_old_messages_do_not_change_as_the_context_grows() -> None:
     assert b.segments[: len(a.segments)] == a.segments
 
 
+@pytest.mark.parametrize("role,content", [("user", "hi"), ("", ""), ("assistant", "é😀\n\"x\""), ("tool", "  ")])
+def test_a_role_and_string_content_is_read_as_the_general_path_reads_it(role: str, content: str) -> None:
+    # {role, content} alone takes a short cut; a key the reader ignores sends it down the general path
+    short = OPENAI_CHAT.parse_request(body({"model": "m", "messages": [{"role": role, "content": content}]}))
+    general = OPENAI_CHAT.parse_request(
+        body({"model": "m", "messages": [{"role": role, "content": content, "function_call": None}]})
+    )
+    assert short.segments == general.segments == (f"{role}\n{content}",)
+
+
+def test_a_bad_message_is_named_by_its_index() -> None:
+    for bad, param in [([1], "messages[0]"), ([{"role": "user", "content": 1}], "messages[0].content"),
+                       ([{"role": "user", "content": "ok"}, {"role": 5, "content": "x"}], "messages[1].role")]:
+        with pytest.raises(BadRequest) as info:
+            OPENAI_CHAT.parse_request(body({"model": "m", "messages": bad}))
+        assert info.value.param == param
+
+
 def test_completions() -> None:
     f = OPENAI_COMPLETIONS.parse_request(
         body({"model": "gpt-3.5-turbo-instruct", "prompt": ["Say", "this"], "max_tokens": 16, "n": 2, "best_of": 5, "stream": True})
