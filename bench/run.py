@@ -510,6 +510,9 @@ class Bench:
         except Exception as e:
             out.error = f"{type(e).__name__}: {e}"
             self.log(f"  FAILED: {out.error}")
+            for name, _, proc in procs.procs:  # the workdir goes at the end: say now why a process died
+                if proc.poll() is not None:
+                    self.log(f"  {name} exited {proc.returncode}; the end of its log:\n" + procs.log(name)[-2000:])
         finally:
             procs.stop()
         return out
