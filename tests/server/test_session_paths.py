@@ -330,3 +330,26 @@ async def test_a_hold_past_half_its_ttl_is_settled_before_the_caller_is_told_its
         assert len(await store.ledger()) == 1
     finally:
         await store.close()
+
+
+async def test_a_stream_reset_as_the_last_reply_leaves_still_books_its_charge(world):
+    """Envoy (or a client gone) resets the stream while the last reply is sent: the handler is
+    cancelled, and the charge it decided is booked all the same by the close the servicer spawns."""
+    import asyncio
+
+    from extproc.server.callers import CallerGate
+    from extproc.server.ext_proc import ExternalProcessor
+
+    class Reset(_Envoy):
+        async def send_message(self, message) -> None:
+            await super().send_message(message)
+            if len(self.entries_at_send) == 4:
+                raise asyncio.CancelledError  # what grpc_server does to a handler whose stream was reset
+
+    services, store = world
+    envoy = Reset(store, _json_call({"prompt_tokens": 10, "completion_tokens": 20}))
+    with pytest.raises(asyncio.CancelledError):
+        await ExternalProcessor(services, CallerGate(None, True)).Process(envoy)  # type: ignore[arg-type]
+    while services.background:
+        await next(iter(services.background))
+    assert await outcomes(store) == [("settled", "body", 50_000)]
