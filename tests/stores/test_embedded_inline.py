@@ -49,7 +49,8 @@ async def test_uncontended_writes_never_touch_the_thread_and_checkpoints_bound_t
     sizes = []
     for round_ in range(10):
         await asyncio.gather(*(call(f"r{round_}-{i}") for i in range(n // 2)))  # n writes: one checkpoint a round
-        await asyncio.sleep(0.05)  # let the checkpoint run
+        if store._checkpointing is not None:  # let the checkpoint finish (it fsyncs: 50 ms was once too short)
+            await asyncio.wait([store._checkpointing])
         sizes.append(wal.stat().st_size)
     checkpoints = store._writes // n
     assert store._queued == store._finished == checkpoints == 10, f"{store._queued - checkpoints} writes went to the thread"
