@@ -65,17 +65,20 @@ def _headers(pairs: list[tuple[str, str]], end_of_stream: bool = False) -> ep.Ht
     return msg
 
 
-def messages(i: int) -> list[ep.ProcessingRequest]:
-    """What Envoy sends for call `i` (its own x-request-id), with the headers Envoy adds."""
-    body = load.chat_body()
+def request(i: int, body: bytes) -> list[ep.ProcessingRequest]:
+    """The request side Envoy sends for call `i` (its own x-request-id), with the headers Envoy adds."""
     req = [(":authority", "127.0.0.1:10000"), (":path", load.CHAT_PATH), (":method", "POST"), (":scheme", "http"),
            ("content-type", "application/json"), ("content-length", str(len(body))), ("authorization", f"Bearer {API_KEY}"),
            ("x-forwarded-proto", "http"), ("x-request-id", f"00000000-0000-4000-8000-{i:012d}")]
+    return [ep.ProcessingRequest(request_headers=_headers(req)), ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True))]
+
+
+def messages(i: int) -> list[ep.ProcessingRequest]:
+    """What Envoy sends for call `i`: its request (`request`), then a JSON answer."""
     resp = [(":status", "200"), ("content-type", "application/json"), ("content-length", str(len(RESPONSE))),
             ("date", "Wed, 02 Dec 2026 05:00:00 GMT"), ("server", "uvicorn"), ("x-envoy-upstream-service-time", "1")]
     return [
-        ep.ProcessingRequest(request_headers=_headers(req)),
-        ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)),
+        *request(i, load.chat_body()),
         ep.ProcessingRequest(response_headers=_headers(resp)),
         ep.ProcessingRequest(response_body=ep.HttpBody(body=RESPONSE, end_of_stream=True)),
     ]

@@ -39,7 +39,7 @@ from extproc.server.ext_proc import ExternalProcessor
 from extproc.server.services import Services
 
 from . import callcost, load
-from .run import API_KEY, write_policy
+from .run import write_policy
 
 JSON_NAMES = ["request headers", "request body", "response headers", "response body"]
 SSE_NAMES = ["request headers", "request body", "response headers", "first chunk"]
@@ -47,17 +47,9 @@ SSE_NAMES = ["request headers", "request body", "response headers", "first chunk
 
 def sse_messages(i: int) -> list[ep.ProcessingRequest]:
     """What Envoy sends for an SSE call: the request, SSE response headers, then the mock's chunks."""
-    body = load.chat_body(stream=True)
-    req = [(":authority", "127.0.0.1:10000"), (":path", load.CHAT_PATH), (":method", "POST"), (":scheme", "http"),
-           ("content-type", "application/json"), ("content-length", str(len(body))), ("authorization", f"Bearer {API_KEY}"),
-           ("x-forwarded-proto", "http"), ("x-request-id", f"00000000-0000-4000-8000-{i:012d}")]
     resp = [(":status", "200"), ("content-type", "text/event-stream"), ("date", "Wed, 02 Dec 2026 05:00:00 GMT")]
     plan = generate.chat_stream(id="chatcmpl-bench", created=1, model="gpt-4o", usage=Usage(prompt=14, output=16), include_usage=True)
-    out = [
-        ep.ProcessingRequest(request_headers=callcost._headers(req)),
-        ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)),
-        ep.ProcessingRequest(response_headers=callcost._headers(resp)),
-    ]
+    out = [*callcost.request(i, load.chat_body(stream=True)), ep.ProcessingRequest(response_headers=callcost._headers(resp))]
     chunks = [plan.head, *plan.steps]
     out += [ep.ProcessingRequest(response_body=ep.HttpBody(body=c)) for c in chunks]
     out.append(ep.ProcessingRequest(response_body=ep.HttpBody(body=plan.tail, end_of_stream=True)))
