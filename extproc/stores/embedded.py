@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -128,6 +129,7 @@ CREATE TABLE IF NOT EXISTS alerts (k TEXT PRIMARY KEY, until INTEGER NOT NULL) W
 
 T = TypeVar("T")
 CHECKPOINT_EVERY = 256  # writes between passive WAL checkpoints (on the store's thread)
+OPEN_WAIT_S = 10.0  # how long a start waits for other processes opening the same file
 POLL_FIRST_S, POLL_MAX_S = 50e-6, 500e-6  # a write waiting for another process's lock retries this often (_begin)
 
 
@@ -149,16 +151,29 @@ class EmbeddedStore:
         self._queued = self._finished = 0
         self._writes = 0
         self._checkpointing: asyncio.Future[None] | None = None  # a checkpoint running on the thread
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
-            self._db.execute("PRAGMA page_size=1024")  # small rows: a commit writes fewer bytes of dirty pages
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints fsync: the thread runs them (_write)
-            self._db.executescript(_SCHEMA)
-            self._db.execute("PRAGMA busy_timeout=0")  # from now on writes wait in _begin, never in SQLite's handler
-        except sqlite3.Error as e:
-            raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+        self._db = self._open(synchronous, busy_timeout_s)
+
+    def _open(self, synchronous: str, busy_timeout_s: float) -> sqlite3.Connection:
+        """The connection, set up. Several processes may open a new file at once, and switching it to
+        WAL takes its lock without SQLite's busy handler ("database is locked" at once, one start in
+        two with two workers): a busy open is tried again, for up to OPEN_WAIT_S."""
+        deadline = time.monotonic() + OPEN_WAIT_S
+        while True:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
+            try:
+                db.execute("PRAGMA page_size=1024")  # small rows: a commit writes fewer bytes of dirty pages
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA synchronous={synchronous}")
+                db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints fsync: the thread runs them (_write)
+                db.executescript(_SCHEMA)
+                db.execute("PRAGMA busy_timeout=0")  # from now on writes wait in _begin, never in SQLite's handler
+                return db
+            except sqlite3.Error as e:
+                db.close()
+                busy = getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or time.monotonic() >= deadline:
+                    raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+                time.sleep(random.uniform(0.005, 0.02))
 
     # -- transactions and the kv table ----------------------------------------
 
