@@ -7,12 +7,14 @@ worker processes on one host (SQLite's file lock serialises writers).
 Never waiting on the event loop: each operation is a handful of indexed
 statements, tens of microseconds, but a writer of another worker process can
 hold the file lock. So one call's write runs on the event loop only when it
-cannot wait: nothing of this store is queued on its thread and the lock is free
-at once (busy timeout 0). Otherwise, and always for housekeeping that can touch
-thousands of rows (expiry, ledger trims), it runs on one dedicated thread per
-store, which waits for the lock; the loop touches the connection only while
-nothing is queued on the thread, so the two never share it. Doing the common
-case inline saves two thread hops per operation (bench/optimisations.md). A
+cannot wait: the lock is free at once (busy timeout 0). A busy lock is tried
+again on the loop a few times, after the other calls ready to run (another
+process's transaction is over by then, mostly); then the write, and always
+housekeeping that can touch thousands of rows (expiry, ledger trims), runs on
+one dedicated thread per store, which waits for the lock. The loop touches the
+connection only while nothing is queued on the thread (writes wait on the loop
+meanwhile), so the two never share it. Doing the common case inline saves two
+thread hops per operation (bench/optimisations.md). A
 lock held longer than `busy_timeout_s` (default 1 s, under Envoy's 2 s message
 timeout) fails the operation with StoreUnavailable rather than stalling the
 request. WAL checkpoints (which fsync) run on the thread too, every
@@ -131,6 +133,7 @@ T = TypeVar("T")
 CHECKPOINT_EVERY = 256  # writes between passive WAL checkpoints (on the store's thread)
 OPEN_WAIT_S = 10.0  # how long a start waits for other processes opening the same file
 POLL_FIRST_S, POLL_MAX_S = 50e-6, 500e-6  # a write waiting for another process's lock retries this often (_begin)
+INLINE_TRIES = 4  # a busy lock is tried this many times on the event loop before the write goes to the thread
 
 
 class _LockBusy(Exception):
@@ -149,6 +152,7 @@ class EmbeddedStore:
         # Operations handed to the thread and finished there: each counter has one writer (the loop, the
         # thread), so their difference says without a lock whether the thread may be using the connection.
         self._queued = self._finished = 0
+        self._last_on_thread: asyncio.Future[Any] | None = None  # the thread runs its queue in order: idle once this is done
         self._writes = 0
         self._checkpointing: asyncio.Future[None] | None = None  # a checkpoint running on the thread
         self._db = self._open(synchronous, busy_timeout_s)
@@ -178,33 +182,47 @@ class EmbeddedStore:
     # -- transactions and the kv table ----------------------------------------
 
     async def _write(self, fn: Callable[[], T], *, bulk: bool = False) -> T:
-        """`fn` in one write transaction: on the event loop if the lock is free now and the thread
-        idle, else on the store's own thread (which waits for the lock). `bulk` (housekeeping that
-        can touch thousands of rows): always on the thread."""
-        while (checkpoint := self._checkpointing) is not None:  # wait it out on the loop, then write inline again
-            if checkpoint.done():  # (awaiting a done future does not yield: test it, or this spins)
-                self._checkpointing = None
-            else:
-                await asyncio.wait([checkpoint])
-        result: T
-        if not bulk and self._queued == self._finished:
+        """`fn` in one write transaction: on the event loop when the lock is free, else on the store's
+        own thread (which waits for the lock). Writes wait on the loop while the thread has work (the
+        connection is its meanwhile), then run inline again; a lock found busy is tried again on the
+        loop after the calls ready to run have run, INLINE_TRIES times, before the write goes to the
+        thread: another process's transaction is over in tens of microseconds, and a hop to the thread
+        costs more CPU than the transaction (bench/optimisations.md). `bulk` (housekeeping that can
+        touch thousands of rows): always on the thread."""
+        busy = 0
+        while True:
+            if bulk or busy >= INLINE_TRIES:
+                result: T = await self._on_thread(self._tx, fn, self._busy_ms)
+                break
+            await self._thread_idle()
             try:
                 result = self._tx(fn, wait_ms=0)
+                break
             except _LockBusy:
-                result = await self._on_thread(self._tx, fn, self._busy_ms)
-        else:
-            result = await self._on_thread(self._tx, fn, self._busy_ms)
+                busy += 1
+                await asyncio.sleep(0)
         self._writes += 1
         if self._writes % CHECKPOINT_EVERY == 0 and self._checkpointing is None:
             self._start_checkpoint()
         return result
 
+    async def _thread_idle(self) -> None:
+        """Until nothing is queued on the store's thread. Writes wait for it here rather than queue
+        behind it there: with calls in flight such a queue never drained, and every later write paid
+        a hop (98% of them at 32 in flight behind a checkpoint; a quarter with two worker processes)."""
+        while self._queued != self._finished:
+            assert self._last_on_thread is not None
+            await asyncio.wait([self._last_on_thread])
+
     def _start_checkpoint(self) -> None:
-        """A WAL checkpoint (it fsyncs: ~4 ms here) on the thread, while writes wait for it on the loop.
-        Writes must not run during it: a checkpoint that new frames overtake leaves the WAL unreset, and it
-        grows without bound. Nor may they queue on the thread behind it: the thread then never drained while
-        calls were in flight, and every later write hopped (98% of them at 32 in flight)."""
+        """A WAL checkpoint (it fsyncs: ~4 ms here) on the thread, while writes wait for it on the loop
+        (`_thread_idle`). Writes must not run during it: a checkpoint that new frames overtake leaves
+        the WAL unreset, and it grows without bound."""
         self._checkpointing = self._on_thread(self._checkpoint)
+        self._checkpointing.add_done_callback(self._checkpointed)
+
+    def _checkpointed(self, _: asyncio.Future[None]) -> None:
+        self._checkpointing = None
 
     async def _read(self, fn: Callable[[], T]) -> T:
         """`fn` outside a transaction (one consistent statement), on the store's own thread."""
@@ -224,8 +242,12 @@ class EmbeddedStore:
             finally:
                 self._finished += 1  # the last thing the thread does with the connection
 
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, run)
+        # counted once submitted (a closed pool raises above): the thread counts `_finished` before this
+        # future resolves, so once the last one is done the counts are equal and `_thread_idle` returns
         self._queued += 1
-        return asyncio.get_running_loop().run_in_executor(self._pool, run)
+        self._last_on_thread = fut
+        return fut
 
     def _checkpoint(self) -> None:
         with contextlib.suppress(sqlite3.Error):  # busy or failing: the next one tries again; commits do not need it

@@ -1,8 +1,9 @@
 """The embedded store writes on the event loop only when nothing can make it wait:
-a lock another connection holds sends the write to the store's thread (where it
-waits, and succeeds once the lock is free), writes queue behind one already on
-the thread, and WAL checkpoints (run on the thread, on its own connection) keep the log
-bounded without sending writes there."""
+a lock another connection holds (still held after a few tries on the loop) sends
+the write to the store's thread (where it waits, and succeeds once the lock is
+free), writes behind one on the thread wait on the loop and then run there, and
+WAL checkpoints (run on the thread) keep the log bounded without sending writes
+there."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from extproc.stores import embedded
@@ -25,12 +27,14 @@ async def test_a_write_meeting_a_held_lock_waits_on_the_thread_and_gets_through(
     first = asyncio.create_task(take(store, "t", "r1", [cost("k", 100, 10)]))
     await asyncio.sleep(0.1)
     assert not first.done(), "the lock is held: the write must be waiting, not refused"
-    second = asyncio.create_task(take(store, "t", "r2", [cost("k", 100, 20)]))  # queues behind the first
+    second = asyncio.create_task(take(store, "t", "r2", [cost("k", 100, 20)]))  # waits on the loop behind the first
     await asyncio.sleep(0.05)
+    assert not second.done()
     other.execute("ROLLBACK")
     other.close()
     assert (await first).ok and (await second).ok
     assert await spent_reserved(store, "t", cost("k", 100)) == (0, 30)
+    assert store._queued == 1, "only the write that met the lock went to the thread; the one behind it ran inline"
     await store.close()
 
 
@@ -71,25 +75,29 @@ async def test_housekeeping_runs_on_the_thread_not_the_event_loop(tmp_path: Path
     await store.close()
 
 
-def test_a_write_that_meets_a_finished_checkpoint_does_not_spin(tmp_path: Path) -> None:
-    """A write that arrives after a checkpoint finished but before the loop ran its callbacks: awaiting
-    the done future returned at once without yielding, the callback that cleared it never ran, and the
-    write spun on the event loop forever (seen as two processes' stores hanging under load). Run in a
-    thread, so a spin fails the test instead of hanging the suite."""
+def test_a_write_that_meets_a_finished_thread_operation_does_not_spin(tmp_path: Path) -> None:
+    """A write that arrives after the thread finished its work but before the loop ran the callback that
+    resolves its future: awaiting a done future returns at once without yielding, so a wait keyed on
+    anything the callback clears spun on the event loop forever (seen as two processes' stores hanging
+    under load, once with a checkpoint). Run in a thread, so a spin fails the test instead of hanging
+    the suite."""
     result: list[bool] = []
 
     async def go() -> None:
         store = EmbeddedStore(tmp_path / "b.db")
-        finished = asyncio.get_running_loop().create_future()
-        finished.set_result(None)
-        store._checkpointing = finished
+        store._start_checkpoint()  # on the thread, like any write that met a busy lock
+        time.sleep(0.2)  # without yielding: the thread is done, its future's callbacks not yet run
         result.append((await take(store, "t", "r", [cost("k", 100, 10)])).ok)
+        if (checkpoint := store._checkpointing) is not None:
+            await asyncio.wait([checkpoint])
+            await asyncio.sleep(0)
+        result.append(store._checkpointing is None)  # its callback ran: the next checkpoint may start
         await store.close()
 
     runner = threading.Thread(target=asyncio.run, args=(go(),), daemon=True)
     runner.start()
     runner.join(10)
-    assert result == [True], "the write spun on the finished checkpoint"
+    assert result == [True, True], "the write spun on the finished checkpoint"
 
 
 _GREEDY = """
