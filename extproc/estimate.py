@@ -41,6 +41,7 @@ from typing import Any, Protocol, TypeVar
 
 from .errors import ClientError, InputNotBounded
 from .protocols.media import MediaPart
+from .records import fast_init
 from .tokenizers import count_text, get_encoding, lower_bound, utf8_len
 
 T = TypeVar("T")
@@ -62,6 +63,7 @@ class Facts(Protocol):
     def n(self) -> int: ...
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Estimate:
     input_tokens: int
@@ -76,6 +78,7 @@ class CountingBusy(ClientError):
     code = "tokenizer_busy"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Counts:
     """The text tokens of one request's segments in one encoding."""

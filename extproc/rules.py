@@ -33,6 +33,8 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .records import fast_init
+
 
 class Kind(str, enum.Enum):
     """How a line is counted."""
@@ -57,6 +59,7 @@ class Window(str, enum.Enum):
     ROLLING = "rolling"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Line:
     """One limit of one budget, with the amount this request wants to reserve.
@@ -83,6 +86,8 @@ class Line:
     headroom: int = 0  # counters: must fit on top of `amount` to pass, but is not taken (reserve/check only)
 
 
+@fast_init
+@fast_init
 @dataclass(frozen=True, slots=True)
 class LineState:
     """A line as the store saw it, after the operation (limit includes admin credits)."""

@@ -40,6 +40,7 @@ from typing import Any
 from ..errors import StoreUnavailable
 from ..money import nano_to_usd
 from ..policy.model import MAX_EXACT, BudgetSpec, KeySpec, LimitSpec, Policy
+from ..records import fast_init
 from ..rules import PROBE, Kind, Line, LineState, Mode, Window
 from ..stores.base import (
     ExtendResult,
@@ -69,6 +70,7 @@ def new_id() -> str:
     return os.urandom(16).hex()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Who is calling, resolved from a trusted source."""
@@ -99,6 +101,7 @@ class Identity:
         return value
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class AppliedLimit:
     scope: str
@@ -129,6 +132,7 @@ AFTER_THE_FACT = ("tool_calls",)
 RETRY_DIMENSIONS = ("retries", ATTEMPTS)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Hold:
     """What settle/release need to find a reservation again."""
@@ -137,6 +141,7 @@ class Hold:
     reservation_id: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool

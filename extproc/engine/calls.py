@@ -31,6 +31,7 @@ from ..estimate import estimate, lower_bound_tokens, media_tokens, upper_bound_t
 from ..money import Price, nano_to_usd
 from ..policy.model import ModelSpec, Policy
 from ..protocols.request import RequestFacts
+from ..records import fast_init
 from ..stores.base import RunRefusal
 from .budget import Decision, Engine, Hold, Identity, run_key
 from .downshift import Candidate, affordable_output, chain, missing_capabilities
@@ -43,6 +44,7 @@ Spawn = Callable[[Awaitable[Any]], None]
 TOKEN_DIMENSIONS = ("cost", "input_tokens", "output_tokens", "total_tokens")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who is calling, under which run, and what this process last decided for them."""
@@ -56,6 +58,7 @@ class Caller:
     workflow: Workflow | None = None  # parent run and ancestors, retry depth, traceparent (workflow.py)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CallInput:
     """The parsed request and its input tokens: text per encoding (exact counts, or bounds)
@@ -75,6 +78,7 @@ class CallInput:
         return known if known is not None else upper_bound_tokens(self.facts.segments, encoding)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Plan:
     decision: Decision

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from ..money import Price
 from ..policy.model import ModelSpec, Policy
+from ..records import fast_init
 
 
 class Needs(Protocol):
@@ -28,6 +29,7 @@ class Needs(Protocol):
     def n(self) -> int: ...
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Candidate:
     """One model this request could run on, with its worst-case estimate."""

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from ..errors import StoreUnavailable
 from ..policy.model import Policy
 from ..protocols.usage import Usage
+from ..records import fast_init
 from ..stores.base import ExtendResult
 from .budget import Decision, Engine
 from .downshift import Candidate
@@ -38,6 +39,7 @@ class StreamFacts(Protocol):
 Spawn = Callable[[Awaitable[Any]], None]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Due:
     """What closing a hold charges, decided before the store is written (`CallHold.due`), so the
@@ -54,6 +56,7 @@ class Due:
         return self.charge.get("cost", 0)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Settled:
     cost: int  # nano-USD charged (what the caller is told)

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from ..records import fast_init
 from ..rules import exhausted_for_good
 from .budget import Decision, Identity
 
@@ -56,6 +57,7 @@ def spent_line(d: Decision) -> int | None:
     return next((i for i, (lim, st) in enumerate(zip(d.limits, d.states, strict=False)) if exhausted_for_good(lim.line, st)), None)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class LoggedDecision:
     """One decision as the lookup endpoint and the refusal list show it (flat values only)."""

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from ..errors import BadRequest
+from ..records import fast_init
 
 if TYPE_CHECKING:
     from ..policy.model import RunsSpec
@@ -45,6 +46,7 @@ _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 _RETRY = re.compile(r"^\d{1,6}$")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Workflow:
     """Where a call sits in its workflow. Ancestors are run ids (not keys), root first."""

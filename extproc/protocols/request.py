@@ -19,12 +19,15 @@ from typing import Any
 from extproc.errors import BadRequest
 from extproc.protocols.media import MediaPart, tool_kind
 
+from ..records import fast_init
+
 MAX_OUTPUT_TOKENS_LIMIT = 10_000_000
 """An explicit max output above this is not a budget request, it is a typo."""
 
 MAX_N = 128
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RequestFacts:
     """The parsed request. `raw` is the decoded JSON object, kept for rewriting;

@@ -39,10 +39,13 @@ from typing import Any
 
 from extproc.errors import UpstreamError
 
+from ..records import fast_init
+
 MAX_USAGE_TOKENS = 10**9
 """More tokens than any single response can carry: a count above it is garbage."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Disjoint token counts of one response.

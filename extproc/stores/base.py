@@ -67,6 +67,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..records import fast_init
 from ..rules import Kind, Line, LineState, Mode, Window
 from . import _json as json
 
@@ -133,6 +134,7 @@ class RunState:
     ancestors: tuple[str, ...] = ()  # recorded when the run was created, root first
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ReserveResult:
     ok: bool
@@ -160,6 +162,7 @@ class ExtendResult:
     deadline_ms: int | None = None  # earliest wall-clock deadline of the gating duration lines
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class SettleResult:
     outcome: Outcome  # the reservation's terminal state (first one wins)
