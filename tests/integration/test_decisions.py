@@ -53,11 +53,11 @@ runs:
 
 
 @pytest.fixture(scope="module")
-def default_stack(tmp_path_factory):
+def default_stack(request):
     """One stack on policy() for the agent loop (alice's run task-42) and the forged identity
     test (one call of alice's outside any run, and bob's untouched budgets): each reads back
     only its own ledger entries."""
-    with shared_stack(tmp_path_factory, "decisions", policy()) as s:
+    with shared_stack(request, "decisions", policy()) as s:
         yield s
 
 
