@@ -2,6 +2,13 @@
 
 `make_stack(policy_text, store=...)` starts an `extproc.stack.Stack` (the same
 code `extproc stack` and `make demo` run) and stops it after the test.
+
+The stacks of one module (`make_stack`'s and a `shared_stack`) call one mock backend
+process (`module_backend`, clusters backend and backend_small) unless a test asks for
+its own (`own_backend=True`, or any backend setting: `backends`, `backend_command`,
+`token_delay_ms`...): the mock keeps no state a call could leave to the next one but its
+hit counters, which tests reset or read as a difference. One start fewer per stack
+(~0.6 CPU-s: Python, aiohttp and the o200k BPE ranks).
 """
 
 from __future__ import annotations
@@ -34,11 +41,41 @@ def redis_server():
     server.stop()
 
 
+# Stack settings that start or change the stack's own backends: a stack given one keeps them.
+_BACKEND_SETTINGS = ("backends", "backend_command", "backend_ready_path", "backend_addrs", "backend_ports", "token_delay_ms")
+
+
+@pytest.fixture(scope="module")
+def module_backend(tmp_path_factory) -> Iterator[Stack]:
+    """The mock backend (clusters backend and backend_small, one process) that the module's
+    stacks call: a Stack that runs only its backends; its `backend_ports` are what they use."""
+    backends = Stack(policy="", workdir=tmp_path_factory.mktemp("mock-backend"))
+    try:
+        backends.start_backends()
+    except Exception:
+        print(f"--- mock-backend log ---\n{backends.log('mock-backend')[-4000:]}")
+        backends.stop()
+        raise
+    yield backends
+    backends.stop()
+
+
+def _backend_kw(request, kw: dict) -> dict:
+    """Stack settings that point a stack at the module's mock backend, unless `kw` sets its own."""
+    if kw.pop("own_backend", False) or any(k in kw for k in _BACKEND_SETTINGS):
+        return kw
+    shared: Stack = request.getfixturevalue("module_backend")
+    if shared.procs[0][1].poll() is not None:
+        raise RuntimeError(f"the module's mock backend exited:\n{shared.log('mock-backend')[-4000:]}")
+    return {**kw, "backends": (), "backend_ports": dict(shared.backend_ports)}
+
+
 @pytest.fixture
 def make_stack(tmp_path: Path, request):
     stacks: list[Stack] = []
 
     def make(policy_text: str, *, store: str = "embedded", **kw) -> Stack:
+        kw = _backend_kw(request, kw)
         policy = tmp_path / f"policy{len(stacks)}.yaml"
         policy.write_text(policy_text)
         if store == "embedded":
@@ -66,10 +103,11 @@ def make_stack(tmp_path: Path, request):
 
 
 @contextlib.contextmanager
-def shared_stack(tmp_path_factory, name: str, policy_text: str, **kw) -> Iterator[Stack]:
+def shared_stack(request, name: str, policy_text: str, **kw) -> Iterator[Stack]:
     """A running stack (embedded store) on `policy_text` for the tests of a module that share it:
-    a module-scoped fixture yields it. Each of those tests reads back only its own calls."""
-    d = tmp_path_factory.mktemp(name)
+    a module-scoped fixture (its `request`) yields it. Each of those tests reads back only its own calls."""
+    kw = _backend_kw(request, kw)
+    d = request.getfixturevalue("tmp_path_factory").mktemp(name)
     (d / "policy.yaml").write_text(policy_text)
     with Stack(policy=str(d / "policy.yaml"), store=f"sqlite:{d / 'budget.db'}", workdir=d / "stack", **kw) as s:
         yield s

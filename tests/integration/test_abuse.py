@@ -35,8 +35,8 @@ max_body_bytes: 1048576
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with shared_stack(tmp_path_factory, "abuse", POLICY) as s:
+def stack(request):
+    with shared_stack(request, "abuse", POLICY) as s:
         yield s
 
 

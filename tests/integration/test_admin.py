@@ -33,9 +33,9 @@ BODY = {"model": "gpt-4o-mini", "max_tokens": 100, "messages": [{"role": "user",
 
 
 @pytest.fixture(scope="module")
-def admin_stack(tmp_path_factory):
+def admin_stack(request):
     """One stack on POLICY for the token check (it only reads) and the top-up flow."""
-    with shared_stack(tmp_path_factory, "admin", POLICY) as s:
+    with shared_stack(request, "admin", POLICY) as s:
         yield s
 
 

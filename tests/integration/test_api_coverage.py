@@ -83,8 +83,8 @@ def _usage_from_client_view(case: str, body: bytes, stream: bool) -> dict[str, i
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with shared_stack(tmp_path_factory, "cover", POLICY) as s:
+def stack(request):
+    with shared_stack(request, "cover", POLICY) as s:
         yield s
 
 

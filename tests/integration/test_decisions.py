@@ -53,11 +53,11 @@ runs:
 
 
 @pytest.fixture(scope="module")
-def default_stack(tmp_path_factory):
+def default_stack(request):
     """One stack on policy() for the agent loop (alice's run task-42) and the forged identity
     test (one call of alice's outside any run, and bob's untouched budgets): each reads back
     only its own ledger entries."""
-    with shared_stack(tmp_path_factory, "decisions", policy()) as s:
+    with shared_stack(request, "decisions", policy()) as s:
         yield s
 
 
@@ -194,14 +194,14 @@ async def test_policy_edit_takes_effect_without_restart_and_a_bad_edit_is_reject
         assert r.status_code == 200, "traffic keeps flowing on the last good policy"
 
 
-async def test_ext_authz_gate_refuses_a_spent_run_with_the_same_envelope(make_stack, tmp_path):
+async def test_ext_authz_gate_refuses_a_spent_run_with_the_same_envelope(make_stack, module_backend, tmp_path):
     # One service for both filters: use up the run's 3 steps through ext_proc, then gate dispatch with ext_authz.
     stack = make_stack(policy(steps=3))
     from extproc.stack import Stack
 
     gate = Stack(policy=stack.policy, store=stack.store, grpc=stack.grpc, envoy_config=str(Path(__file__).parents[2] / "envoy" / "ext_authz.yaml"),
-                 backends=("backend",), workdir=tmp_path / "gate", caller_token=stack.caller_token)  # the service's token
-    gate.start_backends()
+                 backends=(), backend_ports={"backend": module_backend.backend_ports["backend"]},  # the module's mock
+                 workdir=tmp_path / "gate", caller_token=stack.caller_token)  # the service's token
     gate.start_envoy()
     try:
         hdrs = {"authorization": f"Bearer {ALICE}", "x-run-id": "job-1", "x-mock-output-tokens": "150"}

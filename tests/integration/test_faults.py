@@ -132,11 +132,11 @@ def short_route_timeout(tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def short_timeout_stack(tmp_path_factory):
+def short_timeout_stack(request, tmp_path_factory):
     """policy() behind a 1 s route timeout, shared by the backend faults: each reads back only
     the ledger entry its own call wrote, and reconciles the whole books."""
     timeout_config = short_route_timeout(tmp_path_factory.mktemp("faults-envoy"))
-    with shared_stack(tmp_path_factory, "faults", policy(), envoy_config=timeout_config) as s:
+    with shared_stack(request, "faults", policy(), envoy_config=timeout_config) as s:
         yield s
 
 

@@ -47,11 +47,11 @@ def auth(key: str = KEY) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def default_stack(tmp_path_factory):
+def default_stack(request):
     """One stack on policy() for the tests that only need it to answer (each asks the backend's
     hit count from a reset or reads back only its own call's ledger entry, and $1.00 of key
     budget covers every call they make)."""
-    with shared_stack(tmp_path_factory, "skeleton", policy()) as s:
+    with shared_stack(request, "skeleton", policy()) as s:
         yield s
 
 

@@ -36,12 +36,12 @@ async def chat(c: httpx.AsyncClient, run: str, *, model: str = "gpt-4o", tokens:
 
 
 @pytest.fixture(scope="module")
-def demo_stack(tmp_path_factory):
+def demo_stack(request):
     """One stack on the demo policy (embedded store) for the tests that need no fresh books:
     each names its own runs and reads back only their ledger entries, and carol's $0.50 key
     covers them all (the nested loops' tree stops at its $0.25 run budget, the others spend
     under $0.01)."""
-    with shared_stack(tmp_path_factory, "workflow", DEMO) as s:
+    with shared_stack(request, "workflow", DEMO) as s:
         yield s
 
 
