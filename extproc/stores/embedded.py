@@ -215,7 +215,7 @@ class EmbeddedStore:
             await asyncio.wait([self._last_on_thread])
 
     def _start_checkpoint(self) -> None:
-        """A WAL checkpoint (it fsyncs: ~4 ms here) on the thread, while writes wait for it on the loop
+        """A WAL checkpoint (it copies pages and fsyncs: ~30 ms here) on the thread, while writes wait for it on the loop
         (`_thread_idle`). Writes must not run during it: a checkpoint that new frames overtake leaves
         the WAL unreset, and it grows without bound."""
         self._checkpointing = self._on_thread(self._checkpoint)
