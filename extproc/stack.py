@@ -162,8 +162,8 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
 
 
 def _program(proc: subprocess.Popen[Any]) -> str:
-    args = proc.args
     """The program a process runs, for messages (`args` is one path or an argv)."""
+    args = proc.args
     return os.fsdecode(args if isinstance(args, (str, bytes, os.PathLike)) else args[0])
 
 
