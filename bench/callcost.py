@@ -10,7 +10,10 @@ process (event loop plus the store's thread) and the event-loop thread alone.
 gRPC's own transport (HTTP/2 framing, grpclib) is not in it: the no-op
 ext_proc's figures in results.md price that.
 
-    python -m bench.callcost [--calls 2000] [--store journal: | redis://127.0.0.1:6379/0] [--cprofile]
+    python -m bench.callcost [--calls 2000] [--inflight 32] [--store journal: | redis://127.0.0.1:6379/0] [--cprofile]
+
+`--inflight K` runs K calls at once (the service at concurrency K: the embedded
+store commits the writes of one loop turn together).
 
 For an instruction count that does not depend on what else runs on the
 machine, run it under callgrind twice and subtract (start-up cancels out):
@@ -107,16 +110,33 @@ class _Stream:
         self.sent.append(message)
 
 
-async def one_call(proc: ExternalProcessor, services: Services, i: int) -> list[ep.ProcessingResponse]:
+async def one_call(proc: ExternalProcessor, services: Services, i: int, *, wait: bool = True) -> list[ep.ProcessingResponse]:
+    """One call's four messages; `wait`: and its background close (else the caller waits for them all)."""
     stream = _Stream([m.SerializeToString() for m in messages(i)])
     await proc.Process(stream)  # type: ignore[arg-type]
     out = stream.sent
-    if services.background:
+    if wait and services.background:
         await asyncio.wait(list(services.background))
     return out
 
 
-async def measure(store_url: str, calls: int, warmup: int, profile: cProfile.Profile | None) -> dict[str, Any]:
+async def run_calls(proc: ExternalProcessor, services: Services, first: int, calls: int, inflight: int) -> None:
+    """`calls` calls, `inflight` at a time (each of `inflight` lanes runs its share one after another)."""
+    if inflight == 1:
+        for i in range(first, first + calls):
+            await one_call(proc, services, i)
+        return
+
+    async def lane(k: int) -> None:
+        for i in range(first + k, first + calls, inflight):
+            await one_call(proc, services, i, wait=False)
+
+    await asyncio.gather(*(lane(k) for k in range(inflight)))
+    while services.background:
+        await asyncio.wait(list(services.background))
+
+
+async def measure(store_url: str, calls: int, warmup: int, profile: cProfile.Profile | None, inflight: int = 1) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         policy = write_policy(Path(tmp) / "policy.yaml")
         url = store_url or "sqlite:"
@@ -135,15 +155,14 @@ async def measure(store_url: str, calls: int, warmup: int, profile: cProfile.Pro
             cpu0, thr0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
             if profile is not None:
                 profile.enable()
-            for i in range(warmup, warmup + calls):
-                await one_call(proc, services, i)
+            await run_calls(proc, services, warmup, calls, inflight)
             if profile is not None:
                 profile.disable()
             cpu, thr, wall = time.process_time() - cpu0, time.thread_time() - thr0, time.perf_counter() - wall0
         finally:
             await store.close()
     n = max(1, calls)
-    return {"calls": calls, "cpu_us_per_call": round(1e6 * cpu / n, 1), "loop_thread_cpu_us_per_call": round(1e6 * thr / n, 1),
+    return {"calls": calls, "inflight": inflight, "cpu_us_per_call": round(1e6 * cpu / n, 1), "loop_thread_cpu_us_per_call": round(1e6 * thr / n, 1),
             "wall_us_per_call": round(1e6 * wall / n, 1)}
 
 
@@ -154,9 +173,10 @@ def main() -> None:
     ap.add_argument("--store", default="", help="a store URL (default: SQLite in a temporary directory; journal: for the journal store)")
     ap.add_argument("--cprofile", action="store_true", help="profile the measured calls (slower; shares, not absolute times)")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--inflight", type=int, default=1, help="calls in flight at once (a service at that concurrency)")
     a = ap.parse_args()
     prof = cProfile.Profile() if a.cprofile else None
-    print(json.dumps(asyncio.run(measure(a.store, a.calls, a.warmup, prof))))
+    print(json.dumps(asyncio.run(measure(a.store, a.calls, a.warmup, prof, a.inflight))))
     if prof is not None:
         st = pstats.Stats(prof)
         st.sort_stats("tottime").print_stats(a.top)
