@@ -6,15 +6,16 @@ worker processes on one host (SQLite's file lock serialises writers).
 
 Never waiting on the event loop: each operation is a handful of indexed
 statements, tens of microseconds, but a writer of another worker process can
-hold the file lock. So one call's write runs on the event loop only when it
-cannot wait: the lock is free at once (busy timeout 0). A busy lock is tried
-again on the loop a few times, after the other calls ready to run (another
-process's transaction is over by then, mostly); then the write, and always
-housekeeping that can touch thousands of rows (expiry, ledger trims), runs on
-one dedicated thread per store, which waits for the lock. The loop touches the
-connection only while nothing is queued on the thread (writes wait on the loop
-meanwhile), so the two never share it. Doing the common case inline saves two
-thread hops per operation (bench/optimisations.md). A
+hold the file lock. So writes run on the event loop only when they cannot wait:
+the lock is free at once (busy timeout 0). A busy lock is tried again on the
+loop a few times, after the other calls ready to run (another process's
+transaction is over by then, mostly); then the writes, and always housekeeping
+that can touch thousands of rows (expiry, ledger trims), run on one dedicated
+thread per store, which waits for the lock. The loop touches the connection only
+while nothing is queued on the thread (writes wait on the loop meanwhile), so
+the two never share it. Doing the common case inline saves two thread hops per
+operation; the writes that arrive in one turn of the event loop behind the first
+share one transaction, a savepoint each (`_write`; bench/optimisations.md). A
 lock held longer than `busy_timeout_s` (default 1 s, under Envoy's 2 s message
 timeout) fails the operation with StoreUnavailable rather than stalling the
 request. WAL checkpoints (which fsync) run on the thread too, every
@@ -134,6 +135,8 @@ CHECKPOINT_EVERY = 1024  # writes between passive WAL checkpoints (on the store'
 OPEN_WAIT_S = 10.0  # how long a start waits for other processes opening the same file
 POLL_FIRST_S, POLL_MAX_S = 50e-6, 500e-6  # a write waiting for another process's lock retries this often (_begin)
 INLINE_TRIES = 4  # a busy lock is tried this many times on the event loop before the write goes to the thread
+MAX_BATCH = 64  # writes in one transaction at most (`_write`): each waits for all of its batch
+_Op = tuple[Callable[[], Any], "asyncio.Future[Any]"]
 
 
 class _LockBusy(Exception):
@@ -153,7 +156,10 @@ class EmbeddedStore:
         # thread), so their difference says without a lock whether the thread may be using the connection.
         self._queued = self._finished = 0
         self._last_on_thread: asyncio.Future[Any] | None = None  # the thread runs its queue in order: idle once this is done
-        self._writes = 0
+        self._writes = self._since_checkpoint = 0  # writes committed, and since the last checkpoint started
+        self._pending: list[_Op] = []  # writes waiting for the next transaction (`_write`)
+        self._flush_due = False  # a `_flush` is scheduled, or waits for the thread
+        self._busy_tries = 0  # times the lock was found busy for the batch at the head of `_pending`
         self._checkpointing: asyncio.Future[None] | None = None  # a checkpoint running on the thread
         self._db = self._open(synchronous, busy_timeout_s)
 
@@ -182,41 +188,96 @@ class EmbeddedStore:
     # -- transactions and the kv table ----------------------------------------
 
     async def _write(self, fn: Callable[[], T], *, bulk: bool = False) -> T:
-        """`fn` in one write transaction: on the event loop when the lock is free, else on the store's
-        own thread (which waits for the lock). Writes wait on the loop while the thread has work (the
-        connection is its meanwhile), then run inline again; a lock found busy is tried again on the
-        loop after the calls ready to run have run, INLINE_TRIES times, before the write goes to the
-        thread: another process's transaction is over in tens of microseconds, and a hop to the thread
-        costs more CPU than the transaction (bench/optimisations.md). `bulk` (housekeeping that can
-        touch thousands of rows): always on the thread."""
-        busy = 0
-        while True:
-            if bulk or busy >= INLINE_TRIES:
-                result: T = await self._on_thread(self._tx, fn, self._busy_ms)
-                break
-            await self._thread_idle()
-            try:
-                result = self._tx(fn, wait_ms=0)
-                break
-            except _LockBusy:
-                busy += 1
-                await asyncio.sleep(0)
-        self._writes += 1
-        if self._writes % CHECKPOINT_EVERY == 0 and self._checkpointing is None:
-            self._start_checkpoint()
-        return result
+        """`fn` in a write transaction; the writes that arrive behind it in one turn are committed together.
 
-    async def _thread_idle(self) -> None:
-        """Until nothing is queued on the store's thread. Writes wait for it here rather than queue
-        behind it there: with calls in flight such a queue never drained, and every later write paid
-        a hop (98% of them at 32 in flight behind a checkpoint; a quarter with two worker processes)."""
-        while self._queued != self._finished:
+        The first write of a turn of the event loop runs at once, alone, without yielding (one call at
+        a time pays nothing for batching). Writes after it in the same turn queue and run at the next
+        turn, each in its own savepoint of one transaction (group commit): one BEGIN and one COMMIT for
+        all, and pages several of them touch (the budgets' counters, the tables' last pages) written to
+        the WAL once (bench/optimisations.md). Each write still succeeds or fails alone, and answers
+        only once its transaction is committed.
+
+        Transactions run on the event loop when the lock is free; while the store's thread has work
+        (the connection is its meanwhile) writes wait on the loop. A lock found busy is tried again on
+        the loop after the calls ready to run have run, INLINE_TRIES times, before the batch goes to
+        the thread: another process's transaction is over in tens of microseconds, and a hop to the
+        thread costs more CPU than the transaction. `bulk` (housekeeping that can touch thousands of
+        rows): alone, always on the thread."""
+        if bulk:
+            result: T = await self._on_thread(self._tx, fn, self._busy_ms)
+            self._wrote(1)
+            return result
+        loop = asyncio.get_running_loop()
+        if not self._flush_due:  # the first write of this loop turn runs now, as it would alone
+            self._flush_due = True
+            loop.call_soon(self._flush)
+            if self._queued == self._finished:
+                try:
+                    result = self._tx(fn, 0)
+                except _LockBusy:
+                    pass  # tried again with the writes behind it
+                else:
+                    self._wrote(1)
+                    return result
+        fut: asyncio.Future[T] = loop.create_future()
+        self._pending.append((fn, fut))
+        return await fut
+
+    def _flush(self, _: object = None) -> None:
+        """Run the queued writes (up to MAX_BATCH) in one transaction on the loop, or wait for the thread."""
+        if self._queued != self._finished:  # the thread has the connection: go on once it is done
             assert self._last_on_thread is not None
-            await asyncio.wait([self._last_on_thread])
+            self._last_on_thread.add_done_callback(self._flush)
+            return
+        batch = [op for op in self._pending[:MAX_BATCH] if not op[1].cancelled()]
+        del self._pending[:MAX_BATCH]
+        if batch:
+            try:
+                outcomes = self._tx_batch(batch, 0)
+            except _LockBusy:
+                self._pending[:0] = batch
+                self._busy_tries += 1
+                if self._busy_tries < INLINE_TRIES:
+                    asyncio.get_running_loop().call_soon(self._flush)
+                    return
+                self._pending = self._pending[len(batch) :]
+                self._on_thread(self._tx_batch, batch, self._busy_ms).add_done_callback(
+                    lambda done: self._deliver(batch, done.exception() or done.result())
+                )
+            except BaseException as e:  # BEGIN or COMMIT failed: no write in the batch happened
+                self._deliver(batch, e)
+            else:
+                self._deliver(batch, outcomes)
+            self._busy_tries = 0
+        if self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            self._flush_due = False
+
+    def _deliver(self, batch: list[_Op], outcomes: list[tuple[bool, Any]] | BaseException) -> None:
+        """Answer each write of a committed (or failed) batch, and count them towards a checkpoint."""
+        for i, (_, fut) in enumerate(batch):
+            if fut.done():  # its caller was cancelled while it ran: it happened all the same
+                continue
+            if isinstance(outcomes, BaseException):
+                fut.set_exception(outcomes)
+            elif outcomes[i][0]:
+                fut.set_result(outcomes[i][1])
+            else:
+                fut.set_exception(outcomes[i][1])
+        if not isinstance(outcomes, BaseException):
+            self._wrote(len(batch))
+
+    def _wrote(self, n: int) -> None:
+        self._since_checkpoint += n
+        self._writes += n
+        if self._since_checkpoint >= CHECKPOINT_EVERY and self._checkpointing is None:
+            self._since_checkpoint -= CHECKPOINT_EVERY
+            self._start_checkpoint()
 
     def _start_checkpoint(self) -> None:
         """A WAL checkpoint (it copies pages and fsyncs: ~30 ms here) on the thread, while writes wait for it on the loop
-        (`_thread_idle`). Writes must not run during it: a checkpoint that new frames overtake leaves
+        (`_flush`). Writes must not run during it: a checkpoint that new frames overtake leaves
         the WAL unreset, and it grows without bound."""
         self._checkpointing = self._on_thread(self._checkpoint)
         self._checkpointing.add_done_callback(self._checkpointed)
@@ -278,6 +339,26 @@ class EmbeddedStore:
                 delay = min(delay * 2, POLL_MAX_S)
             except sqlite3.Error as e:
                 raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+
+    def _tx_batch(self, batch: list[_Op], wait_ms: int) -> list[tuple[bool, Any]]:
+        """Each write of `batch` in a savepoint of one transaction: (True, result) or (False, the error
+        it raised, its own changes rolled back). One write alone needs no savepoint."""
+        if len(batch) == 1:
+            return [(True, self._tx(batch[0][0], wait_ms))]
+        return self._tx(lambda: [self._in_savepoint(fn) for fn, _ in batch], wait_ms)
+
+    def _in_savepoint(self, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        self._db.execute("SAVEPOINT w")
+        try:
+            result = fn()
+        except Exception as e:
+            self._db.execute("ROLLBACK TO w")
+            self._db.execute("RELEASE w")
+            if isinstance(e, sqlite3.OperationalError):
+                return False, StoreUnavailable(f"embedded store {self.path}: {e}")
+            return False, e
+        self._db.execute("RELEASE w")
+        return True, result
 
     def _tx(self, fn: Callable[[], T], wait_ms: int) -> T:
         """Run `fn` in one write transaction (BEGIN IMMEDIATE: writers queue on the file lock, for up
@@ -664,5 +745,7 @@ class EmbeddedStore:
         await self._read(lambda: self._db.execute("SELECT 1").fetchone())
 
     async def close(self) -> None:
+        if self._pending:  # writes already asked for still happen
+            await asyncio.wait([fut for _, fut in self._pending])
         await self._read(self._db.close)
         self._pool.shutdown(wait=True)
