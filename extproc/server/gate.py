@@ -138,7 +138,7 @@ class Gate:
         assert self.caller is not None and blocked is not None
         hold = Hold(self.caller.who.tag, self.reservation_id)
         refusal = replace(d, allowed=False, decision_id=new_id(), blocked=blocked, hold=hold)
-        metrics.DECISIONS.labels("block", refusal.limits[blocked].scope).inc()
+        metrics.child(metrics.DECISIONS, "block", refusal.limits[blocked].scope).inc()
         return self._done(Reply(immediate=render.refusal(self.envelope, refusal, self._headers(refusal), [])))
 
     def _done(self, reply: Reply) -> Reply:
@@ -149,7 +149,7 @@ class Gate:
         return self._done(client_error(self.envelope, e, retry_after))
 
     def _store_down(self, e: StoreUnavailable) -> Reply:
-        metrics.STORE_ERRORS.labels("reserve").inc()
+        metrics.child(metrics.STORE_ERRORS, "reserve").inc()
         if self.policy.failure_mode == "fail_open":
             metrics.FAIL_OPEN.inc()
             log.error("budget store unavailable, letting %s through unmetered (failure_mode fail_open): %s", self.reservation_id, e)

@@ -144,7 +144,7 @@ class Session(Gate):
 
     def _decided(self, d: Decision, changed: bool, alternatives: list[dict[str, Any]]) -> Reply | None:
         """Count the decision; a refusal is answered now in the caller's envelope."""
-        metrics.DECISIONS.labels(render.decision_value(d, changed), d.blocking.scope if d.blocking else "").inc()
+        metrics.child(metrics.DECISIONS, render.decision_value(d, changed), d.blocking.scope if d.blocking else "").inc()
         if not d.allowed:
             return self._done(Reply(immediate=render.refusal(self.envelope, d, self._headers(d), alternatives)))
         metrics.INFLIGHT.inc()
