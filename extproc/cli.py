@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, TextIO
 
-from . import logs
+from . import logs, startup
 
 if TYPE_CHECKING:
     from .engine.budget import Engine
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 DEFAULT_STORE = "sqlite:var/budget.db"
 
 
+@startup.collector_paused()  # until app.serve is ready (startup.settle); a spawned worker imports all again
 def _serve_one(
     args: argparse.Namespace, admin: str | None, log: tuple[str, str] | None = None, metrics: str | None = None
 ) -> None:
@@ -59,6 +60,7 @@ def _check_serve_settings(args: argparse.Namespace) -> None:
         load_token(args.admin_token_file)
 
 
+@startup.collector_paused()  # until app.serve is ready (startup.settle)
 def _serve(args: argparse.Namespace) -> int:
     """One process per core is the scaling unit: N workers share the gRPC port (SO_REUSEPORT)."""
     from .errors import ConfigError
@@ -133,6 +135,7 @@ def _name_port(text: str) -> tuple[str, int]:
     return name, int(port)
 
 
+@startup.collector_paused()  # until the mock listens (startup.settle)
 def _mock_backend(args: argparse.Namespace) -> int:
     from .mock_backend import MockConfig, run
 
