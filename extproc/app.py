@@ -6,7 +6,6 @@ cli.py) that picks a concrete store.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -16,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import startup
 from .engine.alerts import Alerter
 from .engine.budget import Engine
 from .policy.loader import PolicyHolder
@@ -150,12 +150,7 @@ async def serve(
     unauthenticated = callers.tokens is None and not callers.trusted_without_token
     log.log(logging.WARNING if unauthenticated else logging.INFO, "gRPC callers: %s", callers.describe())
     log.info("extproc serving ext_proc on %s (store %s, policy %s)", grpc_addr, redacted(store_url), policy_path)
-    # What start-up built (modules, the policy, BPE ranks, the store) lives as long as the process:
-    # frozen, it is out of the collector's sight, so a full collection walks only what calls
-    # allocate. Unfrozen, each full pass over ~110k start-up objects stalled the loop for tens
-    # of ms, every call in flight waiting (bench/gc_pauses.py).
-    gc.collect()
-    gc.freeze()
+    startup.settle()  # what start-up built (modules, the policy, BPE ranks, the store) frozen
     print(f"extproc listening {grpc_addr}", flush=True)
     await stop.wait()
     # Graceful stop: health turns NOT_SERVING, no new calls are accepted, and the calls in

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, TextIO
 
-from . import logs
+from . import logs, startup
 
 if TYPE_CHECKING:
     from .engine.budget import Engine
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 DEFAULT_STORE = "sqlite:var/budget.db"
 
 
+@startup.collector_paused()  # until app.serve is ready (startup.settle); a spawned worker imports all again
 def _serve_one(
     args: argparse.Namespace, admin: str | None, log: tuple[str, str] | None = None, metrics: str | None = None
 ) -> None:
@@ -43,7 +44,6 @@ def _serve_one(
 def _check_serve_settings(args: argparse.Namespace) -> None:
     """Refuse to start (once, before any worker) on unsafe or unreadable settings."""
     from .errors import ConfigError
-    from .server.admin import load_token
     from .server.callers import CallerGate
     from .stores import parse_url
 
@@ -56,9 +56,12 @@ def _check_serve_settings(args: argparse.Namespace) -> None:
 
     CallerGate.configure(args.grpc, args.caller_token_file, allow_unauthenticated=args.allow_unauthenticated_callers)
     if args.admin:
+        from .server.admin import load_token  # aiohttp, the engine, the policy: ~0.6 CPU-s a refusal above need not pay
+
         load_token(args.admin_token_file)
 
 
+@startup.collector_paused()  # until app.serve is ready (startup.settle)
 def _serve(args: argparse.Namespace) -> int:
     """One process per core is the scaling unit: N workers share the gRPC port (SO_REUSEPORT)."""
     from .errors import ConfigError
@@ -133,6 +136,7 @@ def _name_port(text: str) -> tuple[str, int]:
     return name, int(port)
 
 
+@startup.collector_paused()  # until the mock listens (startup.settle)
 def _mock_backend(args: argparse.Namespace) -> int:
     from .mock_backend import MockConfig, run
 

@@ -10,6 +10,7 @@ import sys
 
 from aiohttp import web
 
+from .. import startup
 from ..tokenizers import get_encoding
 from .app import make_app, make_metrics_app
 from .config import MockConfig
@@ -75,6 +76,7 @@ def run(
                 runners.append(web.AppRunner(make_metrics_app(runners[0].app), access_log=None, handle_signals=False))
                 await runners[-1].setup()
                 await web.TCPSite(runners[-1], host, metrics_port).start()
+            startup.settle()
             for cfg, bound in listening:
                 print(
                     f"mock-backend {cfg.name!r} listening on http://{host}:{bound} "

@@ -3,12 +3,13 @@
 `make_stack(policy_text, store=...)` starts an `extproc.stack.Stack` (the same
 code `extproc stack` and `make demo` run) and stops it after the test.
 
-The stacks of one module (`make_stack`'s and a `shared_stack`) call one mock backend
-process (`module_backend`, clusters backend and backend_small) unless a test asks for
-its own (`own_backend=True`, or any backend setting: `backends`, `backend_command`,
-`token_delay_ms`...): the mock keeps no state a call could leave to the next one but its
-hit counters, which tests reset or read as a difference. One start fewer per stack
-(~0.6 CPU-s: Python, aiohttp and the o200k BPE ranks).
+The stacks of one pytest process (`make_stack`'s and a `shared_stack`; under xdist, one
+worker's) call one mock backend process (`worker_backend`, clusters backend and
+backend_small) unless a test asks for its own (`own_backend=True`, or any backend setting:
+`backends`, `backend_command`, `token_delay_ms`...): the mock keeps no state a call could
+leave to the next one but its hit counters, which tests reset or read as a difference, and
+a worker runs one test at a time. One start fewer per stack and per module (~0.6 CPU-s:
+Python, aiohttp and the o200k BPE ranks).
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ def redis_server():
 _BACKEND_SETTINGS = ("backends", "backend_command", "backend_ready_path", "backend_addrs", "backend_ports", "token_delay_ms")
 
 
-@pytest.fixture(scope="module")
-def module_backend(tmp_path_factory) -> Iterator[Stack]:
-    """The mock backend (clusters backend and backend_small, one process) that the module's
-    stacks call: a Stack that runs only its backends; its `backend_ports` are what they use."""
+@pytest.fixture(scope="session")
+def worker_backend(tmp_path_factory) -> Iterator[Stack]:
+    """The mock backend (clusters backend and backend_small, one process) that the stacks of this
+    pytest process call: a Stack that runs only its backends; its `backend_ports` are what they use."""
     backends = Stack(policy="", workdir=tmp_path_factory.mktemp("mock-backend"))
     try:
         backends.start_backends()
@@ -61,12 +62,12 @@ def module_backend(tmp_path_factory) -> Iterator[Stack]:
 
 
 def _backend_kw(request, kw: dict) -> dict:
-    """Stack settings that point a stack at the module's mock backend, unless `kw` sets its own."""
+    """Stack settings that point a stack at the worker's mock backend, unless `kw` sets its own."""
     if kw.pop("own_backend", False) or any(k in kw for k in _BACKEND_SETTINGS):
         return kw
-    shared: Stack = request.getfixturevalue("module_backend")
+    shared: Stack = request.getfixturevalue("worker_backend")
     if shared.procs[0][1].poll() is not None:
-        raise RuntimeError(f"the module's mock backend exited:\n{shared.log('mock-backend')[-4000:]}")
+        raise RuntimeError(f"the worker's mock backend exited:\n{shared.log('mock-backend')[-4000:]}")
     return {**kw, "backends": (), "backend_ports": dict(shared.backend_ports)}
 
 

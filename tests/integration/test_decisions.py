@@ -194,13 +194,13 @@ async def test_policy_edit_takes_effect_without_restart_and_a_bad_edit_is_reject
         assert r.status_code == 200, "traffic keeps flowing on the last good policy"
 
 
-async def test_ext_authz_gate_refuses_a_spent_run_with_the_same_envelope(make_stack, module_backend, tmp_path):
+async def test_ext_authz_gate_refuses_a_spent_run_with_the_same_envelope(make_stack, worker_backend, tmp_path):
     # One service for both filters: use up the run's 3 steps through ext_proc, then gate dispatch with ext_authz.
     stack = make_stack(policy(steps=3))
     from extproc.stack import Stack
 
     gate = Stack(policy=stack.policy, store=stack.store, grpc=stack.grpc, envoy_config=str(Path(__file__).parents[2] / "envoy" / "ext_authz.yaml"),
-                 backends=(), backend_ports={"backend": module_backend.backend_ports["backend"]},  # the module's mock
+                 backends=(), backend_ports={"backend": worker_backend.backend_ports["backend"]},  # the worker's mock
                  workdir=tmp_path / "gate", caller_token=stack.caller_token)  # the service's token
     gate.start_envoy()
     try:

@@ -78,11 +78,12 @@ def mtls_envoy_config(d: Path) -> Path:
     return out
 
 
-async def test_principal_comes_from_the_client_certificate(tmp_path):
+async def test_principal_comes_from_the_client_certificate(tmp_path, worker_backend):
     make_pki(tmp_path)
     (tmp_path / "policy.yaml").write_text(POLICY)
     stack = Stack(policy=str(tmp_path / "policy.yaml"), envoy_config=str(mtls_envoy_config(tmp_path)),
-                  backends=("backend", "backend_small"), workdir=tmp_path / "stack", store=f"sqlite:{tmp_path / 'b.db'}")
+                  backends=(), backend_ports=dict(worker_backend.backend_ports),  # the worker's mock
+                  workdir=tmp_path / "stack", store=f"sqlite:{tmp_path / 'b.db'}")
     body = {"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
     url = f"https://127.0.0.1:{stack.port}/v1/chat/completions"
     try:
