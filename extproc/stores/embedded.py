@@ -341,11 +341,18 @@ class EmbeddedStore:
                 raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
 
     def _tx_batch(self, batch: list[_Op], wait_ms: int) -> list[tuple[bool, Any]]:
-        """Each write of `batch` in a savepoint of one transaction: (True, result) or (False, the error
-        it raised, its own changes rolled back). One write alone needs no savepoint."""
+        """Each write of `batch` in one transaction: (True, result) or (False, the error it raised, its
+        own changes rolled back). All of them at once first; if one raises, the transaction is rolled
+        back and run again with each write in a savepoint (savepoints around every write cost 0.7% of
+        a call's instructions at 32 calls in flight, and writes fail only when the store does)."""
         if len(batch) == 1:
             return [(True, self._tx(batch[0][0], wait_ms))]
-        return self._tx(lambda: [self._in_savepoint(fn) for fn, _ in batch], wait_ms)
+        try:
+            return self._tx(lambda: [(True, fn()) for fn, _ in batch], wait_ms)
+        except _LockBusy:
+            raise
+        except Exception:
+            return self._tx(lambda: [self._in_savepoint(fn) for fn, _ in batch], wait_ms)
 
     def _in_savepoint(self, fn: Callable[[], Any]) -> tuple[bool, Any]:
         self._db.execute("SAVEPOINT w")
