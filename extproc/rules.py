@@ -87,7 +87,6 @@ class Line:
 
 
 @fast_init
-@fast_init
 @dataclass(frozen=True, slots=True)
 class LineState:
     """A line as the store saw it, after the operation (limit includes admin credits)."""
