@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 DEFAULT_STORE = "sqlite:var/budget.db"
 
 
-@startup.collector_paused()  # until app.serve is ready (startup.settle); a spawned worker imports all again
+@startup.collector_paused()  # until app.serve is ready (startup.settle), in the one process or each spawned worker
 def _serve_one(
     args: argparse.Namespace, admin: str | None, log: tuple[str, str] | None = None, metrics: str | None = None
 ) -> None:
@@ -61,7 +61,6 @@ def _check_serve_settings(args: argparse.Namespace) -> None:
         load_token(args.admin_token_file)
 
 
-@startup.collector_paused()  # until app.serve is ready (startup.settle)
 def _serve(args: argparse.Namespace) -> int:
     """One process per core is the scaling unit: N workers share the gRPC port (SO_REUSEPORT)."""
     from .errors import ConfigError
