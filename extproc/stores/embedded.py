@@ -182,10 +182,16 @@ class EmbeddedStore:
                 db.close()
                 busy = getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
                 if not busy or time.monotonic() >= deadline:
-                    raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+                    raise self._unavailable(e) from e
                 time.sleep(random.uniform(0.005, 0.02))
 
     # -- transactions and the kv table ----------------------------------------
+
+    def _unavailable(self, e: sqlite3.Error, detail: str = "") -> StoreUnavailable:
+        """What a failing SQLite call becomes for the engine: the store is unavailable (fail closed)."""
+        err = StoreUnavailable(f"embedded store {self.path}: {e}{detail}")
+        err.__cause__ = e
+        return err
 
     async def _write(self, fn: Callable[[], T], *, bulk: bool = False) -> T:
         """`fn` in a write transaction; the writes that arrive behind it in one turn are committed together.
@@ -292,7 +298,7 @@ class EmbeddedStore:
             try:
                 return fn()
             except sqlite3.Error as e:
-                raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+                raise self._unavailable(e) from e
 
         return await self._on_thread(go)
 
@@ -328,17 +334,17 @@ class EmbeddedStore:
             except sqlite3.OperationalError as e:
                 busy = getattr(e, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF == sqlite3.SQLITE_BUSY
                 if not busy or self._db.in_transaction:
-                    raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+                    raise self._unavailable(e) from e
                 if not wait_ms:
                     raise _LockBusy from e
                 now = time.monotonic()
                 deadline = deadline or now + wait_ms / 1000
                 if now >= deadline:
-                    raise StoreUnavailable(f"embedded store {self.path}: {e} (waited {wait_ms} ms)") from e
+                    raise self._unavailable(e, f" (waited {wait_ms} ms)") from e
                 time.sleep(delay)
                 delay = min(delay * 2, POLL_MAX_S)
             except sqlite3.Error as e:
-                raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+                raise self._unavailable(e) from e
 
     def _tx_batch(self, batch: list[_Op], wait_ms: int) -> list[tuple[bool, Any]]:
         """Each write of `batch` in one transaction: (True, result) or (False, the error it raised, its
@@ -361,9 +367,7 @@ class EmbeddedStore:
         except Exception as e:
             self._db.execute("ROLLBACK TO w")
             self._db.execute("RELEASE w")
-            if isinstance(e, sqlite3.OperationalError):
-                return False, StoreUnavailable(f"embedded store {self.path}: {e}")
-            return False, e
+            return False, self._unavailable(e) if isinstance(e, sqlite3.OperationalError) else e
         self._db.execute("RELEASE w")
         return True, result
 
@@ -379,7 +383,7 @@ class EmbeddedStore:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             if isinstance(e, sqlite3.OperationalError):
-                raise StoreUnavailable(f"embedded store {self.path}: {e}") from e
+                raise self._unavailable(e) from e
             raise
 
     def _get(self, k: str) -> int | None:
