@@ -19,6 +19,7 @@ from . import startup
 from .engine.alerts import Alerter
 from .engine.budget import Engine
 from .policy.loader import PolicyHolder
+from .server import metrics
 from .server.admin import load_token, make_admin_app, make_metrics_app, start_admin
 from .server.callers import CallerGate
 from .server.ext_authz import Authorization
@@ -26,6 +27,7 @@ from .server.ext_proc import ExternalProcessor
 from .server.grpc_server import DEFAULT_SOCKET_MODE, GrpcServer
 from .server.health import StoreHealth
 from .server.services import Services
+from .server.tally import FLUSH_S
 from .server.webhooks import aiohttp_post
 from .stores import parse_url, redacted
 from .stores.base import Store
@@ -84,6 +86,13 @@ async def _watch_policy(holder: PolicyHolder, interval: float) -> None:
             holder.reload()
 
 
+async def _flush_metrics(interval: float) -> None:
+    """With several workers a scrape reads their shared files: apply this worker's tally to them."""
+    while True:
+        await asyncio.sleep(interval)
+        metrics.TALLY.flush()
+
+
 def _cost_rates(holder: PolicyHolder, store_url: str) -> CostRates | None:
     """Live cost rates of the policy's self-hosted backends (None when it has none)."""
     spec = holder.current.self_hosted
@@ -139,6 +148,8 @@ async def serve(
         asyncio.create_task(_reaper(engine, holder, reap_interval)),
         asyncio.create_task(_watch_policy(holder, 1.0)),
     ]
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        tasks.append(asyncio.create_task(_flush_metrics(FLUSH_S)))
     admin_runner = None
     if admin_addr and admin_tokens is not None:
         admin_runner = await start_admin(make_admin_app(engine, holder, admin_tokens, services.decisions), admin_addr)
@@ -169,3 +180,4 @@ async def serve(
     if services.background:
         await asyncio.wait(services.background, timeout=5)
     await engine.close()
+    metrics.TALLY.flush()

@@ -45,7 +45,7 @@ from ..ledger import parse_since
 from ..money import nano_to_usd, usd_to_nano
 from ..policy.loader import PolicyHolder
 from ..policy.model import Policy
-from . import page, render
+from . import metrics, page, render
 from .tokens import Tokens
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -199,6 +199,7 @@ def _error(status: int, message: str) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    metrics.TALLY.flush()  # with several workers the registry read below is their files, not this process
     return web.Response(body=generate_latest(_registry()), headers={"content-type": CONTENT_TYPE_LATEST})
 
 

@@ -111,7 +111,7 @@ class StreamedAnswer:
         try:  # grow, or (a long stream that has not grown for half its TTL) just push the TTL
             result = await (self.hold.grow(need) if need is not None else self.hold.touch())
         except StoreUnavailable as e:
-            metrics.child(metrics.EXTENSIONS, "error").inc()
+            metrics.extended("error")
             if self.fail_open:
                 log.error("cannot grow %s (%s); streaming on unmetered (fail_open)", self.hold.decision.hold.reservation_id, e)
                 self.growth = None
@@ -121,9 +121,9 @@ class StreamedAnswer:
             growth.grew(self.hold.reserved_output, now)
             if result.deadline_ms is not None:
                 growth.deadline_ms = result.deadline_ms
-            metrics.child(metrics.EXTENSIONS, "ok" if need is not None else "touch").inc()
+            metrics.extended("ok" if need is not None else "touch")
             return None
-        metrics.child(metrics.EXTENSIONS, "refused").inc()
+        metrics.extended("refused")
         return cut_of(self.hold.decision, result.blocked, run_refusal=result.reason)
 
     def _assembled(self, *, cut: bool = False, usage: Usage | None = None) -> bytes:
@@ -138,7 +138,7 @@ class StreamedAnswer:
             return error_body(self.schema_envelope, status=502, message=why, type="server_error", code="upstream_unassemblable")
 
     def _ending(self, forwarded: bytes, cut: Cut, usage: Usage | None) -> bytes:
-        metrics.child(metrics.CUTS, cut.reason).inc()
+        metrics.cut(cut.reason)
         if self.assembler is not None:
             return self._assembled(cut=True, usage=usage)
         tail = self.reader.cut(reason=cut.reason, scope=cut.scope, usage=usage, include_usage=self.client_usage)

@@ -138,7 +138,7 @@ class Gate:
         assert self.caller is not None and blocked is not None
         hold = Hold(self.caller.who.tag, self.reservation_id)
         refusal = replace(d, allowed=False, decision_id=new_id(), blocked=blocked, hold=hold)
-        metrics.child(metrics.DECISIONS, "block", refusal.limits[blocked].scope).inc()
+        metrics.decided("block", refusal.limits[blocked].scope)
         return self._done(Reply(immediate=render.refusal(self.envelope, refusal, self._headers(refusal), [])))
 
     def _done(self, reply: Reply) -> Reply:

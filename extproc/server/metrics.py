@@ -3,13 +3,21 @@
 Spend per budget is labelled only for non-run scopes (runs are unbounded in
 number; their spend is in the ledger). With several worker processes the
 admin endpoint aggregates through prometheus-client's multiprocess mode.
+
+The call path names what happened (`decided`, `settled`, ...); the updates are
+tallied (`tally.py`) and reach prometheus-client in batches.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+from .tally import FlushFirst, Tally
+
+TALLY = Tally()
+REGISTRY.register(FlushFirst(TALLY))  # before the metrics below: a read of the registry flushes first
 
 DECISIONS = Counter("extproc_decisions_total", "Budget decisions by outcome and blocking scope kind", ["outcome", "scope"])
 RESERVE_SECONDS = Histogram(
@@ -68,22 +76,68 @@ def child(metric: Any, *labels: str) -> Any:
     return got
 
 
+def decided(outcome: str, scope: str) -> None:
+    """One budget decision (`allow`, `downshift`, `block`, ...); `scope`: the blocking budget's kind."""
+    TALLY.inc(child(DECISIONS, outcome, scope))
+
+
+def reserved(seconds: float) -> None:
+    """A reservation across all budgets took `seconds` (store round trips included)."""
+    TALLY.observe(RESERVE_SECONDS, seconds)
+
+
+def held() -> None:
+    TALLY.inc(INFLIGHT)
+
+
+def released() -> None:
+    """A hold ended without a settle (the call never reached the backend)."""
+    TALLY.inc(INFLIGHT, -1.0)
+
+
+def extended(outcome: str) -> None:
+    """A stream's reservation grew (`ok`), had its TTL pushed (`touch`), or could not grow."""
+    TALLY.inc(child(EXTENSIONS, outcome))
+
+
+def cut(reason: str) -> None:
+    TALLY.inc(child(CUTS, reason))
+
+
 def settled(d: Any, done: Any, seconds: float) -> None:
     """Record one settled call (`engine.holds.Settled` of the hold of decision `d`)."""
-    INFLIGHT.dec()
-    SETTLE_SECONDS.observe(seconds)
+    tally = TALLY
+    tally.inc(INFLIGHT, -1.0)
+    tally.observe(SETTLE_SECONDS, seconds)
     if done.reserved:
-        ESTIMATE_RATIO.observe(done.cost / done.reserved)
+        tally.observe(ESTIMATE_RATIO, done.cost / done.reserved)
         if done.cost:
-            RESERVED_TO_CHARGED.observe(done.reserved / done.cost)
+            tally.observe(RESERVED_TO_CHARGED, done.reserved / done.cost)
     if done.overrun:
-        OVERRUNS.inc()
+        tally.inc(OVERRUNS)
     if not done.stored:
-        child(STORE_ERRORS, "settle").inc()
+        tally.inc(child(STORE_ERRORS, "settle"))
     elif not done.replayed:
+        cost = done.cost
         for lim, st in zip(d.limits, d.states, strict=False):
             if lim.spec.dimension == "cost" and lim.scope != "run":
-                child(SPEND, lim.budget).inc(done.cost)
-                window = lim.spec.window_id
-                child(BUDGET_LIMIT, lim.budget, window).set(st.limit)
-                child(BUDGET_SPENT, lim.budget, window).set(st.spent + done.cost)
+                spend, limit, spent = _budget_metrics(lim)
+                tally.inc(spend, cost)
+                tally.set(limit, st.limit)
+                tally.set(spent, st.spent + cost)
+
+
+_BUDGETS: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+
+
+def _budget_metrics(lim: Any) -> tuple[Any, Any, Any]:
+    """The spend counter and the limit and spent gauges of one cost limit (an `AppliedLimit`)."""
+    window = lim.spec.window_id
+    key = (lim.scope, lim.scope_id, window)
+    got = _BUDGETS.get(key)
+    if got is None:
+        if len(_BUDGETS) >= _CHILDREN_MAX:
+            _BUDGETS.clear()
+        budget = lim.budget
+        got = _BUDGETS[key] = (SPEND.labels(budget), BUDGET_LIMIT.labels(budget, window), BUDGET_SPENT.labels(budget, window))
+    return got

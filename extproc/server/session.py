@@ -144,10 +144,10 @@ class Session(Gate):
 
     def _decided(self, d: Decision, changed: bool, alternatives: list[dict[str, Any]]) -> Reply | None:
         """Count the decision; a refusal is answered now in the caller's envelope."""
-        metrics.child(metrics.DECISIONS, render.decision_value(d, changed), d.blocking.scope if d.blocking else "").inc()
+        metrics.decided(render.decision_value(d, changed), d.blocking.scope if d.blocking else "")
         if not d.allowed:
             return self._done(Reply(immediate=render.refusal(self.envelope, d, self._headers(d), alternatives)))
-        metrics.INFLIGHT.inc()
+        metrics.held()
         return None
 
     async def response_headers(self, headers: Mapping[str, str]) -> Reply:
@@ -237,7 +237,7 @@ class Session(Gate):
     async def _release(self) -> None:
         assert self.hold is not None
         if await self.hold.release():
-            metrics.INFLIGHT.dec()
+            metrics.released()
         self.phase = Phase.DONE
 
     def after_reply(self) -> None:
