@@ -10,6 +10,7 @@ import sys
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.money import usd_to_nano
 from tests.integration.conftest import ledger, sha, shared_stack
@@ -69,8 +70,12 @@ async def test_top_up_close_run_and_export_through_the_admin_api(admin_stack):
         rows = [json.loads(l) for l in jsonl.splitlines()]
         assert len(rows) == 2 and {r["principal"] for r in rows} == {"alice"}
         assert all(r["outcome"] == "settled" and float(r["charged_usd"]) > 0 for r in rows)
-        metrics = (await a.get("/metrics")).text
-        assert "extproc_decisions_total" in metrics and "extproc_reserve_seconds_bucket" in metrics
+        samples = [s for f in text_string_to_metric_families((await a.get("/metrics")).text) for s in f.samples]
+        decisions = {s.labels["outcome"]: s.value for s in samples if s.name == "extproc_decisions_total"}
+        assert decisions.get("allow", 0) >= 2 and decisions.get("block", 0) >= 1, decisions
+        count = {s.name: s.value for s in samples if s.name.endswith("_seconds_count")}
+        # every call that reached a reservation was timed: the two allowed ones and the first, refused
+        assert count["extproc_reserve_seconds_count"] >= 3 and count["extproc_settle_seconds_count"] >= 2, count
 
 
 def extproc(*args: str) -> str:
