@@ -118,11 +118,13 @@ def settled(d: Any, done: Any, seconds: float) -> None:
     if not done.stored:
         tally.inc(child(STORE_ERRORS, "settle"))
     elif not done.replayed:
-        cost = done.cost
+        cost, counted = done.cost, []
         for lim, st in zip(d.limits, d.states, strict=False):
             if lim.spec.dimension == "cost" and lim.scope != "run":
                 spend, limit, spent = _budget_metrics(lim)
-                tally.inc(spend, cost)
+                if spend not in counted:  # a budget with a daily and a total limit spent the cost once
+                    counted.append(spend)
+                    tally.inc(spend, cost)
                 tally.set(limit, st.limit)
                 tally.set(spent, st.spent + cost)
 

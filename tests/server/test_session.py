@@ -228,3 +228,30 @@ async def test_a_settle_that_crosses_thresholds_alerts_from_the_background(servi
     spent = REGISTRY.get_sample_value("extproc_budget_spent_nano_usd", labels)
     limit = REGISTRY.get_sample_value("extproc_budget_limit_nano_usd", labels)
     assert limit and spent is not None and spent / limit >= 1.0
+
+
+async def test_a_budget_with_two_cost_windows_counts_its_spend_once(services):
+    """extproc_spend_nano_usd_total is per budget: a daily and a total limit on one key do not
+    double it; each window's spent gauge shows the call once."""
+    from prometheus_client import REGISTRY
+
+    two_windows = POLICY.replace(
+        '[{ dimension: cost, limit: "0.01", soft_threshold: "0.5" }]',
+        '[{ dimension: cost, limit: "1.00" }, { dimension: cost, limit: "0.50", window: day, timezone: UTC }]',
+    )
+    assert two_windows != POLICY
+    services.policy = PolicyHolder(parse_policy(two_windows))
+
+    def spend() -> float:
+        return REGISTRY.get_sample_value("extproc_spend_nano_usd_total", {"budget": "key:p"}) or 0.0
+
+    before = spend()
+    s, r, _ = await call(services, "two-windows", "small", 10)
+    assert r.immediate is None
+    await s.response_headers({":status": "200", "content-type": "application/json"})
+    await s.response_body(json.dumps({"usage": {"prompt_tokens": 100000, "completion_tokens": 0}}).encode(), True)
+    await s.close()
+    charged = 10_000_000  # 100k input tokens x $0.10/1M = $0.01
+    assert spend() - before == charged
+    for window in ("total", "day@UTC"):
+        assert REGISTRY.get_sample_value("extproc_budget_spent_nano_usd", {"budget": "key:p", "window": window}) == charged
