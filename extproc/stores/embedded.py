@@ -18,8 +18,9 @@ operation; the writes that arrive in one turn of the event loop behind the first
 share one transaction, a savepoint each (`_write`; bench/optimisations.md). A
 lock held longer than `busy_timeout_s` (default 1 s, under Envoy's 2 s message
 timeout) fails the operation with StoreUnavailable rather than stalling the
-request. WAL checkpoints (which fsync) run on the thread too, every
-CHECKPOINT_EVERY writes, never inside an inline commit; writes wait for them
+request. WAL checkpoints (which fsync) run every CHECKPOINT_EVERY writes, never
+inside an inline commit: most of their work on a connection and thread of their
+own while writes go on, the rest on the store's thread while writes wait for it
 on the loop (`_start_checkpoint` says why).
 
 The refusal rules are `extproc.rules` (the Redis scripts run the same rules,
@@ -131,7 +132,7 @@ CREATE TABLE IF NOT EXISTS alerts (k TEXT PRIMARY KEY, until INTEGER NOT NULL) W
 
 
 T = TypeVar("T")
-CHECKPOINT_EVERY = 1024  # writes between passive WAL checkpoints (on the store's thread): ~10 MB of WAL, ~30 ms each
+CHECKPOINT_EVERY = 1024  # writes between WAL checkpoints: ~10 MB of WAL, ~30 ms each (`_start_checkpoint`)
 OPEN_WAIT_S = 10.0  # how long a start waits for other processes opening the same file
 POLL_FIRST_S, POLL_MAX_S = 50e-6, 500e-6  # a write waiting for another process's lock retries this often (_begin)
 INLINE_TRIES = 4  # a busy lock is tried this many times on the event loop before the write goes to the thread
@@ -160,8 +161,15 @@ class EmbeddedStore:
         self._pending: list[_Op] = []  # writes waiting for the next transaction (`_write`)
         self._flush_due = False  # a `_flush` is scheduled, or waits for the thread
         self._busy_tries = 0  # times the lock was found busy for the batch at the head of `_pending`
-        self._checkpointing: asyncio.Future[None] | None = None  # a checkpoint running on the thread
+        self._checkpointing: asyncio.Task[None] | None = None  # a checkpoint running (`_start_checkpoint`)
         self._db = self._open(synchronous, busy_timeout_s)
+        # the checkpoints' first step: a connection and a thread of its own (a file's WAL only)
+        self._ckpt_db: sqlite3.Connection | None = None
+        self._ckpt_pool: ThreadPoolExecutor | None = None
+        if self.path != ":memory:":
+            self._ckpt_db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
+            self._ckpt_db.execute(f"PRAGMA synchronous={synchronous}")  # the checkpoint fsyncs as the writes' connection would
+            self._ckpt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extproc-sqlite-ckpt")
 
     def _open(self, synchronous: str, busy_timeout_s: float) -> sqlite3.Connection:
         """The connection, set up. Several processes may open a new file at once, and switching it to
@@ -282,14 +290,20 @@ class EmbeddedStore:
             self._start_checkpoint()
 
     def _start_checkpoint(self) -> None:
-        """A WAL checkpoint (it copies pages and fsyncs: ~30 ms here) on the thread, while writes wait for it on the loop
-        (`_flush`). Writes must not run during it: a checkpoint that new frames overtake leaves
-        the WAL unreset, and it grows without bound."""
-        self._checkpointing = self._on_thread(self._checkpoint)
-        self._checkpointing.add_done_callback(self._checkpointed)
+        """A WAL checkpoint in two steps. The first copies the WAL's pages into the database and
+        fsyncs it (~30 ms here) on a connection and thread of its own, while writes go on. The
+        second, on the store's thread while writes wait for it on the loop (`_flush`), copies
+        what was written during the first and fsyncs again (a few ms): a checkpoint that new
+        frames overtake leaves the WAL unreset, and it would grow without bound."""
+        self._checkpointing = asyncio.get_running_loop().create_task(self._checkpoint_in_two_steps())
 
-    def _checkpointed(self, _: asyncio.Future[None]) -> None:
-        self._checkpointing = None
+    async def _checkpoint_in_two_steps(self) -> None:
+        try:
+            if self._ckpt_pool is not None:
+                await asyncio.get_running_loop().run_in_executor(self._ckpt_pool, self._checkpoint, self._ckpt_db)
+            await self._on_thread(self._checkpoint, self._db)
+        finally:
+            self._checkpointing = None
 
     async def _read(self, fn: Callable[[], T]) -> T:
         """`fn` outside a transaction (one consistent statement), on the store's own thread."""
@@ -316,9 +330,11 @@ class EmbeddedStore:
         self._last_on_thread = fut
         return fut
 
-    def _checkpoint(self) -> None:
+    @staticmethod
+    def _checkpoint(db: sqlite3.Connection | None) -> None:
         with contextlib.suppress(sqlite3.Error):  # busy or failing: the next one tries again; commits do not need it
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            assert db is not None
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _begin(self, wait_ms: int) -> None:
         """BEGIN IMMEDIATE, polling a busy lock every 50-500 µs for up to `wait_ms` (0 on the event loop:
@@ -758,5 +774,10 @@ class EmbeddedStore:
     async def close(self) -> None:
         if self._pending:  # writes already asked for still happen
             await asyncio.wait([fut for _, fut in self._pending])
+        if self._checkpointing is not None:
+            await asyncio.wait([self._checkpointing])
         await self._read(self._db.close)
         self._pool.shutdown(wait=True)
+        if self._ckpt_pool is not None and self._ckpt_db is not None:
+            self._ckpt_pool.shutdown(wait=True)
+            self._ckpt_db.close()

@@ -63,6 +63,40 @@ async def test_uncontended_writes_never_touch_the_thread_and_checkpoints_bound_t
     await store.close()
 
 
+async def test_writes_go_on_during_a_checkpoints_long_step_and_the_log_still_restarts(tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint's first step (copy the WAL into the database, fsync: ~30 ms) runs on its own
+    connection and thread while writes go on inline; only its short second step holds them back,
+    and after it the WAL starts again from its beginning."""
+    store = EmbeddedStore(tmp_path / "b.db")
+    first_step = threading.Event()
+    plain = EmbeddedStore._checkpoint
+
+    def slow_first_step(db: sqlite3.Connection | None) -> None:
+        if db is store._ckpt_db:
+            first_step.set()
+            time.sleep(0.5)  # a slow disk's fsync
+        plain(db)
+
+    monkeypatch.setattr(EmbeddedStore, "_checkpoint", staticmethod(slow_first_step))
+    for i in range(200):
+        assert (await take(store, "t", f"before-{i}", [cost("k", 10**12, 5)])).ok
+    store._start_checkpoint()
+    while not first_step.is_set():
+        await asyncio.sleep(0.001)
+    t0 = time.monotonic()
+    for i in range(200):  # one at a time, each awaited: none may wait for the checkpoint
+        assert (await take(store, "t", f"during-{i}", [cost("k", 10**12, 5)])).ok
+    assert time.monotonic() - t0 < 0.4 and not store._checkpointing.done(), "the writes waited for the checkpoint"
+    assert store._queued == 0, "a write went to the store's thread"
+    await asyncio.wait([store._checkpointing])
+    assert store._queued == store._finished == 1  # the second step, on the store's thread
+    assert (await take(store, "t", "after", [cost("k", 10**12, 5)])).ok
+    (busy, frames, _), = store._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    assert busy == 0 and frames < 20, f"the WAL did not start again: {frames} frames after one write"
+    assert await spent_reserved(store, "t", cost("k", 10**12)) == (0, 5 * 401)
+    await store.close()
+
+
 async def test_housekeeping_runs_on_the_thread_not_the_event_loop(tmp_path: Path) -> None:
     """Expiry and ledger trims can touch thousands of rows: never inline, whatever the lock."""
     store = EmbeddedStore(tmp_path / "b.db")
@@ -85,7 +119,9 @@ def test_a_write_that_meets_a_finished_thread_operation_does_not_spin(tmp_path: 
 
     async def go() -> None:
         store = EmbeddedStore(tmp_path / "b.db")
-        store._start_checkpoint()  # on the thread, like any write that met a busy lock
+        store._start_checkpoint()  # its second step on the thread, like any write that met a busy lock
+        while store._queued == 0:  # the first step (its own thread) done, the second handed to the store's thread
+            await asyncio.sleep(0.001)
         time.sleep(0.2)  # without yielding: the thread is done, its future's callbacks not yet run
         result.append((await take(store, "t", "r", [cost("k", 100, 10)])).ok)
         if (checkpoint := store._checkpointing) is not None:
