@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.store_pair import LINES, NOW, USAGE
+from bench.store_pair import pairs_in_order
 from extproc.stores.embedded import EmbeddedStore
 
 
@@ -34,14 +34,8 @@ async def measure(pairs: int, inflight: int) -> dict[str, list[float]]:
 
     store._checkpoint = timed  # type: ignore[method-assign]  # the instance's, so the class keeps its own
 
-    async def worker(w: int, n: int) -> None:
-        for i in range(n):
-            rid = f"{w}-{i}"
-            await store.reserve("t", rid, LINES, now_ms=NOW + i, ttl_ms=60_000, meta={"model": "m"})
-            await store.settle("t", rid, USAGE, now_ms=NOW + i)
-
     try:
-        await asyncio.gather(*(worker(w, pairs // inflight) for w in range(inflight)))
+        await asyncio.gather(*(pairs_in_order(store, f"{w}-", pairs // inflight) for w in range(inflight)))
     finally:
         await store.close()
     return steps

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from extproc.app import open_store
-from extproc.stores.base import Kind, Line
+from extproc.stores.base import Kind, Line, Store
 
 NOW = 1_700_000_000_000
 LINES = [
@@ -31,16 +31,21 @@ LINES = [
 USAGE = {"cost": 900, "input_tokens": 10, "output_tokens": 20}
 
 
+async def pairs_in_order(store: Store, prefix: str, n: int) -> None:
+    """`n` reserve + settle pairs, one after the other (ids `prefix0`, `prefix1`, ...)."""
+    for i in range(n):
+        rid = f"{prefix}{i}"
+        await store.reserve("t", rid, LINES, now_ms=NOW + i, ttl_ms=60_000, meta={"model": "m"})
+        await store.settle("t", rid, USAGE, now_ms=NOW + i)
+
+
 async def measure(url: str, pairs: int, inflight: int) -> tuple[float, float, float]:
     """CPU µs per pair, pairs per second, and the share of writes handed to the store's thread (SQLite only)."""
     store = open_store(url)
     prefix = f"{os.getpid()}-"
 
     async def worker(w: int, n: int) -> None:
-        for i in range(n):
-            rid = f"{prefix}{w}-{i}"
-            await store.reserve("t", rid, LINES, now_ms=NOW + i, ttl_ms=60_000, meta={"model": "m"})
-            await store.settle("t", rid, USAGE, now_ms=NOW + i)
+        await pairs_in_order(store, f"{prefix}{w}-", n)
 
     try:
         await asyncio.gather(*(worker(-1 - w, 200 // inflight) for w in range(inflight)))  # warm up
