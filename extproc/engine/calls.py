@@ -19,9 +19,8 @@ only ever owns the one hold of the decision it gets back.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -277,8 +276,11 @@ class Planner:
 
     async def reserve_flat(self, caller: Caller, cost: int, *, api: str) -> Decision:
         """A flat-priced route: `cost` nano-USD and one request, no model."""
-        with released_if_lost(self.engine, self.spawn, Hold(caller.who.tag, caller.reservation_id)):
+        try:
             return await self._reserve_flat(caller, cost, api=api)
+        except StoreUnavailable:
+            release_lost(self.engine, self.spawn, Hold(caller.who.tag, caller.reservation_id))
+            raise
 
     async def _reserve_flat(self, caller: Caller, cost: int, *, api: str) -> Decision:
         return await self.engine.reserve(
@@ -343,17 +345,13 @@ class Planner:
         return out
 
 
-@contextlib.contextmanager
-def released_if_lost(engine: Engine, spawn: Spawn | None, hold: Hold) -> Iterator[None]:
+def release_lost(engine: Engine, spawn: Spawn | None, hold: Hold) -> None:
     """A reserve whose answer was lost (the connection to the store dropped) may still have
     been taken: give it back in the background once the store answers, so a request that
-    never ran is not left holding budget until its TTL (release is idempotent)."""
-    try:
-        yield
-    except StoreUnavailable:
-        if spawn is not None and hold.reservation_id:
-            spawn(engine.release_retrying(hold))
-        raise
+    never ran is not left holding budget until its TTL (release is idempotent). Called where
+    the reserve raised StoreUnavailable (a try, not a context manager: this is every call's path)."""
+    if spawn is not None and hold.reservation_id:
+        spawn(engine.release_retrying(hold))
 
 
 def admission_headroom(c: Candidate, factor: Decimal) -> dict[str, int] | None:
@@ -374,7 +372,7 @@ class _Reserver:
 
     async def one(self, c: Candidate, attempt: int) -> Decision:
         rid = self.caller.reservation_id if attempt == 0 else f"{self.caller.reservation_id}.{attempt}"
-        with released_if_lost(self.p.engine, self.p.spawn, Hold(self.caller.who.tag, rid)):
+        try:
             return await self.p.engine.reserve(
                 self.p.policy,
                 self.caller.who,
@@ -386,6 +384,9 @@ class _Reserver:
                 headroom=admission_headroom(c, self.p.policy.streaming.admission_headroom),
                 workflow=self.caller.workflow,
             )
+        except StoreUnavailable:
+            release_lost(self.p.engine, self.p.spawn, Hold(self.caller.who.tag, rid))
+            raise
 
     async def first_fit(self, options: list[Candidate], first_attempt: int) -> tuple[Decision, Candidate]:
         """Try each model in order; stop at the first that fits or at a refusal a cheaper model cannot fix."""
