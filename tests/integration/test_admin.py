@@ -71,8 +71,10 @@ async def test_top_up_close_run_and_export_through_the_admin_api(admin_stack):
         assert len(rows) == 2 and {r["principal"] for r in rows} == {"alice"}
         assert all(r["outcome"] == "settled" and float(r["charged_usd"]) > 0 for r in rows)
         samples = [s for f in text_string_to_metric_families((await a.get("/metrics")).text) for s in f.samples]
-        decisions = {s.labels["outcome"]: s.value for s in samples if s.name == "extproc_decisions_total"}
-        assert decisions.get("allow", 0) >= 2 and decisions.get("block", 0) >= 1, decisions
+        decisions = {(s.labels["outcome"], s.labels["scope"]): s.value for s in samples if s.name == "extproc_decisions_total"}
+        # the first call (the key's budget) and the last (the closed run) were refused
+        assert decisions.get(("allow", ""), 0) >= 2 and decisions.get(("block", "key"), 0) >= 1, decisions
+        assert decisions.get(("block", "run"), 0) >= 1, decisions
         count = {s.name: s.value for s in samples if s.name.endswith("_seconds_count")}
         # every call that reached a reservation was timed: the two allowed ones and the first, refused
         assert count["extproc_reserve_seconds_count"] >= 3 and count["extproc_settle_seconds_count"] >= 2, count
