@@ -167,8 +167,12 @@ class EmbeddedStore:
         self._ckpt_db: sqlite3.Connection | None = None
         self._ckpt_pool: ThreadPoolExecutor | None = None
         if self.path != ":memory:":
-            self._ckpt_db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
-            self._ckpt_db.execute(f"PRAGMA synchronous={synchronous}")  # the checkpoint fsyncs as the writes' connection would
+            try:
+                self._ckpt_db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
+                self._ckpt_db.execute(f"PRAGMA synchronous={synchronous}")  # it fsyncs as the writes' connection would
+            except sqlite3.Error as e:
+                self._db.close()
+                raise self._unavailable(e) from e
             self._ckpt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extproc-sqlite-ckpt")
 
     def _open(self, synchronous: str, busy_timeout_s: float) -> sqlite3.Connection:

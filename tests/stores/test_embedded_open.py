@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 from pathlib import Path
 
+import pytest
+
+from extproc.errors import StoreUnavailable
+from extproc.stores import embedded
 from extproc.stores.embedded import EmbeddedStore
 
 
@@ -34,3 +39,22 @@ def test_processes_opening_a_new_file_at_once_all_open_it(tmp_path: Path) -> Non
         for p in ps:
             p.join(30)
     assert ok.value == rounds * procs, f"{rounds * procs - ok.value} of {rounds * procs} opens failed"
+
+
+def test_a_store_whose_checkpoint_connection_cannot_open_fails_closed(tmp_path: Path, monkeypatch) -> None:
+    """The second connection (the checkpoints' first step) failing is the store failing: StoreUnavailable,
+    like the first, and the first connection is not left open."""
+    opened: list[sqlite3.Connection] = []
+    real = sqlite3.connect
+
+    def connect(*a, **kw):
+        if opened:
+            raise sqlite3.OperationalError("unable to open database file")
+        opened.append(real(*a, **kw))
+        return opened[-1]
+
+    monkeypatch.setattr(embedded.sqlite3, "connect", connect)
+    with pytest.raises(StoreUnavailable, match="unable to open"):
+        EmbeddedStore(tmp_path / "b.db")
+    with pytest.raises(sqlite3.ProgrammingError):  # closed
+        opened[0].execute("SELECT 1")
