@@ -3,7 +3,7 @@
 Each prometheus-client update takes a lock (with several workers it also writes a shared
 file), and each set of a "mostrecent" gauge reads the clock. A settled call made 16 such
 updates, 5% of the instructions of the whole call. A tallied update is one dict operation
-instead. `flush()` applies what has added up:
+instead (a set also notes the time: `Tally.set` says why). `flush()` applies what has added up:
 
 - a collector registered in this process's registry ahead of the metrics flushes before
   every read of the registry (an exposition, `get_sample_value`), so one process never
@@ -17,6 +17,7 @@ Only the event loop's thread may update or flush a tally: the dicts are swapped,
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
@@ -42,7 +43,7 @@ class Tally:
 
     def __init__(self) -> None:
         self._added: dict[Any, float] = {}  # counter or gauge -> amount to add (a gauge may go down)
-        self._set: dict[Any, float] = {}  # gauge -> its latest value
+        self._set: dict[Any, tuple[float, float]] = {}  # gauge -> its latest value, and when it was set
         self._observed: dict[Any, _Observed] = {}
 
     def inc(self, metric: Any, amount: float = 1.0) -> None:
@@ -50,8 +51,10 @@ class Tally:
         added[metric] = added.get(metric, 0.0) + amount
 
     def set(self, gauge: Any, value: float) -> None:
-        """The gauge's new value. A gauge is either set or added to, never both."""
-        self._set[gauge] = value
+        """The gauge's new value. A gauge is either set or added to, never both. The time of the
+        set is kept: with several workers a "mostrecent" gauge shows the latest set of any worker,
+        not the value of the worker that flushed last."""
+        self._set[gauge] = (value, time.time())
 
     def observe(self, histogram: Any, value: float) -> None:
         """As `histogram.observe(value)`: into the first bucket whose bound is >= value."""
@@ -67,8 +70,11 @@ class Tally:
         for metric, amount in added.items():
             metric.inc(amount)
         latest, self._set = self._set, {}
-        for gauge, value in latest.items():
-            gauge.set(value)
+        for gauge, (value, at) in latest.items():
+            if gauge._is_most_recent:  # as `Gauge.set` does, with the time of the set rather than now
+                gauge._value.set(float(value), timestamp=at)
+            else:
+                gauge.set(value)
         observed, self._observed = self._observed, {}
         for histogram, o in observed.items():
             # prometheus-client has no public way to add many observations at once; these are the

@@ -6,6 +6,7 @@ so this comparison is also what catches a prometheus-client upgrade that moves t
 from __future__ import annotations
 
 import re
+import time
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -71,3 +72,28 @@ def test_the_services_metrics_are_current_at_every_read_of_the_default_registry(
     metrics.reserved(0.0003)
     assert REGISTRY.get_sample_value("extproc_decisions_total", {"outcome": "allow", "scope": ""}) == before + 1
     assert (REGISTRY.get_sample_value("extproc_reserve_seconds_bucket", {"le": "0.0005"}) or 0) >= 1
+
+
+def test_with_several_workers_a_mostrecent_gauge_shows_the_latest_set_not_the_latest_flush(tmp_path, monkeypatch):
+    """A budget's spent gauge ("mostrecent") set by two workers: the scrape shows the value set
+    last, as it did before the tally, even when the worker that set it flushes first."""
+    from prometheus_client import values
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+
+    def worker(pid: int) -> tuple[Gauge, Tally]:  # a process's gauge: its own file, as with --workers
+        monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue(lambda: pid))
+        gauge = Gauge("t_spent", "spent", ["budget"], multiprocess_mode="mostrecent", registry=None)
+        return gauge.labels("key:a"), Tally()
+
+    (first, first_tally), (last, last_tally) = worker(1), worker(2)
+    first_tally.set(first, 100.0)
+    time.sleep(0.01)
+    last_tally.set(last, 200.0)
+    last_tally.flush()
+    time.sleep(0.01)
+    first_tally.flush()  # its second-by-second flush comes after the other's
+    reg = CollectorRegistry()
+    MultiProcessCollector(reg, path=str(tmp_path))  # type: ignore[no-untyped-call]
+    assert reg.get_sample_value("t_spent", {"budget": "key:a"}) == 200.0
