@@ -780,8 +780,10 @@ class EmbeddedStore:
             await asyncio.wait([fut for _, fut in self._pending])
         if self._checkpointing is not None:
             await asyncio.wait([self._checkpointing])
+        if self._ckpt_pool is not None and self._ckpt_db is not None:
+            # first, on its thread: the last connection to close checkpoints the WAL (and fsyncs),
+            # and that must be the store's own, on the store's thread, not this one on the loop
+            await asyncio.get_running_loop().run_in_executor(self._ckpt_pool, self._ckpt_db.close)
+            self._ckpt_pool.shutdown(wait=True)
         await self._read(self._db.close)
         self._pool.shutdown(wait=True)
-        if self._ckpt_pool is not None and self._ckpt_db is not None:
-            self._ckpt_pool.shutdown(wait=True)
-            self._ckpt_db.close()

@@ -97,6 +97,34 @@ async def test_writes_go_on_during_a_checkpoints_long_step_and_the_log_still_res
     await store.close()
 
 
+async def test_close_leaves_the_final_checkpoint_to_the_stores_thread(tmp_path: Path) -> None:
+    """The last connection to a WAL database to close checkpoints it (an fsync). The checkpoint
+    connection closes first, off the event loop, so that last one is the store's own, closed on
+    the store's thread; the WAL is gone after it."""
+    store = EmbeddedStore(tmp_path / "b.db")
+    for i in range(50):
+        assert (await take(store, "t", f"r-{i}", [cost("k", 10**12, 5)])).ok
+    ckpt_db, loop_thread, seen = store._ckpt_db, threading.current_thread(), []
+    assert ckpt_db is not None
+
+    class Watched:  # sqlite3.Connection's methods cannot be patched: a stand-in that notes its close
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            return ckpt_db.execute(sql)
+
+        def close(self) -> None:
+            try:
+                store_open = store._db.execute("SELECT 1").fetchone() == (1,)
+            except sqlite3.ProgrammingError:  # closed
+                store_open = False
+            seen.append((threading.current_thread() is not loop_thread, store_open))
+            ckpt_db.close()
+
+    store._ckpt_db = Watched()  # type: ignore[assignment]
+    await store.close()
+    assert seen == [(True, True)], "the checkpoint connection closed on the loop, or after the store's"
+    assert not (tmp_path / "b.db-wal").exists()
+
+
 async def test_housekeeping_runs_on_the_thread_not_the_event_loop(tmp_path: Path) -> None:
     """Expiry and ledger trims can touch thousands of rows: never inline, whatever the lock."""
     store = EmbeddedStore(tmp_path / "b.db")
