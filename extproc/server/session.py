@@ -104,8 +104,10 @@ class Session(Gate):
                 counts[enc] = await self.s.counter.count_async(facts.segments, enc, owner=caller.who.principal)
             call = replace(call, text_tokens={enc: c.tokens for enc, c in counts.items()})
             t0 = time.perf_counter()
-            self.plan = plan = await planner.plan(call, caller, api=self.schema.name, downshift=route_model is None)
-            metrics.reserved(time.perf_counter() - t0)
+            try:
+                self.plan = plan = await planner.plan(call, caller, api=self.schema.name, downshift=route_model is None)
+            finally:  # failed ones too: a store that times out is what the reserve latency should show
+                metrics.reserved(time.perf_counter() - t0)
         except ClientError as e:  # CountingBusy: this caller has too much counting queued
             return self._refuse(e, retry_after=1)
         except StoreUnavailable as e:
@@ -137,8 +139,10 @@ class Session(Gate):
         assert self.caller is not None and self.route is not None
         try:
             t0 = time.perf_counter()
-            d = await self.s.planner(self.policy).reserve_flat(self.caller, cost, api=f"flat:{self.route.spec.path}")
-            metrics.reserved(time.perf_counter() - t0)
+            try:
+                d = await self.s.planner(self.policy).reserve_flat(self.caller, cost, api=f"flat:{self.route.spec.path}")
+            finally:
+                metrics.reserved(time.perf_counter() - t0)
         except StoreUnavailable as e:
             return self._store_down(e)
         if (refused := self._decided(d, False, [])) is not None:

@@ -255,3 +255,32 @@ async def test_a_budget_with_two_cost_windows_counts_its_spend_once(services):
     assert spend() - before == charged
     for window in ("total", "day@UTC"):
         assert REGISTRY.get_sample_value("extproc_budget_spent_nano_usd", {"budget": "key:p", "window": window}) == charged
+
+
+class SlowlyFailingReserve(EmbeddedStore):
+    """A store whose reservations time out (a lock held elsewhere, an unreachable Redis)."""
+
+    async def reserve(self, *a, **kw):
+        await asyncio.sleep(0.05)
+        raise StoreUnavailable("timed out")
+
+
+async def test_a_reservation_that_fails_is_timed_too(tmp_path):
+    """extproc_reserve_seconds is what the reserve-latency panels read: a store that fails slowly
+    must show there, not leave the histogram looking healthy."""
+    from prometheus_client import REGISTRY
+
+    def timed() -> tuple[float, float]:
+        count = REGISTRY.get_sample_value("extproc_reserve_seconds_count") or 0.0
+        return count, REGISTRY.get_sample_value("extproc_reserve_seconds_sum") or 0.0
+
+    store = SlowlyFailingReserve(tmp_path / "f.db")
+    services = Services(PolicyHolder(parse_policy(POLICY)), Engine(store, clock=Clock()))
+    try:
+        (count, total) = timed()
+        _, r, _ = await call(services, "slow", "small", 10)
+        assert r.immediate is not None and r.immediate.status == 503
+        (count_after, total_after) = timed()
+        assert count_after == count + 1 and total_after - total >= 0.05
+    finally:
+        await store.close()
