@@ -90,7 +90,10 @@ async def _flush_metrics(interval: float) -> None:
     """With several workers a scrape reads their shared files: apply this worker's tally to them."""
     while True:
         await asyncio.sleep(interval)
-        metrics.TALLY.flush()
+        try:
+            metrics.TALLY.flush()
+        except Exception:  # e.g. a full metrics directory: the next flushes must still run
+            log.exception("this worker's metrics could not be written to the shared files")
 
 
 def _cost_rates(holder: PolicyHolder, store_url: str) -> CostRates | None:

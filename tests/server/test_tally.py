@@ -5,6 +5,7 @@ so this comparison is also what catches a prometheus-client upgrade that moves t
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
@@ -97,3 +98,28 @@ def test_with_several_workers_a_mostrecent_gauge_shows_the_latest_set_not_the_la
     reg = CollectorRegistry()
     MultiProcessCollector(reg, path=str(tmp_path))  # type: ignore[no-untyped-call]
     assert reg.get_sample_value("t_spent", {"budget": "key:a"}) == 200.0
+
+
+async def test_a_workers_flushes_go_on_after_one_fails(monkeypatch, caplog):
+    """With several workers only the one-second flushes bring a worker's figures to the shared
+    files: one that fails (a full metrics directory) is logged, and the next ones still run."""
+    from extproc import app
+
+    flushes: list[int] = []
+
+    class FailingOnce:
+        def flush(self) -> None:
+            flushes.append(1)
+            if len(flushes) == 1:
+                raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(metrics, "TALLY", FailingOnce())
+    task = asyncio.create_task(app._flush_metrics(0.001))
+    try:
+        async with asyncio.timeout(5):
+            while len(flushes) < 3 and not task.done():
+                await asyncio.sleep(0.001)
+    finally:
+        task.cancel()
+    assert len(flushes) >= 3, "the flushes stopped after one failed"
+    assert "No space left on device" in caplog.text
