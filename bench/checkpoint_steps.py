@@ -26,9 +26,9 @@ async def measure(pairs: int, inflight: int) -> dict[str, list[float]]:
     steps: dict[str, list[float]] = {"first (writes go on)": [], "second (writes wait)": []}
     plain = EmbeddedStore._checkpoint
 
-    def timed(db: object) -> None:
+    def timed(db: object, mode: str) -> None:
         t0 = time.perf_counter()
-        plain(db)  # type: ignore[arg-type]
+        plain(db, mode)  # type: ignore[arg-type]
         name = "first (writes go on)" if db is store._ckpt_db else "second (writes wait)"
         steps[name].append((time.perf_counter() - t0) * 1000)
 

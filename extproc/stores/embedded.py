@@ -135,6 +135,7 @@ T = TypeVar("T")
 CHECKPOINT_EVERY = 1024  # writes between WAL checkpoints: ~10 MB of WAL, ~30 ms each (`_start_checkpoint`)
 OPEN_WAIT_S = 10.0  # how long a start waits for other processes opening the same file
 POLL_FIRST_S, POLL_MAX_S = 50e-6, 500e-6  # a write waiting for another process's lock retries this often (_begin)
+RESTART_WAIT_MS = 20  # how long a checkpoint's second step waits for another process's write (`_checkpoint`)
 INLINE_TRIES = 4  # a busy lock is tried this many times on the event loop before the write goes to the thread
 MAX_BATCH = 64  # writes in one transaction at most (`_write`): each waits for all of its batch
 _Op = tuple[Callable[[], Any], "asyncio.Future[Any]"]
@@ -298,14 +299,17 @@ class EmbeddedStore:
         fsyncs it (~30 ms here) on a connection and thread of its own, while writes go on. The
         second, on the store's thread while writes wait for it on the loop (`_flush`), copies
         what was written during the first and fsyncs again (a few ms): a checkpoint that new
-        frames overtake leaves the WAL unreset, and it would grow without bound."""
+        frames overtake leaves the WAL unreset, and it would grow without bound. The second is a
+        RESTART: it also holds back the writes of other processes on the file (for up to
+        RESTART_WAIT_MS while one finishes), or with `--workers` their frames overtook every
+        checkpoint and the WAL grew by ~10 MB per thousand writes."""
         self._checkpointing = asyncio.get_running_loop().create_task(self._checkpoint_in_two_steps())
 
     async def _checkpoint_in_two_steps(self) -> None:
         try:
             if self._ckpt_pool is not None:
-                await asyncio.get_running_loop().run_in_executor(self._ckpt_pool, self._checkpoint, self._ckpt_db)
-            await self._on_thread(self._checkpoint, self._db)
+                await asyncio.get_running_loop().run_in_executor(self._ckpt_pool, self._checkpoint, self._ckpt_db, "PASSIVE")
+            await self._on_thread(self._checkpoint, self._db, "RESTART")
         finally:
             self._checkpointing = None
 
@@ -335,10 +339,19 @@ class EmbeddedStore:
         return fut
 
     @staticmethod
-    def _checkpoint(db: sqlite3.Connection | None) -> None:
+    def _checkpoint(db: sqlite3.Connection | None, mode: str) -> None:
+        """PASSIVE: copy what it can, wait for nobody. RESTART: wait (SQLite's busy handler, up to
+        RESTART_WAIT_MS) for another process's write to end, hold new ones back, copy everything,
+        so the next write starts the WAL again from its beginning."""
+        assert db is not None
         with contextlib.suppress(sqlite3.Error):  # busy or failing: the next one tries again; commits do not need it
-            assert db is not None
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            if mode == "RESTART":
+                db.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
+            try:
+                db.execute(f"PRAGMA wal_checkpoint({mode})")
+            finally:
+                if mode == "RESTART":
+                    db.execute("PRAGMA busy_timeout=0")  # writes wait in _begin, never in SQLite's handler
 
     def _begin(self, wait_ms: int) -> None:
         """BEGIN IMMEDIATE, polling a busy lock every 50-500 µs for up to `wait_ms` (0 on the event loop:

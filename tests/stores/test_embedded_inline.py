@@ -71,11 +71,11 @@ async def test_writes_go_on_during_a_checkpoints_long_step_and_the_log_still_res
     first_step = threading.Event()
     plain = EmbeddedStore._checkpoint
 
-    def slow_first_step(db: sqlite3.Connection | None) -> None:
+    def slow_first_step(db: sqlite3.Connection | None, mode: str) -> None:
         if db is store._ckpt_db:
             first_step.set()
             time.sleep(0.5)  # a slow disk's fsync
-        plain(db)
+        plain(db, mode)
 
     monkeypatch.setattr(EmbeddedStore, "_checkpoint", staticmethod(slow_first_step))
     for i in range(200):
