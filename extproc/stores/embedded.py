@@ -187,7 +187,7 @@ class EmbeddedStore:
                 db.execute("PRAGMA page_size=1024")  # small rows: a commit writes fewer bytes of dirty pages
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute(f"PRAGMA synchronous={synchronous}")
-                db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints fsync: the thread runs them (_write)
+                db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints fsync: never in a commit (_start_checkpoint)
                 db.executescript(_SCHEMA)
                 db.execute("PRAGMA busy_timeout=0")  # from now on writes wait in _begin, never in SQLite's handler
                 return db
