@@ -302,7 +302,7 @@ class EmbeddedStore:
         frames overtake leaves the WAL unreset, and it would grow without bound. The second is a
         RESTART: it also holds back the writes of other processes on the file (for up to
         RESTART_WAIT_MS while one finishes), or with `--workers` their frames overtook every
-        checkpoint and the WAL grew by ~10 MB per thousand writes."""
+        checkpoint and the WAL grew by ~5 MB per thousand writes."""
         self._checkpointing = asyncio.get_running_loop().create_task(self._checkpoint_in_two_steps())
 
     async def _checkpoint_in_two_steps(self) -> None:
