@@ -129,17 +129,19 @@ def settled(d: Any, done: Any, seconds: float) -> None:
                 tally.set(spent, st.spent + cost)
 
 
-_BUDGETS: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+_BUDGETS: dict[str, tuple[Any, Any, Any]] = {}
 
 
 def _budget_metrics(lim: Any) -> tuple[Any, Any, Any]:
-    """The spend counter and the limit and spent gauges of one cost limit (an `AppliedLimit`)."""
-    window = lim.spec.window_id
-    key = (lim.scope, lim.scope_id, window)
-    got = _BUDGETS.get(key)
+    """The spend counter and the limit and spent gauges of one cost limit (an `AppliedLimit`).
+    Labelled by the budget's counters, `key:alice`, or `key@id:alice` for a budget of that key
+    alone (policy `id`): the two are separate budgets with their own limits, not one."""
+    got = _BUDGETS.get(lim.line.key)  # `<counter scope>:<id>|cost|<window>`: one per budget and window
     if got is None:
         if len(_BUDGETS) >= _CHILDREN_MAX:
             _BUDGETS.clear()
-        budget = lim.budget
-        got = _BUDGETS[key] = (SPEND.labels(budget), BUDGET_LIMIT.labels(budget, window), BUDGET_SPENT.labels(budget, window))
+        budget, window = lim.line.key.partition("|")[0], lim.spec.window_id
+        got = _BUDGETS[lim.line.key] = (
+            SPEND.labels(budget), BUDGET_LIMIT.labels(budget, window), BUDGET_SPENT.labels(budget, window)
+        )
     return got

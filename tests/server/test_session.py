@@ -284,3 +284,28 @@ async def test_a_reservation_that_fails_is_timed_too(tmp_path):
         assert count_after == count + 1 and total_after - total >= 0.05
     finally:
         await store.close()
+
+
+async def test_a_keys_own_budget_and_the_every_key_budget_are_two_budgets_in_the_metrics(services):
+    """A budget for one key (`id`) has its own counters beside the budget for every key: its own
+    limit and spent gauges too (`key@id:p`), not one label the two overwrite in turn."""
+    from prometheus_client import REGISTRY
+
+    both = POLICY.replace(
+        '[{ dimension: cost, limit: "0.01", soft_threshold: "0.5" }]',
+        '[{ dimension: cost, limit: "1.00" }]\n  - scope: key\n    id: p\n    limits: [{ dimension: cost, limit: "0.50" }]',
+    )
+    assert both != POLICY
+    services.policy = PolicyHolder(parse_policy(both))
+    s, r, _ = await call(services, "own-and-every", "small", 10)
+    assert r.immediate is None
+    await s.response_headers({":status": "200", "content-type": "application/json"})
+    await s.response_body(json.dumps({"usage": {"prompt_tokens": 100000, "completion_tokens": 0}}).encode(), True)
+    await s.close()
+
+    def gauge(name: str, budget: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"budget": budget, "window": "total"})
+
+    assert gauge("extproc_budget_limit_nano_usd", "key:p") == 1_000_000_000
+    assert gauge("extproc_budget_limit_nano_usd", "key@id:p") == 500_000_000
+    assert gauge("extproc_budget_spent_nano_usd", "key:p") == gauge("extproc_budget_spent_nano_usd", "key@id:p") == 10_000_000
