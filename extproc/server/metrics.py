@@ -10,12 +10,15 @@ tallied (`tally.py`) and reach prometheus-client in batches.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from .tally import FlushFirst, Tally
 
+T = TypeVar("T")
 TALLY = Tally()
 REGISTRY.register(FlushFirst(TALLY))  # before the metrics below: a read of the registry flushes first
 
@@ -81,9 +84,14 @@ def decided(outcome: str, scope: str) -> None:
     TALLY.inc(child(DECISIONS, outcome, scope))
 
 
-def reserved(seconds: float) -> None:
-    """A reservation across all budgets took `seconds` (store round trips included)."""
-    TALLY.observe(RESERVE_SECONDS, seconds)
+async def reserving(reservation: Awaitable[T]) -> T:
+    """`reservation` awaited and timed (store round trips included), failed ones too: a store
+    that times out is what the reserve latency should show."""
+    t0 = time.perf_counter()
+    try:
+        return await reservation
+    finally:
+        TALLY.observe(RESERVE_SECONDS, time.perf_counter() - t0)
 
 
 def held() -> None:

@@ -103,11 +103,7 @@ class Session(Gate):
             for enc in planner.encodings(names):  # once per encoding, large counts off the event loop
                 counts[enc] = await self.s.counter.count_async(facts.segments, enc, owner=caller.who.principal)
             call = replace(call, text_tokens={enc: c.tokens for enc, c in counts.items()})
-            t0 = time.perf_counter()
-            try:
-                self.plan = plan = await planner.plan(call, caller, api=self.schema.name, downshift=route_model is None)
-            finally:  # failed ones too: a store that times out is what the reserve latency should show
-                metrics.reserved(time.perf_counter() - t0)
+            self.plan = plan = await metrics.reserving(planner.plan(call, caller, api=self.schema.name, downshift=route_model is None))
         except ClientError as e:  # CountingBusy: this caller has too much counting queued
             return self._refuse(e, retry_after=1)
         except StoreUnavailable as e:
@@ -138,11 +134,7 @@ class Session(Gate):
         """A flat-priced route: reserve its price now (no body is read); the status settles it."""
         assert self.caller is not None and self.route is not None
         try:
-            t0 = time.perf_counter()
-            try:
-                d = await self.s.planner(self.policy).reserve_flat(self.caller, cost, api=f"flat:{self.route.spec.path}")
-            finally:
-                metrics.reserved(time.perf_counter() - t0)
+            d = await metrics.reserving(self.s.planner(self.policy).reserve_flat(self.caller, cost, api=f"flat:{self.route.spec.path}"))
         except StoreUnavailable as e:
             return self._store_down(e)
         if (refused := self._decided(d, False, [])) is not None:

@@ -70,7 +70,7 @@ def test_the_services_metrics_are_current_at_every_read_of_the_default_registry(
     """The flushing collector is registered ahead of the service's metrics."""
     before = REGISTRY.get_sample_value("extproc_decisions_total", {"outcome": "allow", "scope": ""}) or 0.0
     metrics.decided("allow", "")
-    metrics.reserved(0.0003)
+    metrics.TALLY.observe(metrics.RESERVE_SECONDS, 0.0003)
     assert REGISTRY.get_sample_value("extproc_decisions_total", {"outcome": "allow", "scope": ""}) == before + 1
     assert (REGISTRY.get_sample_value("extproc_reserve_seconds_bucket", {"le": "0.0005"}) or 0) >= 1
 
