@@ -27,6 +27,10 @@ async def test_metrics_count_the_calls_of_every_worker(serve, tmp_path):  # noqa
     state = tmp_path / "state"
     state.mkdir()
     svc = serve("--workers", "2", "--allow-unauthenticated-callers", "--state-dir", str(state))
+    deadline = time.monotonic() + 30  # the port answers once one worker listens: wait for the other too
+    while svc.log.read_text().count("extproc listening") < 2:
+        assert time.monotonic() < deadline, svc.log.read_text()[-3000:]
+        await asyncio.sleep(0.05)
     for i in range(CALLS):  # a channel each: a new connection, which the kernel gives either worker
         replies = await metered_call(svc.grpc, None, f"w-{i}", f"w-run-{i}")
         assert not any(r.HasField("immediate_response") for r in replies), replies
